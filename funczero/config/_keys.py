@@ -1,0 +1,541 @@
+"""The table of every accepted config key: its check, default, DeepSpeed default and status.
+
+This is the single source of truth: the parser applies it, the section dataclasses take their
+defaults from it, and ``docs/config.md`` is generated from it (``python -m funczero.config``).
+DeepSpeed defaults are those of the v0.19.x code (not its docs, where the two disagree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+
+from funczero.config._checks import (
+    betas,
+    boolean,
+    choice,
+    integer,
+    mapping,
+    number,
+    optional,
+    string,
+)
+from funczero.config._schema import Auto, Key, Status
+
+__all__ = [
+    "DEPRECATED_ZERO",
+    "KEYS",
+    "OPTIMIZER_PARAMS",
+    "OPTIMIZER_TYPES",
+    "SECTIONS",
+    "UNSUPPORTED_FEATURES",
+    "UNSUPPORTED_OPTIMIZERS",
+    "default",
+]
+
+USED, IGNORED, DEFAULT_ONLY = Status.USED, Status.IGNORED, Status.DEFAULT_ONLY
+_POS_INT = optional(integer(ge=1))
+_BIG = integer(ge=0)  # element counts such as 5e8
+
+
+def _ds_block(table: dict[str, Key]) -> dict[str, Key]:
+    """Inside DeepSpeed's pydantic blocks "auto" means the default (DeepSpeed drops the field)."""
+    return {
+        n: dataclasses.replace(k, auto=Auto.DEFAULT) if k.auto is Auto.NO else k
+        for n, k in table.items()
+    }
+
+
+def _no_hooks(what: str) -> str:
+    return f"{what}; funczero computes gradients functionally, without module hooks"
+
+
+_NO_OFFLOAD = "only meaningful with CPU/NVMe offload, which funczero does not implement"
+
+TOP: dict[str, Key] = {
+    "train_batch_size": Key(
+        _POS_INT, None, "samples per optimizer step over all data-parallel ranks",
+        auto=Auto.COMPUTED,
+    ),
+    "train_micro_batch_size_per_gpu": Key(
+        _POS_INT, None, "samples per forward/backward on one rank", auto=Auto.COMPUTED
+    ),
+    "gradient_accumulation_steps": Key(
+        _POS_INT, None, "micro-batches accumulated per optimizer step", auto=Auto.COMPUTED
+    ),
+    "optimizer": Key(optional(mapping()), None, "optimizer block `{type, params}`"),
+    "scheduler": Key(optional(mapping()), None, "learning-rate schedule block `{type, params}`"),
+    "fp16": Key(mapping(), {}, "fp16 mixed precision with loss scaling"),
+    "bf16": Key(mapping(), {}, "bf16 mixed precision", alias="bfloat16"),
+    "zero_optimization": Key(
+        mapping(legacy_bool=True), {}, "ZeRO block (the legacy `true`/`false` is accepted)"
+    ),
+    "gradient_clipping": Key(
+        number(ge=0), 0.0,
+        "clip the global L2 norm of the unscaled gradients to this value; 0 disables",
+        ds="1.0 at HEAD (PR #8068, 2026-06); 0.0 in every earlier release",
+        auto=Auto.ERROR, hint="the HF Trainer fills it from --max_grad_norm, default 1.0",
+    ),
+    "steps_per_print": Key(
+        optional(integer(ge=1)), 10,
+        "log step, loss, lr, loss scale and skipped steps every N optimizer steps; null: never",
+        ds="null in code since PR #6602 (docs still say 10)",
+    ),
+    "wall_clock_breakdown": Key(
+        boolean(), False, "time forward, backward and step separately (adds device syncs)"
+    ),
+    "communication_data_type": Key(
+        choice(None, "fp32", "fp16", "bf16"), None,
+        "dtype gradients are reduced in; null: funczero.precision's choice (fp32)",
+        ds="null: the precision regime's dtype",
+    ),
+    "prescale_gradients": Key(
+        boolean(), False, "divide gradients by the data-parallel size before reducing, not after"
+    ),
+    "gradient_predivide_factor": Key(
+        number(gt=0), 1.0, "divide gradients by this before the reduction and by W/f after"
+    ),
+    "zero_allow_untested_optimizer": Key(
+        boolean(), False,
+        "let funczero.initialize run a client optimizer it has not tested with ZeRO stage >= 1",
+    ),
+    "dataloader_drop_last": Key(
+        boolean(), False,
+        "DistributedBatchLoader.from_config: drop the last partial global batch (false: wrap)",
+    ),
+    "allgather_size": Key(
+        _BIG, 500_000_000,
+        "legacy: allgather_bucket_size used with `\"zero_optimization\": true`",
+    ),
+    "zero_force_ds_cpu_optimizer": Key(boolean(), True, _NO_OFFLOAD, IGNORED),
+    "memory_breakdown": Key(
+        boolean(), False, "DeepSpeed's allocator debug printout has no funczero equivalent",
+        IGNORED,
+    ),
+    "dump_state": Key(
+        boolean(), False, "debug print of DeepSpeed's state; print Config.to_dict() instead",
+        IGNORED,
+    ),
+    "gradient_allreduce_op": Key(
+        choice("mean", "sum"), "mean", "funczero always averages gradients over ranks",
+        DEFAULT_ONLY,
+    ),
+    "sparse_gradients": Key(
+        boolean(), False, "sparse embedding gradients are not implemented", DEFAULT_ONLY
+    ),
+    "disable_allgather": Key(
+        boolean(), False, "funczero always all-gathers updated parameter shards", DEFAULT_ONLY
+    ),
+    "managed_gradient_accumulation": Key(
+        boolean(), True,
+        "funczero's step always accumulates gradient_accumulation_steps micro-batches",
+        DEFAULT_ONLY,
+    ),
+    "data_types": Key(mapping(), {}, "dtype overrides (see data_types.*)"),
+    "funczero": Key(mapping(), {}, "funczero-only settings (DeepSpeed ignores this block)"),
+    # Foreign feature blocks: present in many DeepSpeed configs, usually switched off.
+    **{
+        name: Key(
+            mapping(), None, f"{what} is not implemented by funczero", DEFAULT_ONLY,
+            disabled_only=True,
+        )
+        for name, what in {
+            "amp": "Apex AMP (use the fp16 or bf16 block)",
+            "torch_autocast": "torch.autocast mixed precision (use the fp16 or bf16 block)",
+            "flops_profiler": "the DeepSpeed FLOPs profiler",
+            "tensorboard": "DeepSpeed's TensorBoard monitor",
+            "wandb": "DeepSpeed's Weights & Biases monitor",
+            "csv_monitor": "DeepSpeed's CSV monitor",
+            "comet": "DeepSpeed's Comet monitor",
+            "comms_logger": "DeepSpeed's communication logger",
+            "elasticity": "DeepSpeed elastic batch sizing",
+            "autotuning": "the DeepSpeed autotuner",
+            "data_efficiency": "DeepSpeed data efficiency (curriculum, random-LTD)",
+        }.items()
+    },
+    "activation_checkpointing": Key(
+        mapping(), None,
+        "only read by deepspeed.checkpointing calls in model code; use "
+        "torch.utils.checkpoint in the model instead",
+        IGNORED,
+    ),
+    "aio": Key(mapping(), None, "async I/O settings for NVMe offload; " + _NO_OFFLOAD, IGNORED),
+    "checkpoint": Key(
+        mapping(), None,
+        "DeepSpeed checkpoint-engine settings; funczero.checkpoint always writes reshardable "
+        "checkpoints from every rank",
+        IGNORED,
+    ),
+    "timers": Key(
+        mapping(), None, "DeepSpeed's throughput timer; funczero's logger measures throughput",
+        IGNORED,
+    ),
+}
+
+FP16: dict[str, Key] = _ds_block({
+    "enabled": Key(
+        boolean(), False, "train in fp16 with loss scaling", auto=Auto.ERROR,
+        hint="the HF Trainer fills it from --fp16",
+    ),
+    "auto_cast": Key(boolean(), False, "cast floating-point batch tensors to fp16 before the forward"),
+    "loss_scale": Key(number(ge=0), 0.0, "0: dynamic loss scaling; > 0: this static scale"),
+    "initial_scale_power": Key(
+        integer(ge=0, le=127), 16, "dynamic scaling starts at 2**initial_scale_power"
+    ),
+    "loss_scale_window": Key(
+        integer(ge=1), 1000, "double the scale after this many consecutive non-overflow steps"
+    ),
+    "hysteresis": Key(
+        integer(ge=1), 2,
+        "overflows tolerated before the scale is halved (refilled when the scale grows)",
+    ),
+    "consecutive_hysteresis": Key(
+        boolean(), False, "refill hysteresis on every non-overflow step"
+    ),
+    "min_loss_scale": Key(
+        number(gt=0), 1.0, "the scale never goes below this", ds="1 (DeepSpeed accepts integers only)"
+    ),
+    "fp16_master_weights_and_grads": Key(
+        boolean(), False,
+        "fp16 master weights need DeepSpeedCPUAdam offload; funczero keeps fp32 master weights",
+        DEFAULT_ONLY,
+    ),
+})
+
+BF16: dict[str, Key] = _ds_block({
+    "enabled": Key(
+        boolean(), False, "train in bf16 (no loss scaling)", auto=Auto.ERROR,
+        hint="the HF Trainer fills it from --bf16",
+    ),
+    "check_grad_overflow": Key(
+        boolean(), True, "skip the step when a gradient is inf/nan (the step is logged as skipped)",
+        ds="true since PR #8035 (2026-05); false before",
+    ),
+    "immediate_grad_update": Key(
+        boolean(), False, _no_hooks("schedules DeepSpeed's BF16_Optimizer gradient hooks"),
+        IGNORED,
+    ),
+    "bf16_master_weights_and_grads": Key(
+        boolean(), False, "funczero keeps fp32 master weights and gradients", DEFAULT_ONLY
+    ),
+    "bf16_optimizer_states": Key(
+        boolean(), False, "funczero keeps optimizer state in fp32", DEFAULT_ONLY
+    ),
+})
+
+_ZERO_STAGE3_ONLY = "a ZeRO-3 module-hook knob"
+ZERO: dict[str, Key] = _ds_block({
+    "stage": Key(
+        integer(ge=0, le=3), 0,
+        "0: plain data parallel; 1: shard optimizer state; 2: and gradients; 3: and parameters",
+    ),
+    "contiguous_gradients": Key(boolean(), True, "copy reduced gradients into contiguous buckets"),
+    "reduce_scatter": Key(boolean(), True, "reduce-scatter gradients instead of all-reducing"),
+    "reduce_bucket_size": Key(_BIG, 500_000_000, "elements per gradient-reduction bucket"),
+    "allgather_partitions": Key(
+        boolean(), True, "all-gather updated shards (false: a series of broadcasts)"
+    ),
+    "allgather_bucket_size": Key(_BIG, 500_000_000, "elements per parameter all-gather bucket"),
+    "overlap_comm": Key(
+        optional(boolean()), None,
+        "overlap gradient reduction with backward; null: true for stage 3, false otherwise",
+        ds="null (same rule; DeepSpeed's docs say false)",
+    ),
+    "sub_group_size": Key(_BIG, 1_000_000_000, "elements per optimizer-step tile (stage 3)"),
+    "stage3_prefetch_bucket_size": Key(
+        _BIG, 50_000_000, "elements of parameters fetched ahead of use (stage 3)",
+        ds="5e7 (DeepSpeed's docs say 5e8)", alias="prefetch_bucket_size",
+    ),
+    "stage3_param_persistence_threshold": Key(
+        _BIG, 100_000, "parameters smaller than this stay unpartitioned (stage 3)",
+        alias="param_persistence_threshold",
+    ),
+    "stage3_max_live_parameters": Key(
+        _BIG, 1_000_000_000, "parameter elements kept gathered at once (stage 3)",
+        alias="max_live_parameters",
+    ),
+    "stage3_max_reuse_distance": Key(
+        _BIG, 1_000_000_000, "keep a gathered parameter if it is reused within this distance",
+        alias="max_reuse_distance",
+    ),
+    "stage3_gather_16bit_weights_on_model_save": Key(
+        boolean(), False, "gather full 16-bit weights when saving a model under stage 3",
+        alias="gather_16bit_weights_on_model_save",
+    ),
+    "offload_param": Key(optional(mapping()), None, "parameter offload (device \"none\" only)"),
+    "offload_optimizer": Key(
+        optional(mapping()), None, "optimizer offload (device \"none\" only)"
+    ),
+    "round_robin_gradients": Key(boolean(), False, _NO_OFFLOAD, IGNORED),
+    "use_multi_rank_bucket_allreduce": Key(
+        boolean(), True, "a DeepSpeed bucketing detail with no funczero counterpart", IGNORED
+    ),
+    "load_from_fp32_weights": Key(
+        boolean(), True, "funczero checkpoints always restore the fp32 master weights", IGNORED
+    ),
+    "elastic_checkpoint": Key(
+        boolean(), False, "deprecated in DeepSpeed; funczero checkpoints reshard to any world size",
+        IGNORED,
+    ),
+    "stage3_model_persistence_threshold": Key(
+        _BIG, sys.maxsize, "a ZeRO-3 tuning knob funczero does not implement", IGNORED,
+        alias="model_persistence_threshold",
+    ),
+    "stage3_module_granularity_threshold": Key(
+        integer(), 0, _no_hooks(_ZERO_STAGE3_ONLY), IGNORED, alias="module_granularity_threshold"
+    ),
+    "stage3_use_all_reduce_for_fetch_params": Key(
+        boolean(), False, "a ZeRO-3 fetch strategy funczero does not implement", IGNORED,
+        alias="use_all_reduce_for_fetch_params",
+    ),
+    "stage3_allgather_sequential": Key(
+        boolean(), False, "a ZeRO-3 fetch strategy funczero does not implement", IGNORED,
+        alias="allgather_sequential",
+    ),
+    "stage3_partition_stream_chunk_size": Key(
+        _BIG, 0, "zero.Init partitioning detail; funczero materialises only local shards",
+        IGNORED, alias="partition_stream_chunk_size",
+    ),
+    "ignore_unused_parameters": Key(
+        boolean(), True, "unused parameters simply get zero gradients in funczero", IGNORED
+    ),
+    "memory_efficient_linear": Key(boolean(), True, _no_hooks(_ZERO_STAGE3_ONLY), IGNORED),
+    "override_module_apply": Key(boolean(), True, _no_hooks(_ZERO_STAGE3_ONLY), IGNORED),
+    "pipeline_loading_checkpoint": Key(
+        boolean(), False, "pipeline-parallel loading is not part of funczero", IGNORED
+    ),
+    "log_trace_cache_warnings": Key(boolean(), False, _no_hooks(_ZERO_STAGE3_ONLY), IGNORED),
+    "enable_sanity_checks": Key(boolean(), False, "DeepSpeed-internal debug checks", IGNORED),
+    "save_muon_momentum_buffer_in_memory": Key(boolean(), False, _NO_OFFLOAD, IGNORED),
+    "leaf_module": Key(optional(mapping()), None, _no_hooks(_ZERO_STAGE3_ONLY), IGNORED),
+    "grad_hooks": Key(
+        boolean(), True,
+        "listed in DeepSpeed's docs but no longer a DeepSpeed field (DeepSpeed rejects it)",
+        IGNORED,
+    ),
+    "legacy_stage1": Key(boolean(), False, "DeepSpeed's old stage-1 implementation", DEFAULT_ONLY),
+    "zero_hpz_partition_size": Key(
+        integer(ge=0), 1, "ZeRO++ hierarchical partitioning is not implemented", DEFAULT_ONLY
+    ),
+    "zero_quantized_weights": Key(
+        boolean(), False, "ZeRO++ quantised communication is not implemented", DEFAULT_ONLY
+    ),
+    "zero_quantized_nontrainable_weights": Key(
+        boolean(), False, "ZeRO++ quantised weights are not implemented", DEFAULT_ONLY
+    ),
+    "zero_quantized_gradients": Key(
+        boolean(), False, "ZeRO++ quantised communication is not implemented", DEFAULT_ONLY
+    ),
+    "zeropp_loco_param": Key(
+        optional(mapping()), None, "ZeRO++ LoCo is not implemented", DEFAULT_ONLY
+    ),
+    "mics_shard_size": Key(integer(), -1, "MiCS sharding is not implemented", DEFAULT_ONLY),
+    "mics_hierarchical_params_gather": Key(
+        boolean(), False, "MiCS sharding is not implemented", DEFAULT_ONLY
+    ),
+    "zenflow": Key(optional(mapping()), None, "ZenFlow is not implemented", DEFAULT_ONLY),
+})
+
+DEPRECATED_ZERO: Mapping[str, str] = {
+    # old DeepSpeed name -> what replaced it (mapped with a ConfigWarning, as DeepSpeed does)
+    "cpu_offload": "offload_optimizer",
+    "cpu_offload_param": "offload_param",
+    "cpu_offload_use_pin_memory": "offload_param.pin_memory / offload_optimizer.pin_memory",
+    "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+}
+
+_OFFLOAD_DEVICE = Key(
+    choice("none", "cpu", "nvme"), "none",
+    "CPU/NVMe offload is not implemented: funczero keeps everything on the accelerator",
+    DEFAULT_ONLY,
+)
+_OFFLOAD_TUNING = "offload tuning; accepted because offload is off (device \"none\")"
+OFFLOAD_PARAM: dict[str, Key] = _ds_block({
+    "device": _OFFLOAD_DEVICE,
+    "nvme_path": Key(optional(string()), None, _OFFLOAD_TUNING, IGNORED),
+    "buffer_count": Key(_BIG, 5, _OFFLOAD_TUNING, IGNORED),
+    "buffer_size": Key(_BIG, 100_000_000, _OFFLOAD_TUNING, IGNORED),
+    "max_in_cpu": Key(_BIG, 1_000_000_000, _OFFLOAD_TUNING, IGNORED),
+    "pin_memory": Key(boolean(), True, _OFFLOAD_TUNING, IGNORED),
+})
+OFFLOAD_OPTIMIZER: dict[str, Key] = _ds_block({
+    "device": _OFFLOAD_DEVICE,
+    "nvme_path": Key(optional(string()), None, _OFFLOAD_TUNING, IGNORED),
+    "buffer_count": Key(_BIG, 4, _OFFLOAD_TUNING, IGNORED),
+    "pin_memory": Key(boolean(), True, _OFFLOAD_TUNING, IGNORED),
+    "pipeline_read": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
+    "pipeline_write": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
+    "fast_init": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
+    "ratio": Key(number(ge=0, le=1), 1.0, _OFFLOAD_TUNING, IGNORED),
+    "super_offload": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
+    "cpuadam_cores_perc": Key(number(gt=0, le=1), 0.8, _OFFLOAD_TUNING, IGNORED),
+})
+
+DATA_TYPES: dict[str, Key] = _ds_block({
+    "grad_accum_dtype": Key(
+        choice(None, "fp32", "fp16", "bf16"), None,
+        "the accumulation dtype is chosen by funczero's train step (see funczero.precision)",
+        IGNORED,
+    ),
+})
+
+FUNCZERO: dict[str, Key] = {
+    "seed": Key(
+        optional(integer(ge=0)), None,
+        "seed for parameter init and data shuffling; null: funczero.initialize's default",
+    ),
+    "raise_at_min_loss_scale": Key(
+        boolean(), False,
+        "raise when an fp16 step overflows at min_loss_scale with hysteresis used up (DeepSpeed's "
+        "ZeRO path always raises); false: warn and keep skipping",
+    ),
+}
+
+OPTIMIZER_BLOCK: dict[str, Key] = {
+    "type": Key(string(), None, "optimizer name (case-insensitive); see below"),
+    "params": Key(mapping(), {}, "optimizer parameters (DeepSpeed/torch names); see below"),
+    "legacy_fusion": Key(
+        boolean(), False, "selects a DeepSpeed fp16 kernel; funczero has one implementation",
+        IGNORED,
+    ),
+}
+SCHEDULER_BLOCK: dict[str, Key] = {
+    "type": Key(string(), None, "schedule name (WarmupLR, WarmupDecayLR, ...); see below"),
+    "params": Key(mapping(), {}, "schedule parameters, checked by funczero.optim.schedules"),
+}
+
+SECTIONS: dict[str, dict[str, Key]] = {
+    "": TOP,
+    "optimizer": OPTIMIZER_BLOCK,
+    "scheduler": SCHEDULER_BLOCK,
+    "fp16": FP16,
+    "bf16": BF16,
+    "zero_optimization": ZERO,
+    "zero_optimization.offload_param": OFFLOAD_PARAM,
+    "zero_optimization.offload_optimizer": OFFLOAD_OPTIMIZER,
+    "data_types": DATA_TYPES,
+    "funczero": FUNCZERO,
+}
+
+# --- optimizer params ------------------------------------------------------------------------
+
+_LR_HINT = "the HF Trainer fills it from --learning_rate"
+
+
+def _lr(default: float) -> Key:
+    return Key(number(ge=0), default, "learning rate (or the schedule's base)",
+               auto=Auto.ERROR, hint=_LR_HINT)
+
+
+def _hf(key: Key) -> Key:
+    """The HF Trainer fills these from arguments whose defaults equal DeepSpeed's defaults."""
+    return dataclasses.replace(key, auto=Auto.DEFAULT)
+
+
+_BETAS = _hf(Key(betas(), (0.9, 0.999), "coefficients of the first and second moments"))
+_WD = _hf(Key(number(ge=0), 0.0, "weight decay"))
+_GRAD_NONE = Key(boolean(), True, "funczero has no .grad attributes to reset", IGNORED)
+_ONE_IMPL = "funczero has one implementation"
+_TORCH_KWARGS = {
+    "maximize": Key(boolean(), False, "maximising the objective is not implemented", DEFAULT_ONLY),
+    "foreach": Key(optional(boolean()), None, "a torch kernel choice; " + _ONE_IMPL, IGNORED),
+    "fused": Key(optional(boolean()), None, "a torch kernel choice; " + _ONE_IMPL, IGNORED),
+    "differentiable": Key(boolean(), False, "a torch autograd option; " + _ONE_IMPL, IGNORED),
+}
+
+_ADAM: dict[str, Key] = {
+    "lr": _lr(1e-3),
+    "betas": _BETAS,
+    "eps": _hf(Key(number(ge=0), 1e-8, "added to the denominator")),
+    "weight_decay": _WD,
+    "adam_w_mode": Key(
+        boolean(), True,
+        "true: decoupled weight decay (AdamW); false: L2 added to the gradient. "
+        "Type AdamW ignores it, as in DeepSpeed",
+    ),
+    "bias_correction": Key(boolean(), True, "funczero's Adam always bias-corrects", DEFAULT_ONLY),
+    "amsgrad": Key(boolean(), False, "AMSGrad (DeepSpeed's FusedAdam rejects it too)",
+                   DEFAULT_ONLY),
+    "torch_adam": Key(boolean(), False, "selects torch's Adam in DeepSpeed; " + _ONE_IMPL,
+                      IGNORED),
+    "set_grad_none": _GRAD_NONE,
+}
+
+OPTIMIZER_PARAMS: dict[str, dict[str, Key]] = {
+    "Adam": _ADAM,
+    "AdamW": _ADAM,
+    "Lamb": {
+        "lr": _lr(1e-3),
+        "betas": _BETAS,
+        "eps": _hf(Key(number(ge=0), 1e-8, "added to the denominator")),
+        "weight_decay": _WD,
+        "bias_correction": Key(boolean(), True, "bias-correct the moments"),
+        "max_coeff": Key(number(gt=0), 10.0, "upper clamp of the trust ratio"),
+        "min_coeff": Key(number(ge=0), 0.01, "lower clamp of the trust ratio"),
+        "eps_inside_sqrt": Key(boolean(), False, "eps inside the square root is not implemented",
+                               DEFAULT_ONLY),
+        "amsgrad": Key(boolean(), False, "AMSGrad is not implemented", DEFAULT_ONLY),
+    },
+    "Lion": {
+        "lr": _lr(1e-3),
+        "betas": Key(betas(), (0.9, 0.999), "interpolation and momentum coefficients",
+                     auto=Auto.DEFAULT),
+        "weight_decay": _WD,
+        "set_grad_none": _GRAD_NONE,
+    },
+    "SGD": {
+        "lr": _lr(1e-3),
+        "momentum": Key(number(ge=0), 0.0, "momentum factor"),
+        "dampening": Key(number(ge=0), 0.0, "dampening of the momentum"),
+        "weight_decay": _WD,
+        "nesterov": Key(boolean(), False, "Nesterov momentum (needs momentum > 0, dampening 0)"),
+        **_TORCH_KWARGS,
+    },
+    "Adagrad": {
+        "lr": _lr(1e-2),
+        "lr_decay": Key(number(ge=0), 0.0, "learning-rate decay"),
+        "weight_decay": _WD,
+        "initial_accumulator_value": Key(number(ge=0), 0.0, "start value of the sum of squares"),
+        "eps": Key(number(ge=0), 1e-10, "added to the denominator"),
+        **_TORCH_KWARGS,
+    },
+}
+
+# lower-case name -> canonical spelling (DeepSpeed matches its own names case-insensitively)
+OPTIMIZER_TYPES: Mapping[str, str] = {name.lower(): name for name in OPTIMIZER_PARAMS}
+
+UNSUPPORTED_OPTIMIZERS: Mapping[str, str] = {
+    "onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb",
+    "muon": "Muon", "muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD",
+}
+
+UNSUPPORTED_FEATURES: Mapping[str, str] = {
+    # known DeepSpeed top-level keys that funczero rejects with a reason (not "unknown key")
+    "pipeline": "pipeline parallelism",
+    "tensor_parallel": "tensor parallelism",
+    "sequence_parallel_size": "sequence parallelism",
+    "compression_training": "compression training",
+    "sparse_attention": "DeepSpeed sparse attention",
+    "curriculum_learning": "legacy curriculum learning",
+    "hybrid_engine": "the RLHF hybrid engine",
+    "compile": "DeepSpeed's compile/DeepCompile integration",
+    "quantize_training": "quantisation-aware training",
+}
+
+
+def _flatten() -> dict[str, Key]:
+    flat: dict[str, Key] = {}
+    for prefix, table in SECTIONS.items():
+        for name, key in table.items():
+            flat[f"{prefix}.{name}" if prefix else name] = key
+    return flat
+
+
+KEYS: Mapping[str, Key] = _flatten()
+"""Every accepted key by full dotted path (optimizer params are in OPTIMIZER_PARAMS)."""
+
+
+def default(path: str) -> object:
+    """Return funczero's default for the key at ``path`` (used as the dataclass defaults)."""
+    return KEYS[path].default

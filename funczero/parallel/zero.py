@@ -1,0 +1,437 @@
+"""ZeRO stages 0-3 as explicit compositions of collectives.
+
+========  ====================  =======================  ===============  =====================
+stage     params at rest        gradients                optimizer state  after the update
+========  ====================  =======================  ===============  =====================
+0         full, replicated      all-reduce (average)     full             cast master -> params
+1         full, replicated      reduce-scatter at the    shard            all-gather params
+                                accumulation boundary
+2         full, replicated      reduce-scatter per unit  shard            all-gather params
+                                during backward
+3         shard               reduce-scatter per unit  shard            nothing (stay sharded)
+                                during backward; params
+                                all-gathered per unit on
+                                use, re-gathered for
+                                backward
+========  ====================  =======================  ===============  =====================
+
+A :class:`ZeroPlan` is the frozen description of one run: the module, the stage, the precision,
+the units and every parameter's :class:`~funczero.parallel.layout.ShardSpec`. The functions below
+(``forward_backward``, ``reduce_grads``, ``gather_params_after_update``) are what
+:func:`funczero.make_train_step` composes; each is a few lines over the collectives in
+:mod:`funczero.parallel.collectives` and :mod:`funczero.parallel.gather`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from funczero.functional import ModuleSpec, apply_module, module_spec
+from funczero.parallel.collectives import all_gather_unit, all_reduce_mean_, reduce_scatter_unit
+from funczero.parallel.gather import Regather, UnitComm, materialize_unit, wrap_unit_forward
+from funczero.parallel.layout import ShardSpec, Unit
+from funczero.precision import Precision
+
+__all__ = [
+    "ZeroPlan",
+    "build_plan",
+    "default_wrap_policy",
+    "forward_backward",
+    "gather_params_after_update",
+    "init_params",
+    "reduce_grads",
+    "sync_buffers",
+]
+
+Tensors = dict[str, torch.Tensor]
+LossFn = Callable[[Callable[..., Any], Any], Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZeroPlan:
+    """Static description of how a module is sharded and communicated.
+
+    Attributes:
+        module: the model (its own tensors are released; it only describes the computation).
+        spec: parameter and buffer names, shapes, ties and frozen flags.
+        stage: ZeRO stage 0-3.
+        precision: compute / master / reduce dtypes.
+        rank, world_size, group: data-parallel position and process group (None when world 1).
+        units: communication units. Stages 1-2: every parameter in its owning unit. Stage 3: the
+            sharded parameters, one unit per wrapped module plus the root unit ``""``.
+        persistent: stage 3 only: parameters kept replicated (below
+            ``stage3_param_persistence_threshold`` elements), reduced like stage 2.
+        specs: shard layout of every parameter.
+        slots: stage 3: for each wrapped module, the ``(submodule, attribute, canonical)`` uses
+            of its sharded parameters.
+        use_all_reduce: reduce gradients with all-reduce plus slice (``reduce_scatter: false``).
+        bucket_numel: stage 0 all-reduce bucket size in elements (``reduce_bucket_size``).
+        remat: stage 3: recompute each unit's forward in backward instead of saving its
+            activations (activation checkpointing per unit).
+        buffer_sync: how buffers (BatchNorm statistics) agree across ranks after a step:
+            ``"mean"`` (all-reduce average of floating buffers) or ``"none"``.
+    """
+
+    module: nn.Module
+    spec: ModuleSpec
+    stage: int
+    precision: Precision
+    rank: int
+    world_size: int
+    group: Any
+    units: tuple[Unit, ...]
+    persistent: Unit | None
+    specs: Mapping[str, ShardSpec]
+    slots: Mapping[str, tuple[tuple[nn.Module, str, str], ...]]
+    use_all_reduce: bool = False
+    bucket_numel: int = 500_000_000
+    remat: bool = False
+    buffer_sync: str = "mean"
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return self.spec.trainable
+
+    def is_sharded(self, name: str) -> bool:
+        """Whether ``state.params[name]`` holds a shard (stage 3, not persistent)."""
+        return self.stage == 3 and not (self.persistent and name in self.persistent.params)
+
+    @property
+    def master_sharded(self) -> bool:
+        """Whether master weights, gradients and optimizer state are shards (stages 1-3)."""
+        return self.stage >= 1
+
+    def grad_unit(self, unit: Unit) -> Unit:
+        """``unit`` restricted to trainable parameters (what gradients are reduced over)."""
+        t = set(self.trainable)
+        keep = [(n, s) for n, s in zip(unit.params, unit.specs) if n in t]
+        return Unit(unit.name, tuple(n for n, _ in keep), tuple(s for _, s in keep))
+
+    def reduce_fn(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum partial reductions over shards (identity when nothing is sharded)."""
+        if not self.master_sharded or self.world_size == 1:
+            return x
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        return y
+
+
+def default_wrap_policy(module: nn.Module) -> list[str]:
+    """One unit per child of every ``nn.ModuleList`` (per transformer block), outermost only."""
+    units: list[str] = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.ModuleList) and not any(
+            name == u or name.startswith(u + ".") for u in units
+        ):
+            units.extend(f"{name}.{child}" if name else child for child, _ in mod.named_children())
+    return units
+
+
+def _owner(fqn: str, unit_names: Sequence[str]) -> str:
+    best = ""
+    for u in unit_names:
+        if fqn.startswith(u + ".") and len(u) > len(best):
+            best = u
+    return best
+
+
+def build_plan(
+    module: nn.Module,
+    *,
+    stage: int = 0,
+    precision: Precision | str = "fp32",
+    world_size: int | None = None,
+    rank: int | None = None,
+    group: Any = None,
+    wrap: Sequence[str] | Callable[[nn.Module], list[str]] | None = None,
+    param_persistence_threshold: int = 0,
+    reduce_scatter: bool = True,
+    reduce_bucket_size: int = 500_000_000,
+    remat: bool = False,
+    buffer_sync: str = "mean",
+) -> ZeroPlan:
+    """Plan ZeRO ``stage`` for ``module`` on the current process group.
+
+    Args:
+        module: the model, built on any device (its parameters give shapes and initial values).
+        stage: 0, 1, 2 or 3.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or a :class:`Precision`.
+        world_size, rank, group: default to the initialised default group, else 1 / 0 / None.
+        wrap: module FQNs that form units, or a policy returning them; default
+            :func:`default_wrap_policy` (every transformer block).
+        param_persistence_threshold: stage 3 keeps parameters with fewer elements replicated.
+        reduce_scatter: False reduces with all-reduce plus slice.
+        reduce_bucket_size: stage 0 all-reduce bucket size (elements).
+        remat: stage 3: recompute unit forwards in backward (activation checkpointing).
+        buffer_sync: ``"mean"`` or ``"none"``.
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    if buffer_sync not in ("mean", "none"):
+        raise ValueError(f"buffer_sync={buffer_sync!r} must be 'mean' or 'none'")
+    precision = Precision.from_name(precision) if isinstance(precision, str) else precision
+    if world_size is None:
+        world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(
+            f"world_size={world_size} but torch.distributed is not initialised; "
+            "call funczero.init_distributed() first"
+        )
+    spec = module_spec(module)
+    specs = {n: ShardSpec(n, spec.shapes[n], world_size) for n in spec.params}
+    unit_names = list(wrap(module) if callable(wrap) else (wrap or default_wrap_policy(module)))
+    known = dict(module.named_modules())
+    for u in unit_names:
+        if u not in known:
+            raise ValueError(f"wrap: {u!r} is not a submodule of the model; known: {sorted(known)[:8]}...")
+    order = [""] + unit_names
+    owners = {alias: _owner(alias, unit_names) for alias in spec.aliases}
+
+    persistent: Unit | None = None
+    slots: dict[str, tuple[tuple[nn.Module, str, str], ...]] = {}
+    if stage == 3:
+        kept = [n for n in spec.params if specs[n].numel < param_persistence_threshold]
+        if kept:
+            persistent = Unit("<persistent>", tuple(kept), tuple(specs[n] for n in kept))
+        sharded = [n for n in spec.params if n not in set(kept)]
+        members: dict[str, list[str]] = {u: [] for u in order}
+        for n in sharded:
+            for u in dict.fromkeys(owners[a] for a in spec.alias_names(n)):
+                members[u].append(n)
+        for u in unit_names:
+            uses = []
+            for alias, canonical in spec.aliases.items():
+                if owners[alias] == u and canonical in members[u]:
+                    rel = alias[len(u) + 1 :]
+                    sub, _, attr = rel.rpartition(".")
+                    uses.append((known[u].get_submodule(sub), attr, canonical))
+            slots[u] = tuple(uses)
+    else:
+        members = {u: [] for u in order}
+        for n in spec.params:
+            members[owners[n]].append(n)
+    units = tuple(
+        Unit(u, tuple(members[u]), tuple(specs[n] for n in members[u])) for u in order if members[u]
+    )
+    return ZeroPlan(
+        module=module,
+        spec=spec,
+        stage=stage,
+        precision=precision,
+        rank=rank,
+        world_size=world_size,
+        group=group,
+        units=units,
+        persistent=persistent,
+        specs=specs,
+        slots=slots,
+        use_all_reduce=not reduce_scatter,
+        bucket_numel=int(reduce_bucket_size),
+        remat=remat,
+        buffer_sync=buffer_sync,
+    )
+
+
+def init_params(plan: ZeroPlan, full: Mapping[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
+    """Lay out full fp32 parameters as this rank's ``(params, master)`` for the plan's stage.
+
+    ``params`` are what the model runs on (compute dtype; full, or fp32 shards at stage 3);
+    ``master`` are the fp32 weights the optimizer updates (trainable only; shards from stage 1).
+    Where the two would be equal, they are the same tensor.
+    """
+    compute = plan.precision.compute_dtype
+    params: Tensors = {}
+    master: Tensors = {}
+    trainable = set(plan.trainable)
+    for n in plan.spec.params:
+        x = full[n].detach().to(torch.float32)
+        if plan.master_sharded and n in trainable:
+            master[n] = plan.specs[n].shard(x, plan.rank)
+        elif n in trainable:
+            master[n] = x.clone()
+        if plan.is_sharded(n):
+            params[n] = master[n] if n in trainable else plan.specs[n].shard(x, plan.rank)
+        elif n in master and master[n].shape == x.shape and compute == torch.float32:
+            params[n] = master[n]
+        else:
+            params[n] = x.to(compute).clone()
+    return params, master
+
+
+@contextlib.contextmanager
+def _stage3_units(
+    plan: ZeroPlan, comms: Mapping[str, UnitComm], anchors: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    wrapped = []
+    try:
+        for name, comm in comms.items():
+            if name == "":
+                continue
+            mod = plan.module.get_submodule(name)
+            mod.forward = wrap_unit_forward(  # type: ignore[method-assign]
+                mod, plan.slots[name], comm, anchors, remat=plan.remat
+            )
+            wrapped.append(mod)
+        yield
+    finally:
+        for mod in wrapped:
+            del mod.forward
+
+
+def forward_backward(
+    plan: ZeroPlan,
+    loss_fn: LossFn,
+    params: Mapping[str, torch.Tensor],
+    master: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    batch: Any,
+    loss_multiplier: torch.Tensor,
+) -> tuple[torch.Tensor, Any, Tensors, Tensors]:
+    """Run ``loss_fn`` on one micro-batch and differentiate it.
+
+    Returns ``(loss, aux, grads, new_buffers)``. Gradients are of ``loss * loss_multiplier``:
+    local full gradients (compute dtype) for stages 0-1, already averaged fp32 shards for 2-3.
+    """
+    out_buffers: dict[str, Tensors] = {}
+
+    def run(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        def model(*args: Any, **kwargs: Any) -> Any:
+            y, new = apply_module(plan.module, plan.spec, tensors, buffers, *args, **kwargs)
+            out_buffers["b"] = new
+            return y
+
+        out = loss_fn(model, batch)
+        loss, aux = out if isinstance(out, tuple) else (out, None)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError(f"loss_fn must return a 0-d loss tensor (or (loss, aux)); got {type(loss)}")
+        return loss, aux
+
+    trainable = plan.trainable
+    with torch.enable_grad():
+        if plan.stage <= 1:
+            leaves = {n: params[n].detach().requires_grad_() for n in trainable}
+            loss, aux = run({**params, **leaves})
+            inputs = list(leaves.values())
+        else:
+            anchors = {n: master[n].detach().requires_grad_() for n in trainable}
+            regather = Regather() if plan.stage == 3 else None
+            comms = {}
+            for unit in plan.units + ((plan.persistent,) if plan.persistent else ()):
+                replicated = plan.stage == 2 or unit is plan.persistent
+                comms[unit.name] = UnitComm(
+                    unit=unit,
+                    trainable=plan.grad_unit(unit).params,
+                    grad_unit=plan.grad_unit(unit),
+                    full=params if replicated else None,
+                    shards=None if replicated else params,
+                    group=plan.group,
+                    rank=plan.rank,
+                    compute_dtype=plan.precision.compute_dtype,
+                    reduce_dtype=plan.precision.reduce_dtype,
+                    use_all_reduce=plan.use_all_reduce,
+                    regather=None if replicated else regather,
+                )
+            tensors: Tensors = {}
+            if plan.stage == 2:
+                for comm in comms.values():
+                    tensors.update(materialize_unit(comm, anchors))
+                loss, aux = run(tensors)
+            else:
+                assert regather is not None
+                if plan.persistent:
+                    tensors.update(materialize_unit(comms.pop("<persistent>"), anchors))
+                with regather.hooks(), _stage3_units(plan, comms, anchors):
+                    root = materialize_unit(comms[""], anchors) if "" in comms else {}
+                    try:
+                        loss, aux = run({**tensors, **root})
+                    finally:
+                        regather.unregister(root)
+                        del root
+            inputs = [anchors[n] for n in trainable]
+        grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
+        if plan.stage == 3:
+            regather.clear()  # type: ignore[union-attr]
+    grads = {
+        n: torch.zeros_like(x) if g is None else g for n, x, g in zip(trainable, inputs, grads_list)
+    }
+    return loss.detach(), aux, grads, out_buffers.get("b", dict(buffers))
+
+
+def reduce_grads(plan: ZeroPlan, grads: Tensors) -> Tensors:
+    """At the accumulation boundary: average gradients over ranks into their update layout.
+
+    Stage 0 all-reduces in buckets (in place); stage 1 reduce-scatters each unit into fp32
+    shards; stages 2-3 already reduced during backward.
+    """
+    if plan.stage == 0:
+        all_reduce_mean_(
+            list(grads.values()),
+            group=plan.group,
+            world_size=plan.world_size,
+            dtype=plan.precision.reduce_dtype,
+            bucket_numel=plan.bucket_numel,
+        )
+        return grads
+    if plan.stage == 1:
+        out: Tensors = {}
+        for unit in plan.units:
+            gu = plan.grad_unit(unit)
+            if gu.params:
+                out.update(
+                    reduce_scatter_unit(
+                        gu,
+                        grads,
+                        group=plan.group,
+                        rank=plan.rank,
+                        dtype=plan.precision.reduce_dtype,
+                        use_all_reduce=plan.use_all_reduce,
+                    )
+                )
+        return out
+    return grads
+
+
+def gather_params_after_update(
+    plan: ZeroPlan, params: Mapping[str, torch.Tensor], master: Mapping[str, torch.Tensor]
+) -> Tensors:
+    """Rebuild the compute-dtype parameters from updated master weights.
+
+    Stage 0 casts; stages 1-2 (and stage 3's persistent parameters) all-gather the master shards
+    in the compute dtype; stage 3's sharded parameters *are* their master shards.
+    """
+    new = dict(params)
+    compute = plan.precision.compute_dtype
+    if plan.stage == 0:
+        for n, m in master.items():
+            if new[n] is not m:
+                new[n] = m.to(compute)
+        return new
+    units = plan.units if plan.stage in (1, 2) else ((plan.persistent,) if plan.persistent else ())
+    for unit in units:
+        gu = plan.grad_unit(unit)
+        if gu.params:
+            new.update(all_gather_unit(gu, master, group=plan.group, dtype=compute))
+    if plan.stage == 3:
+        for n in plan.trainable:
+            if plan.is_sharded(n):
+                new[n] = master[n]
+    return new
+
+
+def sync_buffers(plan: ZeroPlan, buffers: Tensors) -> Tensors:
+    """Average floating buffers across ranks (``buffer_sync="mean"``)."""
+    floats = [b for b in buffers.values() if b.is_floating_point()]
+    if plan.buffer_sync == "mean" and plan.world_size > 1 and floats:
+        all_reduce_mean_(
+            floats, group=plan.group, world_size=plan.world_size, dtype=torch.float32
+        )
+    return buffers
