@@ -75,7 +75,7 @@ TOP: dict[str, Key] = {
         number(ge=0), 0.0,
         "clip the global L2 norm of the unscaled gradients to this value; 0 disables",
         ds="1.0 at HEAD (PR #8068, 2026-06); 0.0 in every earlier release",
-        auto=Auto.ERROR, hint="the HF Trainer fills it from --max_grad_norm, default 1.0",
+        auto=Auto.ERROR, hint="from --max_grad_norm, default 1.0",
     ),
     "steps_per_print": Key(
         optional(integer(ge=1)), 10,
@@ -176,7 +176,7 @@ TOP: dict[str, Key] = {
 FP16: dict[str, Key] = _ds_block({
     "enabled": Key(
         boolean(), False, "train in fp16 with loss scaling", auto=Auto.ERROR,
-        hint="the HF Trainer fills it from --fp16",
+        hint="from --fp16",
     ),
     "auto_cast": Key(boolean(), False, "cast floating-point batch tensors to fp16 before the forward"),
     "loss_scale": Key(number(ge=0), 0.0, "0: dynamic loss scaling; > 0: this static scale"),
@@ -206,7 +206,7 @@ FP16: dict[str, Key] = _ds_block({
 BF16: dict[str, Key] = _ds_block({
     "enabled": Key(
         boolean(), False, "train in bf16 (no loss scaling)", auto=Auto.ERROR,
-        hint="the HF Trainer fills it from --bf16",
+        hint="from --bf16",
     ),
     "check_grad_overflow": Key(
         boolean(), True, "skip the step when a gradient is inf/nan (the step is logged as skipped)",
@@ -420,7 +420,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
 
 # --- optimizer params ------------------------------------------------------------------------
 
-_LR_HINT = "the HF Trainer fills it from --learning_rate"
+_LR_HINT = "from --learning_rate"
 
 
 def _lr(default: float) -> Key:

@@ -92,7 +92,7 @@ def _resolve(key: Key, value: Any, path: str) -> Any:
             return AUTO
         if key.auto is Auto.ERROR:
             raise ConfigError(
-                f'{path} is "auto", which only the HuggingFace Trainer can fill ({key.hint}); '
+                f'{path} is "auto", a value only the HuggingFace Trainer fills in ({key.hint}); '
                 f"set a concrete value ({key.check.describe})"
             )
     if key.disabled_only:

@@ -19,6 +19,10 @@ import torch.distributed as dist
 
 from funczero.parallel.layout import Unit
 
+# torch 2.13 renamed the flat-tensor collectives; keep working on torch >= 2.5.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 __all__ = [
     "all_gather_unit",
     "all_reduce_mean_",
@@ -81,7 +85,7 @@ def reduce_scatter_unit(
         shard = chunks[rank]
     else:
         shard = chunks.new_empty(unit.shard_numel)
-        dist.reduce_scatter_tensor(shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group)
+        _reduce_scatter_flat(shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group)
     return unit.split_shard(shard.to(out_dtype))
 
 
@@ -97,7 +101,7 @@ def all_gather_unit(
     if unit.world_size == 1:
         return unit.unpack_gathered(send)
     gathered = send.new_empty(send.numel() * unit.world_size)
-    dist.all_gather_into_tensor(gathered, send, group=group)
+    _all_gather_flat(gathered, send, group=group)
     return unit.unpack_gathered(gathered)
 
 

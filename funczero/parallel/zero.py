@@ -435,3 +435,23 @@ def sync_buffers(plan: ZeroPlan, buffers: Tensors) -> Tensors:
             floats, group=plan.group, world_size=plan.world_size, dtype=torch.float32
         )
     return buffers
+
+
+def gather_full(plan: ZeroPlan, tensors: Mapping[str, torch.Tensor], *, sharded: bool) -> Tensors:
+    """Return full copies of ``tensors`` (parameter-keyed), all-gathering them if ``sharded``.
+
+    Collective when ``sharded`` and ``world_size > 1``: every rank must call it. Meant for
+    evaluation, export and tests, not the hot path.
+    """
+    out: Tensors = {}
+    for n, t in tensors.items():
+        spec = plan.specs[n]
+        if not sharded:
+            out[n] = t.detach().clone()
+        elif plan.world_size == 1:
+            out[n] = spec.full([t.detach()])
+        else:
+            parts = [torch.empty_like(t) for _ in range(plan.world_size)]
+            dist.all_gather(parts, t.detach().contiguous(), group=plan.group)
+            out[n] = spec.full(parts)
+    return out

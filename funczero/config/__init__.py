@@ -1,0 +1,48 @@
+"""DeepSpeed-compatible training config: strict, resolved, frozen.
+
+A DeepSpeed user's JSON works unchanged; what DeepSpeed would silently ignore or misread
+(misspelled keys, non-divisible batch sizes, ``"auto"`` outside the HF Trainer) is an error that
+names the key path and the fix. ``docs/config.md`` lists every key; it is generated from the
+table in ``funczero/config/_keys.py`` by ``python -m funczero.config``.
+
+Example:
+    >>> from funczero.config import Config
+    >>> cfg = Config.load({
+    ...     "train_batch_size": 32, "gradient_accumulation_steps": 2,
+    ...     "optimizer": {"type": "Adam", "params": {"lr": 1e-4}},
+    ...     "fp16": {"enabled": True}, "zero_optimization": {"stage": 3}}, world_size=4)
+    >>> cfg.train_micro_batch_size_per_gpu, cfg.precision, cfg.zero.overlap_comm
+    (4, 'fp16', True)
+"""
+
+from __future__ import annotations
+
+from funczero.config._config import Config as Config
+from funczero.config._errors import ConfigError as ConfigError
+from funczero.config._errors import ConfigWarning as ConfigWarning
+from funczero.config._keys import KEYS as KEYS
+from funczero.config._keys import OPTIMIZER_PARAMS as OPTIMIZER_PARAMS
+from funczero.config._optimizer import OptimizerConfig as OptimizerConfig
+from funczero.config._optimizer import SchedulerConfig as SchedulerConfig
+from funczero.config._schema import Key as Key
+from funczero.config._schema import Status as Status
+from funczero.config._sections import BF16Config as BF16Config
+from funczero.config._sections import FP16Config as FP16Config
+from funczero.config._sections import FunczeroConfig as FunczeroConfig
+from funczero.config._sections import ZeroConfig as ZeroConfig
+
+__all__ = [
+    "KEYS",
+    "OPTIMIZER_PARAMS",
+    "BF16Config",
+    "Config",
+    "ConfigError",
+    "ConfigWarning",
+    "FP16Config",
+    "FunczeroConfig",
+    "Key",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "Status",
+    "ZeroConfig",
+]

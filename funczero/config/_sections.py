@@ -1,0 +1,79 @@
+"""The frozen dataclasses of the config's sub-blocks; defaults come from the key table."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from funczero.config._keys import default
+
+__all__ = ["BF16Config", "FP16Config", "FunczeroConfig", "ZeroConfig"]
+
+_frozen = dataclasses.dataclass(frozen=True)
+
+
+@_frozen
+class FP16Config:
+    """The ``"fp16"`` block (DeepSpeed's keys and defaults; see docs/config.md)."""
+
+    enabled: bool = default("fp16.enabled")  # type: ignore[assignment]
+    auto_cast: bool = default("fp16.auto_cast")  # type: ignore[assignment]
+    loss_scale: float = default("fp16.loss_scale")  # type: ignore[assignment]
+    initial_scale_power: int = default("fp16.initial_scale_power")  # type: ignore[assignment]
+    loss_scale_window: int = default("fp16.loss_scale_window")  # type: ignore[assignment]
+    hysteresis: int = default("fp16.hysteresis")  # type: ignore[assignment]
+    consecutive_hysteresis: bool = default("fp16.consecutive_hysteresis")  # type: ignore[assignment]
+    min_loss_scale: float = default("fp16.min_loss_scale")  # type: ignore[assignment]
+
+    @property
+    def dynamic_loss_scale(self) -> bool:
+        """Whether the loss scale adapts (``loss_scale == 0``) rather than staying fixed."""
+        return self.loss_scale == 0
+
+
+@_frozen
+class BF16Config:
+    """The ``"bf16"`` block (legacy name ``"bfloat16"``)."""
+
+    enabled: bool = default("bf16.enabled")  # type: ignore[assignment]
+    check_grad_overflow: bool = default("bf16.check_grad_overflow")  # type: ignore[assignment]
+
+
+def _z(name: str) -> Any:
+    return default(f"zero_optimization.{name}")
+
+
+@_frozen
+class ZeroConfig:
+    """The ``"zero_optimization"`` block. Sizes count elements, not bytes, as in DeepSpeed.
+
+    ``overlap_comm=None`` resolves as DeepSpeed's code does: true for stage 3, false otherwise.
+    """
+
+    stage: int = _z("stage")
+    contiguous_gradients: bool = _z("contiguous_gradients")
+    reduce_scatter: bool = _z("reduce_scatter")
+    reduce_bucket_size: int = _z("reduce_bucket_size")
+    allgather_partitions: bool = _z("allgather_partitions")
+    allgather_bucket_size: int = _z("allgather_bucket_size")
+    overlap_comm: bool = _z("overlap_comm")
+    sub_group_size: int = _z("sub_group_size")
+    stage3_prefetch_bucket_size: int = _z("stage3_prefetch_bucket_size")
+    stage3_param_persistence_threshold: int = _z("stage3_param_persistence_threshold")
+    stage3_max_live_parameters: int = _z("stage3_max_live_parameters")
+    stage3_max_reuse_distance: int = _z("stage3_max_reuse_distance")
+    stage3_gather_16bit_weights_on_model_save: bool = _z(
+        "stage3_gather_16bit_weights_on_model_save"
+    )
+
+    def __post_init__(self) -> None:
+        if self.overlap_comm is None:
+            object.__setattr__(self, "overlap_comm", self.stage == 3)
+
+
+@_frozen
+class FunczeroConfig:
+    """The funczero-only ``"funczero"`` block (DeepSpeed ignores unknown top-level keys)."""
+
+    seed: int | None = default("funczero.seed")  # type: ignore[assignment]
+    raise_at_min_loss_scale: bool = default("funczero.raise_at_min_loss_scale")  # type: ignore[assignment]
