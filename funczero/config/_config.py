@@ -283,8 +283,6 @@ def _build(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
         batch_value("train_batch_size"), batch_value("train_micro_batch_size_per_gpu"),
         batch_value("gradient_accumulation_steps"), world_size, world_source,
     )
-    if scheduler is not None:
-        _check_scheduler(scheduler, optimizer)
 
     def pick(cls: type, values: Mapping[str, Any]) -> Any:
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
@@ -303,13 +301,4 @@ def _build(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
         raw=raw,
         **{name: top[name] for name in _TOP_SCALARS},
     )
-
-
-def _check_scheduler(scheduler: SchedulerConfig, optimizer: OptimizerConfig | None) -> None:
-    """Validate the scheduler now, not at the first step, when its implementation is present."""
-    try:
-        import funczero.optim.schedules  # noqa: F401
-    except ImportError:  # funczero.optim not installed in this build: checked at build time
-        return
-    scheduler.build(base_lr=optimizer.lr if optimizer is not None else 1e-3)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from funczero.config._errors import ConfigError, closest, show, warn
+from funczero.config._errors import ConfigError, closest, did_you_mean, show, warn
 from funczero.config._keys import (
     OPTIMIZER_BLOCK,
     OPTIMIZER_PARAMS,
@@ -13,7 +13,7 @@ from funczero.config._keys import (
     SCHEDULER_BLOCK,
     UNSUPPORTED_OPTIMIZERS,
 )
-from funczero.config._schema import parse_block
+from funczero.config._schema import parse_block, unknown_key
 
 if TYPE_CHECKING:
     from funczero.optim import Optimizer
@@ -216,18 +216,34 @@ def parse_scheduler(
     """Validate a ``"scheduler"`` block and resolve its computable ``"auto"`` values.
 
     ``warmup_min_lr: "auto"`` becomes 0 and ``warmup_max_lr: "auto"`` the optimizer's lr, which
-    is what the HF Trainer writes; any other ``"auto"`` needs a concrete value.
+    is what the HF Trainer writes; any other ``"auto"`` needs a concrete value. Names are checked
+    here (with suggestions); values by building the schedule once with
+    ``funczero.optim.schedules.from_deepspeed``.
     """
+    from funczero.optim.deepspeed_schedules import DEEPSPEED_SCHEDULES
+
     block = parse_block(raw, "scheduler", SCHEDULER_BLOCK, errors)
-    if block["type"] is None:
+    name = block["type"]
+    if name is None:
         if "type" not in raw:
             errors.append('scheduler.type is missing: e.g. "WarmupLR" or "WarmupDecayLR"')
         return None
-    params = dict(block["params"])
+    if name not in DEEPSPEED_SCHEDULES:
+        errors.append(
+            f"scheduler.type {show(name)} is not a DeepSpeed schedule funczero implements"
+            f"{did_you_mean(name, DEEPSPEED_SCHEDULES)} (valid, case-sensitive as in DeepSpeed: "
+            f"{', '.join(DEEPSPEED_SCHEDULES)})"
+        )
+        return None
+    valid = (*DEEPSPEED_SCHEDULES[name], "last_batch_iteration")
+    params: dict[str, Any] = {}
+    n_errors = len(errors)
     for key, value in block["params"].items():
-        if not (isinstance(value, str) and value == "auto"):
-            continue
-        if key == "warmup_min_lr":
+        if key not in valid:
+            errors.append(unknown_key(f"scheduler.params.{key}", key, list(valid), {}))
+        elif not (isinstance(value, str) and value == "auto"):
+            params[key] = value
+        elif key == "warmup_min_lr":
             params[key] = 0.0
         elif key == "warmup_max_lr" and optimizer is not None:
             params[key] = optimizer.lr
@@ -238,4 +254,12 @@ def parse_scheduler(
                 else "the HF Trainer computes it from its own arguments"
             )
             errors.append(f'scheduler.params.{key} is "auto" ({source}); set a concrete value')
-    return SchedulerConfig(block["type"], params)
+    if len(errors) > n_errors:
+        return None
+    scheduler = SchedulerConfig(name, params)
+    try:  # validate values now rather than at the first step
+        scheduler.build(base_lr=optimizer.lr if optimizer is not None else 1e-3)
+    except ConfigError as e:
+        errors.extend(e.problems)
+        return None
+    return scheduler

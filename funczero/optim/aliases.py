@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import optree
 import torch
 from torch import Tensor
 
@@ -48,8 +49,6 @@ _LR_HINT = "; pass a non-negative float, a floating 0-d tensor or a schedule"
 
 
 def _state_device(state: OptState) -> torch.device:
-    import optree
-
     for leaf in optree.tree_leaves(state):
         if isinstance(leaf, Tensor):
             return leaf.device
@@ -373,6 +372,8 @@ def adagrad(
         def effective(count: Tensor) -> Tensor:
             # float64 so a float base rate matches torch's Python-double arithmetic exactly.
             b = base(count) if callable(base) else base
+            if isinstance(b, Tensor):
+                b = b.to(count.device)
             return b / (1.0 + count.to(torch.float64) * lr_decay)
 
     tx = chain(add_decayed_weights(wd), scale_by_rss(iav, eps), scale_by_learning_rate(effective))

@@ -8,7 +8,7 @@ Example:
     >>> from funczero import optim
     >>> params = {"w": torch.zeros(2)}
     >>> tx = optim.scale_by_adam()
-    >>> tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(params))[0]["w"]
+    >>> tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(params))[0]["w"].round(decimals=4)
     tensor([ 1., -1.])
 """
 

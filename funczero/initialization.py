@@ -1,0 +1,131 @@
+"""``funczero.initialize``: a DeepSpeed config and a module in, a state and a step out.
+
+Example:
+    >>> import torch, funczero
+    >>> model = torch.nn.Linear(4, 1)
+    >>> config = {"train_micro_batch_size_per_gpu": 2,
+    ...           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    >>> loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+    >>> run = funczero.initialize(model, config, loss_fn)
+    >>> state, metrics = run.train_step(run.state, (torch.ones(2, 4), torch.zeros(2, 1)))
+    >>> int(state.step)
+    1
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from funczero.config import Config
+from funczero.data import DistributedBatchLoader
+from funczero.functional import extract_tensors, release_module_tensors
+from funczero.parallel.env import init_distributed
+from funczero.parallel.zero import ZeroPlan, build_plan
+from funczero.state import TrainState
+from funczero.step import TrainStep, init_state, make_train_step
+
+__all__ = ["Initialized", "initialize"]
+
+
+class Initialized(NamedTuple):
+    """What :func:`initialize` returns (unpack it, or use the fields)."""
+
+    state: TrainState
+    train_step: TrainStep
+    loader: DistributedBatchLoader | None
+    plan: ZeroPlan
+    config: Config
+    optimizer: Any
+
+
+def initialize(
+    model: nn.Module,
+    config: Config | Mapping[str, Any] | str | os.PathLike[str],
+    loss_fn: Callable[[Callable[..., Any], Any], Any],
+    *,
+    optimizer: Any = None,
+    training_data: Any = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    seed: int | None = None,
+    wrap: Sequence[str] | Callable[[nn.Module], list[str]] | None = None,
+    remat: bool = False,
+    donate: bool = True,
+    device: torch.device | str | None = None,
+) -> Initialized:
+    """Build the training state and step from a DeepSpeed-style config.
+
+    Initialises the process group from the environment (a plain ``python`` run is world size
+    1), plans ZeRO from ``zero_optimization``, moves the model's weights into the state (the
+    module keeps only structure), and builds the optimizer and schedule from the config unless
+    ``optimizer`` is given.
+
+    Args:
+        model: the module; every rank must build it with the same initial weights (same seed).
+        config: a :class:`Config`, a DeepSpeed JSON dict, or a path to a JSON file.
+        loss_fn: ``loss_fn(model, micro_batch) -> loss`` (or ``(loss, aux)``).
+        optimizer: a funczero optimizer to use instead of the config's ``optimizer`` block.
+        training_data: a map-style dataset; when given, a :class:`DistributedBatchLoader`
+            yielding this rank's per-step batches is returned.
+        collate_fn: how the loader stacks samples (default: stack tensors).
+        seed: RNG seed for dropout and data order (default ``funczero.seed`` or 0).
+        wrap: ZeRO-3 units (module FQNs) or a policy; default: every transformer block.
+        remat: ZeRO-3: recompute unit forwards in backward instead of keeping activations.
+        donate: let each step reuse the previous state's buffers in place.
+        device: where the state lives (default: the current CUDA device, else CPU).
+    """
+    topo = init_distributed()
+    cfg = config if isinstance(config, Config) else Config.load(config, world_size=topo.world_size)
+    if cfg.world_size != topo.world_size:
+        raise ValueError(
+            f"config was resolved for world_size={cfg.world_size} but this job has "
+            f"{topo.world_size} ranks; load it with Config.load(..., world_size={topo.world_size})"
+        )
+    seed = seed if seed is not None else (cfg.funczero.seed or 0)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    opt = optimizer if optimizer is not None else cfg.build_optimizer()
+    plan = build_plan(
+        model,
+        stage=cfg.zero.stage,
+        precision=cfg.precision_policy(),
+        wrap=wrap,
+        param_persistence_threshold=cfg.zero.stage3_param_persistence_threshold,
+        reduce_scatter=cfg.zero.reduce_scatter,
+        reduce_bucket_size=cfg.zero.reduce_bucket_size,
+        remat=remat,
+    )
+    params, buffers = extract_tensors(model, plan.spec)
+    release_module_tensors(model)
+    loss_scale = cfg.loss_scale_config()
+    state = init_state(
+        plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
+    )
+    del params
+    step = make_train_step(
+        loss_fn,
+        opt,
+        plan,
+        grad_accum=cfg.gradient_accumulation_steps,
+        gradient_clipping=cfg.gradient_clipping,
+        loss_scale=loss_scale,
+        donate=donate,
+    )
+    loader = None
+    if training_data is not None:
+        loader = DistributedBatchLoader(
+            training_data,
+            micro_batch_size=cfg.train_micro_batch_size_per_gpu,
+            grad_accum=cfg.gradient_accumulation_steps,
+            rank=topo.rank,
+            world_size=topo.world_size,
+            seed=seed,
+            drop_last=True,
+            collate_fn=collate_fn,
+        )
+    return Initialized(state, step, loader, plan, cfg, opt)
