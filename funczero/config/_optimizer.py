@@ -142,7 +142,7 @@ class SchedulerConfig:
         try:
             return from_deepspeed(self.type, dict(self.params), base_lr=base_lr)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"scheduler ({self.type}): {e}") from e
+            raise ConfigError(f"scheduler.params ({self.type}): {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         """The block in DeepSpeed JSON form."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from funczero.launch.errors import exit_code_for
 from funczero.launch.spec import SCHEDULER_RANK_VARS, Program
 
-__all__ = ["ElasticConfig", "default_run_id", "elastic_entrypoint", "run_elastic"]
+__all__ = ["LOCAL_RANK_MACRO", "ElasticConfig", "default_run_id", "elastic_entrypoint", "run_elastic"]
 
 _PDEATH_SCRIPT = Path(__file__).with_name("pdeath.py")
 #: The macro torch.distributed.elastic replaces with each worker's local rank.
