@@ -134,7 +134,9 @@ def _mix(seed: int, epoch: int) -> int:
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"DistributedBatchLoader: {name} must be an integer >= {low}, got {value!r}")
+        raise ValueError(
+            f"DistributedBatchLoader: {name} must be an integer >= {low}, got {value!r}"
+        )
     return value
 
 
@@ -372,8 +374,9 @@ class DistributedBatchLoader:
             >>> from funczero.config import Config
             >>> cfg = Config.load({"train_batch_size": 8, "gradient_accumulation_steps": 2},
             ...                   world_size=2)
-            >>> DistributedBatchLoader.from_config(torch.arange(32), cfg, rank=1).per_rank_batch_size
-            4
+            >>> loader = DistributedBatchLoader.from_config(torch.arange(32), cfg, rank=1)
+            >>> loader.per_rank_batch_size, loader.world_size
+            (4, 2)
         """
         if seed is None:
             seed = config.seed if config.seed is not None else 0

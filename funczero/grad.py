@@ -64,10 +64,11 @@ def value_and_grad(
                 out = fn(p, *args, **kwargs)
                 loss, aux = out if has_aux else (out, None)
                 _check_scalar(loss)
-                return loss, (loss.detach(), aux)
+                # torch.func's aux must be tensors only, so None never goes through it.
+                return loss, ((loss.detach(), aux) if has_aux else loss.detach())
 
-            grads, (loss, aux) = torch.func.grad(inner, has_aux=True)(params)
-            return ((loss, aux) if has_aux else loss), grads
+            grads, value = torch.func.grad(inner, has_aux=True)(params)
+            return value, grads
 
         return func_fn
 

@@ -57,7 +57,7 @@ def launch(
         list[str] | None,
         typer.Argument(
             help="Arguments passed to the script unchanged.",
-            metavar="[SCRIPT_ARGS]...",
+            metavar="SCRIPT_ARGS",
             show_default=False,
         ),
     ] = None,
@@ -248,6 +248,7 @@ def launch(
 ) -> None:
     """Run SCRIPT as N workers per node across M nodes, and supervise them.
 
+    \b
     Examples:
       funczero launch --num_gpus 8 train.py --config small.py
       funczero launch -H hosts.txt --include 'worker-1:0,1@worker-2' train.py

@@ -72,7 +72,10 @@ def number(*, ge: float | None = None, gt: float | None = None, le: float | None
 
 
 def choice(*options: str | None) -> Check:
-    """Accept one of ``options`` case-insensitively (``None`` is JSON ``null``); returns the canonical spelling."""
+    """Accept one of ``options``, case-insensitively; return its canonical spelling.
+
+    ``None`` among the options stands for JSON ``null``.
+    """
     shown = ", ".join("null" if o is None else f'"{o}"' for o in options)
     strings = {o.lower(): o for o in options if o is not None}
 
@@ -90,7 +93,7 @@ def optional(inner: Check) -> Check:
 
 
 def mapping(*, legacy_bool: bool = False) -> Check:
-    """Accept a JSON object (its keys are checked elsewhere); ``legacy_bool`` also takes true/false."""
+    """Accept a JSON object (its keys are checked elsewhere); ``legacy_bool``: also true/false."""
     if legacy_bool:
         return Check("an object (or the legacy true/false)",
                      lambda v: v if isinstance(v, (dict, bool)) else _BAD)

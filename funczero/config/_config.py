@@ -62,9 +62,9 @@ class Config:
         raw: the input as given (after comment stripping). Not part of equality.
 
     Example:
-        >>> cfg = Config.load({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-        ...                    "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
-        ...                   world_size=4)
+        >>> cfg = Config.load({"train_micro_batch_size_per_gpu": 4,
+        ...                    "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
+        ...                    "zero_optimization": {"stage": 2}}, world_size=4)
         >>> cfg.train_batch_size, cfg.precision, cfg.zero.stage, cfg.zero.overlap_comm
         (32, 'bf16', 2, False)
     """
@@ -78,14 +78,14 @@ class Config:
     fp16: FP16Config = dataclasses.field(default_factory=FP16Config)
     bf16: BF16Config = dataclasses.field(default_factory=BF16Config)
     zero: ZeroConfig = dataclasses.field(default_factory=ZeroConfig)
-    gradient_clipping: float = default("gradient_clipping")  # type: ignore[assignment]
-    steps_per_print: int | None = default("steps_per_print")  # type: ignore[assignment]
-    wall_clock_breakdown: bool = default("wall_clock_breakdown")  # type: ignore[assignment]
-    communication_data_type: str | None = default("communication_data_type")  # type: ignore[assignment]
-    prescale_gradients: bool = default("prescale_gradients")  # type: ignore[assignment]
-    gradient_predivide_factor: float = default("gradient_predivide_factor")  # type: ignore[assignment]
-    zero_allow_untested_optimizer: bool = default("zero_allow_untested_optimizer")  # type: ignore[assignment]
-    dataloader_drop_last: bool = default("dataloader_drop_last")  # type: ignore[assignment]
+    gradient_clipping: float = default("gradient_clipping")
+    steps_per_print: int | None = default("steps_per_print")
+    wall_clock_breakdown: bool = default("wall_clock_breakdown")
+    communication_data_type: str | None = default("communication_data_type")
+    prescale_gradients: bool = default("prescale_gradients")
+    gradient_predivide_factor: float = default("gradient_predivide_factor")
+    zero_allow_untested_optimizer: bool = default("zero_allow_untested_optimizer")
+    dataloader_drop_last: bool = default("dataloader_drop_last")
     funczero: FunczeroConfig = dataclasses.field(default_factory=FunczeroConfig)
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -171,7 +171,9 @@ class Config:
             self.fp16, raise_at_min_scale=self.funczero.raise_at_min_loss_scale
         )
 
-    def build_schedule(self, base_lr: float | None = None) -> tuple[Schedule | float, Schedule | None]:
+    def build_schedule(
+        self, base_lr: float | None = None
+    ) -> tuple[Schedule | float, Schedule | None]:
         """Return ``(learning rate or its schedule, momentum schedule or None)``.
 
         Args:
@@ -244,6 +246,7 @@ _TOP_SCALARS = (
     "dataloader_drop_last",
 )
 
+
 def _build(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
     errors: list[str] = [
         f"'{k}': {what} is not supported by funczero; remove the key"
@@ -273,16 +276,20 @@ def _build(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
             f"{2.0 ** fp16['initial_scale_power']:g} is below min_loss_scale "
             f"{fp16['min_loss_scale']:g}; raise initial_scale_power or lower min_loss_scale"
         )
-    if errors:
-        raise ConfigError(errors)
 
     def batch_value(name: str) -> int | None:
         return None if top[name] is AUTO else top[name]
 
-    tbs, mbs, gas = resolve_batch(
-        batch_value("train_batch_size"), batch_value("train_micro_batch_size_per_gpu"),
-        batch_value("gradient_accumulation_steps"), world_size, world_source,
-    )
+    batch_keys = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps")
+    if any(e.startswith(batch_keys) for e in errors):
+        raise ConfigError(errors)  # a bad batch value already explains the batch problem
+    try:
+        tbs, mbs, gas = resolve_batch(*map(batch_value, batch_keys), world_size, world_source)
+    except ConfigError as e:
+        errors.extend(e.problems)
+    if errors:
+        raise ConfigError(errors)
 
     def pick(cls: type, values: Mapping[str, Any]) -> Any:
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from funczero.config._checks import (
     betas,
@@ -178,7 +179,9 @@ FP16: dict[str, Key] = _ds_block({
         boolean(), False, "train in fp16 with loss scaling", auto=Auto.ERROR,
         hint="from --fp16",
     ),
-    "auto_cast": Key(boolean(), False, "cast floating-point batch tensors to fp16 before the forward"),
+    "auto_cast": Key(
+        boolean(), False, "cast floating-point batch tensors to fp16 before the forward"
+    ),
     "loss_scale": Key(number(ge=0), 0.0, "0: dynamic loss scaling; > 0: this static scale"),
     "initial_scale_power": Key(
         integer(ge=0, le=127), 16, "dynamic scaling starts at 2**initial_scale_power"
@@ -194,7 +197,8 @@ FP16: dict[str, Key] = _ds_block({
         boolean(), False, "refill hysteresis on every non-overflow step"
     ),
     "min_loss_scale": Key(
-        number(gt=0), 1.0, "the scale never goes below this", ds="1 (DeepSpeed accepts integers only)"
+        number(gt=0), 1.0, "the scale never goes below this",
+        ds="1 (DeepSpeed accepts integers only)",
     ),
     "fp16_master_weights_and_grads": Key(
         boolean(), False,
@@ -394,15 +398,22 @@ FUNCZERO: dict[str, Key] = {
 
 OPTIMIZER_BLOCK: dict[str, Key] = {
     "type": Key(string(), None, "optimizer name (case-insensitive); see below"),
-    "params": Key(mapping(), {}, "optimizer parameters (DeepSpeed/torch names); see below"),
+    "params": Key(
+        optional(mapping()), {}, "optimizer parameters (DeepSpeed/torch names); see below"
+    ),
     "legacy_fusion": Key(
         boolean(), False, "selects a DeepSpeed fp16 kernel; funczero has one implementation",
         IGNORED,
     ),
 }
 SCHEDULER_BLOCK: dict[str, Key] = {
-    "type": Key(string(), None, "schedule name (WarmupLR, WarmupDecayLR, ...); see below"),
-    "params": Key(mapping(), {}, "schedule parameters, checked by funczero.optim.schedules"),
+    "type": Key(
+        string(), None, "schedule name (WarmupLR, WarmupDecayLR, ...); see the Scheduler section"
+    ),
+    "params": Key(
+        optional(mapping()), {},
+        "schedule parameters, checked by funczero.optim.schedules.from_deepspeed",
+    ),
 }
 
 SECTIONS: dict[str, dict[str, Key]] = {
@@ -536,6 +547,6 @@ KEYS: Mapping[str, Key] = _flatten()
 """Every accepted key by full dotted path (optimizer params are in OPTIMIZER_PARAMS)."""
 
 
-def default(path: str) -> object:
+def default(path: str) -> Any:
     """Return funczero's default for the key at ``path`` (used as the dataclass defaults)."""
     return KEYS[path].default

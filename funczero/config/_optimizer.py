@@ -52,7 +52,7 @@ class OptimizerConfig:
 
     @property
     def algorithm(self) -> str:
-        """The funczero.optim factory this block builds (``"Adam"`` is AdamW unless adam_w_mode is false)."""
+        """The funczero.optim factory used (``"Adam"`` is AdamW unless adam_w_mode is false)."""
         if self.type in ("Adam", "AdamW"):
             return "adamw" if self.type == "AdamW" or self.params["adam_w_mode"] else "adam"
         return self.type.lower()
@@ -181,7 +181,7 @@ def parse_optimizer(raw: dict[str, Any], errors: list[str]) -> OptimizerConfig |
     if canonical is None:
         errors.append(_unknown_type(name))
         return None
-    given = dict(block["params"])
+    given = dict(block["params"] or {})
     if "max_grad_norm" in given:
         del given["max_grad_norm"]
         errors.append(
@@ -189,10 +189,7 @@ def parse_optimizer(raw: dict[str, Any], errors: list[str]) -> OptimizerConfig |
             '"gradient_clipping" key (DeepSpeed rejects this key too); move the value there'
         )
     n_errors = len(errors)
-    params = parse_block(given, f"optimizer.params ({canonical})", OPTIMIZER_PARAMS[canonical],
-                         errors)
-    errors[n_errors:] = [e.replace(f"optimizer.params ({canonical}).", "optimizer.params.")
-                         for e in errors[n_errors:]]
+    params = parse_block(given, "optimizer.params", OPTIMIZER_PARAMS[canonical], errors)
     if canonical == "AdamW" and given.get("adam_w_mode") is False:
         warn(
             'optimizer: "type": "AdamW" always decouples weight decay, so adam_w_mode: false is '
@@ -238,7 +235,7 @@ def parse_scheduler(
     valid = (*DEEPSPEED_SCHEDULES[name], "last_batch_iteration")
     params: dict[str, Any] = {}
     n_errors = len(errors)
-    for key, value in block["params"].items():
+    for key, value in (block["params"] or {}).items():
         if key not in valid:
             errors.append(unknown_key(f"scheduler.params.{key}", key, list(valid), {}))
         elif not (isinstance(value, str) and value == "auto"):

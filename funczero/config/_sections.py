@@ -16,14 +16,14 @@ _frozen = dataclasses.dataclass(frozen=True)
 class FP16Config:
     """The ``"fp16"`` block (DeepSpeed's keys and defaults; see docs/config.md)."""
 
-    enabled: bool = default("fp16.enabled")  # type: ignore[assignment]
-    auto_cast: bool = default("fp16.auto_cast")  # type: ignore[assignment]
-    loss_scale: float = default("fp16.loss_scale")  # type: ignore[assignment]
-    initial_scale_power: int = default("fp16.initial_scale_power")  # type: ignore[assignment]
-    loss_scale_window: int = default("fp16.loss_scale_window")  # type: ignore[assignment]
-    hysteresis: int = default("fp16.hysteresis")  # type: ignore[assignment]
-    consecutive_hysteresis: bool = default("fp16.consecutive_hysteresis")  # type: ignore[assignment]
-    min_loss_scale: float = default("fp16.min_loss_scale")  # type: ignore[assignment]
+    enabled: bool = default("fp16.enabled")
+    auto_cast: bool = default("fp16.auto_cast")
+    loss_scale: float = default("fp16.loss_scale")
+    initial_scale_power: int = default("fp16.initial_scale_power")
+    loss_scale_window: int = default("fp16.loss_scale_window")
+    hysteresis: int = default("fp16.hysteresis")
+    consecutive_hysteresis: bool = default("fp16.consecutive_hysteresis")
+    min_loss_scale: float = default("fp16.min_loss_scale")
 
     @property
     def dynamic_loss_scale(self) -> bool:
@@ -35,8 +35,8 @@ class FP16Config:
 class BF16Config:
     """The ``"bf16"`` block (legacy name ``"bfloat16"``)."""
 
-    enabled: bool = default("bf16.enabled")  # type: ignore[assignment]
-    check_grad_overflow: bool = default("bf16.check_grad_overflow")  # type: ignore[assignment]
+    enabled: bool = default("bf16.enabled")
+    check_grad_overflow: bool = default("bf16.check_grad_overflow")
 
 
 def _z(name: str) -> Any:
@@ -75,5 +75,5 @@ class ZeroConfig:
 class FunczeroConfig:
     """The funczero-only ``"funczero"`` block (DeepSpeed ignores unknown top-level keys)."""
 
-    seed: int | None = default("funczero.seed")  # type: ignore[assignment]
-    raise_at_min_loss_scale: bool = default("funczero.raise_at_min_loss_scale")  # type: ignore[assignment]
+    seed: int | None = default("funczero.seed")
+    raise_at_min_loss_scale: bool = default("funczero.raise_at_min_loss_scale")

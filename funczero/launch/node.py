@@ -322,12 +322,8 @@ class NodeLauncher:
         return code
 
     def _teardown(self) -> None:
-        keep = [] if self._watchdog is None or self._watchdog.pid is None else [self._watchdog.pid]
         terminate_descendants(
-            [w.popen for w in self.workers],
-            self.config.kill_timeout,
-            keep=keep,
-            hurry=lambda: self._hurry,
+            [w.popen for w in self.workers], self.config.kill_timeout, hurry=lambda: self._hurry
         )
         for worker in self.workers:
             worker.output.close()

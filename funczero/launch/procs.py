@@ -98,75 +98,98 @@ def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
             proc.send_signal(sig)
 
 
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _worker_processes(children: Sequence[subprocess.Popen[bytes]]) -> dict[int, psutil.Process]:
+    """Every process that belongs to the workers: their trees and their sessions.
+
+    Workers are session leaders (``start_new_session``), so a grandchild whose parent
+    died and that was re-parented to this subreaper still carries a worker's
+    session id. Only processes inside those sessions are touched: the launcher may
+    be embedded in a process that has other children.
+    """
+    sessions = {c.pid for c in children}
+    found: dict[int, psutil.Process] = {}
+    for child in children:
+        if child.poll() is not None:
+            continue  # reaped: its PID may already belong to someone else
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(child.pid)
+            found[proc.pid] = proc
+            for sub in proc.children(recursive=True):
+                found[sub.pid] = sub
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in psutil.Process().children(recursive=True):
+            if proc.pid not in found and _session(proc.pid) in sessions:
+                found[proc.pid] = proc
+    return found
+
+
 def terminate_descendants(
     children: Sequence[subprocess.Popen[bytes]],
     timeout: float,
     *,
-    keep: Iterable[int] = (),
     hurry: Callable[[], bool] = lambda: False,
 ) -> None:
-    """SIGTERM every descendant of this process, SIGKILL survivors after ``timeout``.
+    """SIGTERM every worker's whole tree, SIGKILL survivors after ``timeout``, reap.
 
-    Covers the workers, their whole trees, their process groups and anything
-    re-parented to this process (see :func:`set_child_subreaper`). Returns once
-    everything is gone and reaped.
+    Covers the workers, their descendants, their process groups and anything of
+    theirs re-parented to this process (see :func:`set_child_subreaper`). Returns
+    once all of it is gone and reaped.
 
     Args:
         children: The worker ``Popen`` objects (reaped through ``Popen.poll``).
         timeout: Seconds between SIGTERM and SIGKILL.
-        keep: PIDs to leave alone (the watchdog).
         hurry: Returns True to skip the rest of the grace period (a second Ctrl+C).
     """
-    keep = set(keep)
     by_pid = {c.pid: c for c in children}
-    me = psutil.Process()
-
-    def victims() -> dict[int, psutil.Process]:
-        found: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for proc in me.children(recursive=True):
-                if proc.pid not in keep:
-                    found[proc.pid] = proc
-        return found
-
-    procs = victims()
-    for child in children:
-        # Group members that are no longer descendants (e.g. re-parented elsewhere).
+    live_groups = [c.pid for c in children if c.poll() is None]
+    procs = _worker_processes(children)
+    for pgid in live_groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGTERM)
     _signal_all(procs.values(), signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not hurry():
-        procs.update(victims())  # late forks
+        procs.update(_worker_processes(children))  # late forks
         if not any(_is_alive(p, by_pid) for p in procs.values()):
             break
         time.sleep(0.05)
     for attempt in range(100):
-        procs.update(victims())
+        procs.update(_worker_processes(children))
         alive = [p for p in procs.values() if _is_alive(p, by_pid)]
         if not alive:
             break
         if attempt == 0:
-            for child in children:
+            for pgid in live_groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.pid, signal.SIGKILL)
+                    os.killpg(pgid, signal.SIGKILL)
         _signal_all(alive, signal.SIGKILL)
         time.sleep(0.05)
-    reap_adopted_zombies(keep=set(by_pid) | keep)
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
+    reap_adopted_zombies(sessions={c.pid for c in children})
 
 
-def reap_adopted_zombies(keep: Iterable[int] = ()) -> None:
-    """``waitpid`` exited children this process adopted as subreaper.
+def reap_adopted_zombies(sessions: Iterable[int]) -> None:
+    """``waitpid`` exited children adopted as subreaper from the given sessions.
 
-    ``keep`` are children reaped elsewhere (``Popen`` objects, the watchdog).
+    Only zombies whose session is a worker's are reaped, so ``Popen`` objects of
+    an embedding process keep their return codes.
     """
-    keep = set(keep)
+    sessions = set(sessions)
     with contextlib.suppress(psutil.NoSuchProcess):
         for proc in psutil.Process().children():
-            if proc.pid in keep:
-                continue
+            if proc.pid in sessions:
+                continue  # the workers themselves: Popen reaps them
             with contextlib.suppress(ChildProcessError, psutil.NoSuchProcess):
-                if proc.status() == psutil.STATUS_ZOMBIE:
+                if proc.status() == psutil.STATUS_ZOMBIE and _session(proc.pid) in sessions:
                     os.waitpid(proc.pid, os.WNOHANG)
 
 

@@ -1,0 +1,196 @@
+"""Reading flat element ranges of a checkpoint's tensors, checked and streamed.
+
+:class:`ShardReader` is what every consumer uses (load, reshard, consolidate, diff): it opens
+shard files lazily, refuses files of another checkpoint, reads byte ranges straight into
+destination tensors, and checks the SHA-256 of every chunk it reads whole.
+
+Example:
+    >>> import tempfile
+    >>> from funczero.checkpoint import save, read_index
+    >>> from funczero.checkpoint.testing import toy_state
+    >>> path = save(tempfile.mkdtemp(), toy_state())
+    >>> index = read_index(path)
+    >>> with ShardReader(path, index) as reader:
+    ...     reader.read_full(index.tensors["params/b"]).shape
+    torch.Size([7])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from funczero.checkpoint.errors import CorruptCheckpointError, StateMismatchError
+from funczero.checkpoint.format import Chunk, Index, TensorEntry, safe_child
+from funczero.checkpoint.layout import overlaps
+from funczero.checkpoint.tensorfile import TensorFile, _as_bytes
+
+__all__ = ["BLOCK_ELEMS", "ShardReader", "derive_rng"]
+
+BLOCK_ELEMS = 1 << 22
+"""Elements per streamed block (16 MiB of fp32): bounds the memory of streaming tools."""
+
+
+class ShardReader:
+    """Reads flat element ranges of a checkpoint's tensors, opening files lazily.
+
+    Args:
+        tag_dir: the checkpoint directory.
+        index: its validated index.
+        verify: check the SHA-256 of every chunk that is read whole.
+    """
+
+    def __init__(self, tag_dir: Path, index: Index, *, verify: bool = True) -> None:
+        self.tag_dir = tag_dir
+        self.index = index
+        self.verify = verify
+        self._files: dict[str, TensorFile] = {}
+        self.bytes_read = 0
+
+    def file(self, name: str) -> TensorFile:
+        """The open file ``name``, checked to belong to this checkpoint."""
+        if name not in self._files:
+            path = safe_child(self.tag_dir, name)
+            if not path.is_file():
+                raise CorruptCheckpointError(
+                    f"shard file {name} is missing (written by rank {self.index.files[name].rank})",
+                    where=str(self.tag_dir),
+                )
+            f = TensorFile(path)
+            entry = self.index.files[name]
+            meta = f.metadata
+            if meta.get("checkpoint_id") != self.index.checkpoint_id:
+                f.close()
+                raise CorruptCheckpointError(
+                    f"shard file {name} belongs to another checkpoint (its checkpoint_id is "
+                    f"{meta.get('checkpoint_id')!r}, the index's {self.index.checkpoint_id!r}); "
+                    "restore the file from the save that wrote this index",
+                    where=str(self.tag_dir),
+                )
+            if meta.get("rank") != str(entry.rank) or f.size != entry.bytes:
+                f.close()
+                raise CorruptCheckpointError(
+                    f"shard file {name}: rank {meta.get('rank')}, {f.size} bytes; the index "
+                    f"expects rank {entry.rank}, {entry.bytes} bytes",
+                    where=str(self.tag_dir),
+                )
+            self._files[name] = f
+        return self._files[name]
+
+    def read_range(self, entry: TensorEntry, a: int, b: int, dst: torch.Tensor) -> None:
+        """Fill the contiguous 1-D CPU tensor ``dst`` with elements ``[a, b)`` of ``entry``.
+
+        ``dst`` may have another dtype than the saved one (values are cast).
+        """
+        entry = self.index.resolve(entry)
+        saved = entry.torch_dtype
+        chunks = entry.chunks
+        for i, lo, hi in overlaps([(c.start, c.stop) for c in chunks], a, b):
+            c = chunks[i]
+            f = self._chunk_file(entry, c)
+            part = dst[lo - a : hi - a]
+            if part.dtype == saved:
+                f.read_into(c.key, part, lo - c.start, hi - c.start)
+                raw = part
+            else:
+                raw = f.read(c.key, lo - c.start, hi - c.start)
+                part.copy_(raw)
+            self.bytes_read += raw.numel() * saved.itemsize
+            if self.verify and lo == c.start and hi == c.stop:
+                if hashlib.sha256(_as_bytes(raw)).hexdigest() != c.sha256:
+                    raise self._checksum_error(entry, c)
+
+    def iter_range(
+        self, entry: TensorEntry, a: int, b: int, block_elems: int = BLOCK_ELEMS
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, values)`` blocks covering elements ``[a, b)`` of ``entry`` in order.
+
+        Chunks traversed whole are checked against their SHA-256 (incrementally); a mismatch
+        raises after the chunk's last block, so consumers must not commit before the end.
+        """
+        entry = self.index.resolve(entry)
+        chunks = entry.chunks
+        for i, lo, hi in overlaps([(c.start, c.stop) for c in chunks], a, b):
+            c = chunks[i]
+            f = self._chunk_file(entry, c)
+            h = hashlib.sha256() if self.verify and lo == c.start and hi == c.stop else None
+            for s in range(lo, hi, block_elems):
+                piece = f.read(c.key, s - c.start, min(hi, s + block_elems) - c.start)
+                self.bytes_read += piece.numel() * piece.element_size()
+                if h is not None:
+                    h.update(_as_bytes(piece))
+                yield s, piece
+            if h is not None and h.hexdigest() != c.sha256:
+                raise self._checksum_error(entry, c)
+
+    def _chunk_file(self, entry: TensorEntry, c: Chunk) -> TensorFile:
+        f = self.file(c.file)
+        info = f.info(c.key)
+        if info.dtype != entry.torch_dtype or info.shape != (c.numel,):
+            raise CorruptCheckpointError(
+                f"tensor {entry.path}: {c.file}[{c.key!r}] is {info.dtype} {list(info.shape)}, "
+                f"the index says {entry.dtype} [{c.numel}]",
+                where=str(self.tag_dir),
+            )
+        return f
+
+    def _checksum_error(self, entry: TensorEntry, c: Chunk) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"tensor {entry.path}: elements [{c.start}, {c.stop}) in {c.file} fail their "
+            "checksum (flipped or overwritten bytes); run `funczero ckpt verify` for a full "
+            "report and load an older tag",
+            where=str(self.tag_dir),
+        )
+
+    def read_full(self, entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor in its global shape."""
+        out = torch.empty(entry.numel, dtype=dtype or self.index.resolve(entry).torch_dtype)
+        self.read_range(entry, 0, entry.numel, out)
+        return out.view(entry.shape)
+
+    def read_rank(self, entry: TensorEntry, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s own copy of a ``per_rank`` tensor."""
+        c = entry.chunks[rank]
+        f = self.file(c.file)
+        out = f.read(c.key)
+        if self.verify and hashlib.sha256(_as_bytes(out)).hexdigest() != c.sha256:
+            raise CorruptCheckpointError(
+                f"tensor {entry.path} of rank {rank} in {c.file} fails its checksum",
+                where=str(self.tag_dir),
+            )
+        return out.view(entry.shape)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def derive_rng(saved: torch.Tensor, rank: int, like: torch.Tensor) -> torch.Tensor:
+    """A generator state for ``rank`` derived deterministically from a saved one.
+
+    Used when the world size changed, so rank ``r`` has no saved state of its own: the seed is
+    the SHA-256 of the saved rank-0 state and ``r``. ``like`` says which generator kind (CPU
+    Mersenne Twister, or the 16-byte CUDA Philox seed/offset).
+    """
+    digest = hashlib.sha256(_as_bytes(saved.contiguous()).tobytes() + rank.to_bytes(8, "little"))
+    seed = int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
+    cpu = torch.Generator().get_state()
+    if like.numel() == cpu.numel():
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return g.get_state()
+    if like.numel() == 16:  # CUDA Philox: uint64 seed, uint64 offset
+        return torch.frombuffer(bytearray(seed.to_bytes(8, "little") + bytes(8)), dtype=torch.uint8)
+    raise StateMismatchError(
+        mismatched=[f"rng: cannot derive a generator state of {like.numel()} bytes"]
+    )

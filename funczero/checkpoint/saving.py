@@ -1,0 +1,403 @@
+"""``save``: every rank writes its own shard files, rank 0 commits the index and ``latest``.
+
+Protocol (``W`` ranks, all calling :func:`save`):
+
+1. Rank 0 creates ``<root>/.tmp-<tag>/`` (clearing leftovers of interrupted saves) and picks a
+   checkpoint id; the ranks agree on it (one small all-gather).
+2. Every rank streams its chunks into its two files there, fsyncs them, and reports their
+   checksums (second all-gather). Any failure on any rank: the temp directory is removed and
+   every rank raises :class:`SaveError`; nothing else on disk changed.
+3. Rank 0 writes ``index.json``, fsyncs, renames the directory to ``<root>/<tag>`` (atomic),
+   then replaces ``latest`` (atomic), then applies ``keep_last``. A SIGKILL at any point leaves
+   ``latest`` on a complete checkpoint: before the rename there is only a hidden temp dir.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from torch import nn
+
+import funczero
+from funczero.checkpoint import comm
+from funczero.checkpoint.atomic import atomic_write_text, fsync_dir, replace_dir
+from funczero.checkpoint.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    ClientStateError,
+    SaveError,
+)
+from funczero.checkpoint.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GROUPS,
+    INDEX_NAME,
+    Chunk,
+    TensorEntry,
+    dtype_name,
+    shard_file_name,
+    validate_tag,
+)
+from funczero.checkpoint.layout import LeafPlan, chunk_bounds, local_chunk, optimizer_name, plan_state
+from funczero.checkpoint.tags import apply_retention, latest_tag, write_latest
+from funczero.checkpoint.tensorfile import TensorFileWriter
+from funczero.state import TrainState
+
+__all__ = ["check_json", "save"]
+
+
+def check_json(value: Any, what: str) -> Any:
+    """Return ``value`` round-tripped through JSON, or raise naming the offending entry."""
+
+    def find(x: Any, path: str) -> str | None:
+        if x is None or isinstance(x, (bool, int, str)):
+            return None
+        if isinstance(x, float):
+            return None if x == x and abs(x) != float("inf") else f"{path} = {x!r} (not finite)"
+        if isinstance(x, (list, tuple)):
+            return next((p for i, v in enumerate(x) if (p := find(v, f"{path}[{i}]"))), None)
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if not isinstance(k, str):
+                    return f"{path} has a key {k!r} of type {type(k).__name__} (keys must be str)"
+                if p := find(v, f"{path}[{k!r}]"):
+                    return p
+            return None
+        return f"{path} is a {type(x).__name__}"
+
+    bad = find(value, what)
+    if bad:
+        raise ClientStateError(
+            f"{what} must be JSON-serialisable (dict/list/str/int/float/bool/None): {bad}; "
+            "convert it (tensors with .tolist(), numbers with int()/float()) before saving"
+        )
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    if t.numel() == 0:
+        return None
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def _find_aliases(plans: list[tuple[LeafPlan, torch.Tensor]]) -> dict[str, str]:
+    """Leaves that are the same tensor as another leaf: path -> stored path (master preferred)."""
+    groups: dict[Any, list[str]] = {}
+    for plan, leaf in plans:
+        key = _storage_key(leaf)
+        if key is not None:
+            groups.setdefault(key, []).append(plan.path)
+    out: dict[str, str] = {}
+    for paths in groups.values():
+        if len(paths) > 1:
+            owner = next((p for p in paths if p.startswith("master/")), paths[0])
+            out.update({p: owner for p in paths if p != owner})
+    return out
+
+
+def _tied(state: TrainState, aliases: Mapping[str, str] | None, module: nn.Module | None) -> dict[str, str]:
+    tied: dict[str, str] = dict(getattr(state.layout, "aliases", None) or {})
+    if module is not None:
+        first: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            tied[name] = first.setdefault(id(p), name)
+    tied.update(aliases or {})
+    names = dict(state.layout.shapes)
+    for alias, canonical in tied.items():
+        if canonical not in names:
+            raise ValueError(
+                f"aliases: {alias!r} -> {canonical!r}, but {canonical!r} is not a parameter of "
+                "the state; map each tied alias FQN to its canonical parameter FQN"
+            )
+    return {a: c for a, c in sorted(tied.items()) if a != c}
+
+
+def _non_persistent(module: nn.Module | None) -> list[str]:
+    if module is None:
+        return []
+    kept = set(module.state_dict(keep_vars=True))
+    return sorted(n for n, _ in module.named_buffers(remove_duplicate=False) if n not in kept)
+
+
+def _write_group(
+    tmp: Path,
+    group: str,
+    items: list[tuple[LeafPlan, torch.Tensor]],
+    world: int,
+    rank: int,
+    meta: dict[str, str],
+) -> dict[str, Any]:
+    pieces = []
+    for plan, leaf in items:
+        piece = local_chunk(plan, leaf, world, rank)
+        if piece.numel() or plan.layout == "per_rank":
+            pieces.append((plan, piece))
+    name = shard_file_name(group, rank, world)
+    writer = TensorFileWriter(
+        tmp / name,
+        [(p.path, x.dtype, (x.numel(),)) for p, x in pieces],
+        {**meta, "group": group},
+    )
+    try:
+        for _, piece in pieces:
+            writer.append(piece)
+        record = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return {
+        "name": name,
+        "bytes": record.bytes,
+        "sha256": record.sha256,
+        "digests": dict(record.digests),
+        "per_rank_shapes": {p.path: list(x.shape) for p, x in pieces if p.layout == "per_rank"},
+    }
+
+
+def _prepare(root: Path, tag: str, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / tag).exists() and latest_tag(root) == tag:
+        raise CheckpointExistsError(
+            f"{root / tag} exists and {root}/latest points to it; overwriting the checkpoint "
+            "'latest' names cannot be made atomic. Save under another tag, or delete it first"
+        )
+    # One writer per root: anything hidden and temporary here is a leftover of a killed save.
+    for child in root.iterdir():
+        if child.name.startswith((".tmp-", ".trash-", ".latest.tmp-")):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    tmp.mkdir()
+    fsync_dir(root)
+
+
+def _collect(results: list[dict[str, Any]], what: str) -> None:
+    failed = [(i, r["error"]) for i, r in enumerate(results) if r.get("error")]
+    if failed:
+        lines = "; ".join(f"rank {i}: {msg}" for i, msg in failed)
+        raise SaveError(f"{what} failed ({lines}); the previous checkpoint and 'latest' are untouched")
+
+
+def save(
+    directory: str | os.PathLike[str],
+    state: TrainState,
+    *,
+    tag: str | int | None = None,
+    client_state: Any = None,
+    keep_last: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    module: nn.Module | None = None,
+) -> Path:
+    """Write ``state`` as checkpoint ``<directory>/<tag>`` and point ``latest`` at it.
+
+    Every rank calls it; each writes its own shard files concurrently, and rank 0 commits.
+
+    Args:
+        directory: the checkpoint root (created if missing).
+        state: the training state (its ``layout`` says world size, rank and stage).
+        tag: directory name; defaults to the step (``"100"``).
+        client_state: JSON-serialisable user data (data-loader position...), returned by load.
+            If ranks pass different values, each rank gets its own back at the same world size.
+        keep_last: keep only the newest N checkpoints (never the one ``latest`` names).
+        config: the resolved run config, stored as is in ``index.json``.
+        aliases: tied weights, alias FQN -> canonical FQN (consolidate writes both keys).
+        module: the model; its ties and non-persistent buffers are recorded for consolidate.
+
+    Returns:
+        The committed tag directory.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from funczero.checkpoint import save, load
+        >>> from funczero.checkpoint.testing import toy_state
+        >>> root = tempfile.mkdtemp()
+        >>> path = save(root, toy_state(), client_state={"batch": 7})
+        >>> path.name
+        '3'
+        >>> state, client = load(root, like=toy_state(seed=1))
+        >>> client
+        {'batch': 7}
+    """
+    root = Path(directory)
+    lay = state.layout
+    world, rank = lay.world_size, lay.rank
+    comm.check_world(world, rank)
+    tag = validate_tag(int(state.step) if tag is None else tag)
+    client = check_json(client_state, "client_state")
+    config = check_json(config, "config")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last={keep_last!r} must be a positive int or None")
+    plans = plan_state(state)
+    alias_of = _find_aliases(plans)
+    tied = _tied(state, aliases, module)
+    tmp = root / f".tmp-{tag}"
+
+    status: dict[str, Any] = {}
+    local: Exception | None = None
+    if rank == 0:
+        try:
+            _prepare(root, tag, tmp)
+            status["id"] = uuid.uuid4().hex
+        except Exception as e:  # reported to every rank below, re-raised here with its type
+            status["error"] = f"{type(e).__name__}: {e}"
+            local = e
+    results = comm.all_gather_json(status, world)
+    if local is not None:
+        if isinstance(local, CheckpointError):
+            raise local
+        raise SaveError(f"preparing {tmp} failed: {local}") from local
+    _collect(results, f"preparing checkpoint {root / tag}")
+    ckpt_id = results[0]["id"]
+
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "checkpoint_id": ckpt_id,
+        "tag": tag,
+        "rank": str(rank),
+        "world_size": str(world),
+    }
+    report: dict[str, Any] = {"files": [], "client_state": client}
+    error: BaseException | None = None
+    try:
+        for group in GROUPS:
+            items = [(p, x) for p, x in plans if p.group == group and p.path not in alias_of]
+            report["files"].append(_write_group(tmp, group, items, world, rank, meta))
+    except Exception as e:
+        error = e
+        report = {"error": f"{type(e).__name__}: {e}"}
+    results = comm.all_gather_json(report, world)
+    if any(r.get("error") for r in results):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier(world)
+        try:
+            _collect(results, f"writing checkpoint {root / tag}")
+        except SaveError as e:
+            raise e from error
+
+    status = {}
+    if rank == 0:
+        try:
+            index = _build_index(state, plans, alias_of, tied, results, tag, ckpt_id, config, module)
+            atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+            fsync_dir(tmp)
+            replace_dir(tmp, root / tag)
+            write_latest(root, tag)
+            if keep_last is not None:
+                apply_retention(root, keep_last, protect=[tag])
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            status["error"] = f"{type(e).__name__}: {e}"
+            error = e
+    results = comm.all_gather_json(status, world)
+    try:
+        _collect(results, f"committing checkpoint {root / tag}")
+    except SaveError as e:
+        raise e from error
+    return root / tag
+
+
+def _build_index(
+    state: TrainState,
+    plans: list[tuple[LeafPlan, torch.Tensor]],
+    alias_of: dict[str, str],
+    tied: dict[str, str],
+    results: list[dict[str, Any]],
+    tag: str,
+    ckpt_id: str,
+    config: Any,
+    module: nn.Module | None,
+) -> dict[str, Any]:
+    lay = state.layout
+    world = lay.world_size
+    digests: dict[tuple[str, int], dict[str, str]] = {}
+    files: dict[str, Any] = {}
+    for rank, res in enumerate(results):
+        for f in res["files"]:
+            digests[(f["name"], rank)] = f["digests"]
+            files[f["name"]] = {"group": f["name"].split("-")[0], "rank": rank, "bytes": f["bytes"], "sha256": f["sha256"]}
+    tensors: dict[str, Any] = {}
+    for plan, _ in plans:
+        if plan.path in alias_of:
+            entry = TensorEntry(
+                plan.path, plan.group, plan.kind, plan.layout, plan.param, plan.shape,
+                dtype_name(plan.dtype), alias_of=alias_of[plan.path],
+            )
+            tensors[plan.path] = entry.to_json()
+            continue
+        chunks = []
+        for rank in range(world):
+            name = shard_file_name(plan.group, rank, world)
+            if plan.layout == "per_rank":
+                shapes = results[rank]["files"][GROUPS.index(plan.group)]["per_rank_shapes"]
+                if tuple(shapes.get(plan.path, ())) != (plan.numel,):
+                    raise SaveError(
+                        f"{plan.path}: rank {rank} holds {shapes.get(plan.path)} elements, rank 0 "
+                        f"{plan.numel}; per-rank tensors must have the same shape on every rank"
+                    )
+                start, stop = 0, plan.numel
+            else:
+                start, stop = chunk_bounds(plan.numel, world, rank)
+                if start == stop:
+                    continue
+            sha = digests[(name, rank)].get(plan.path)
+            if sha is None:
+                raise SaveError(f"rank {rank} did not write {plan.path}: ranks disagree on the state's structure")
+            chunks.append(Chunk(name, plan.path, start, stop, sha, rank if plan.layout == "per_rank" else None))
+        entry = TensorEntry(
+            plan.path, plan.group, plan.kind, plan.layout, plan.param, plan.shape,
+            dtype_name(plan.dtype), tuple(chunks),
+        )
+        tensors[plan.path] = entry.to_json()
+    clients = [r["client_state"] for r in results]
+    now = time.time_ns()
+    index: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "funczero_version": funczero.__version__,
+        "torch_version": torch.__version__,
+        "safetensors_version": safetensors.__version__,
+        "checkpoint_id": ckpt_id,
+        "tag": tag,
+        "step": int(state.step),
+        "created": datetime.datetime.fromtimestamp(now / 1e9, datetime.timezone.utc).isoformat(),
+        "created_ns": now,
+        "world_size": world,
+        "stage": lay.stage,
+        "precision": lay.precision,
+        "optimizer": optimizer_name(state.opt_state),
+        "params": {
+            "shapes": {n: list(s) for n, s in lay.shapes},
+            "trainable": list(lay.trainable),
+            "sharded": sorted(lay.sharded_params),
+            "aliases": tied,
+            "non_persistent_buffers": _non_persistent(module),
+        },
+        "config": config,
+        "client_state": clients[0],
+        "files": dict(sorted(files.items())),
+        "tensors": tensors,
+    }
+    if any(c != clients[0] for c in clients):
+        index["client_state_per_rank"] = clients
+    return index

@@ -1,0 +1,1 @@
+"""Scripts and helpers for the launcher tests (tests/test_launch_*.py)."""
