@@ -25,6 +25,7 @@ import torch
 import funczero
 from funczero.config import Config
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+from funczero.monitor import read_metrics
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=None, help="default: steps_per_print")
     ap.add_argument("--save-dir", default=None, help="checkpoint directory (off when unset)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--keep-last", type=int, default=3)
@@ -105,7 +107,7 @@ def main() -> None:
             f"{config.train_batch_size} sequences x {args.seq_len} chars per step",
             flush=True,
         )
-    every = config.steps_per_print or 50
+    every = args.log_every or config.steps_per_print or 50
     tokens_per_step = config.train_batch_size * args.seq_len
     batches = iter(loader)
     start = int(state.step)
@@ -115,12 +117,16 @@ def main() -> None:
         state, metrics = train_step(state, next(batches))
         done = step + 1
         if done % every == 0 or done == steps:
-            loss = float(metrics["loss"])  # the only host sync: once per steps_per_print
+            # The only host sync: once per steps_per_print (skipped steps are counted in state).
+            m = read_metrics(
+                metrics, step=done, raise_at_min_scale=config.funczero.raise_at_min_loss_scale
+            )
+            loss = m["loss"]
             dt = time.perf_counter() - t0
             if topo.rank == 0:
                 print(
-                    f"step {done:5d} | loss {loss:.4f} | lr {float(metrics['lr']):.2e} | "
-                    f"grad norm {float(metrics['grad_norm']):.3f} | "
+                    f"step {done:5d} | loss {loss:.4f} | lr {m['lr']:.2e} | "
+                    f"grad norm {m['grad_norm']:.3f} | skipped {int(state.skipped)} | "
                     f"{tokens_per_step * (done - last) / dt:,.0f} tokens/s",
                     flush=True,
                 )

@@ -125,7 +125,7 @@ def initialize(
             rank=topo.rank,
             world_size=topo.world_size,
             seed=seed,
-            drop_last=True,
+            drop_last=cfg.dataloader_drop_last,
             collate_fn=collate_fn,
         )
     return Initialized(state, step, loader, plan, cfg, opt)

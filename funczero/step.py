@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from funczero import tree
-from funczero.loss_scale import LossScaleConfig, init_loss_scale, update_loss_scale
+from funczero.loss_scale import LossScaleConfig, at_min_scale, init_loss_scale, update_loss_scale
 from funczero.parallel import zero
 from funczero.parallel.zero import ZeroPlan
 from funczero.rng import init_rng, rng_scope
@@ -139,7 +139,9 @@ def make_train_step(
     Returns:
         The step function. Metrics are 0-d tensors: ``loss`` (mean over the global batch),
         ``grad_norm`` (before clipping), ``lr``, ``loss_scale`` (used for this step) and
-        ``skipped`` (1 when gradients were not finite and nothing was updated).
+        ``skipped`` (1 when gradients were not finite and nothing was updated); with dynamic
+        loss scaling also ``overflow_at_min_scale`` (read by :func:`funczero.monitor.read_metrics`,
+        which warns or raises, since the step itself never syncs).
 
     Example:
         >>> import torch, funczero
@@ -163,6 +165,12 @@ def make_train_step(
     in_place = donate and getattr(optimizer, "update_", None) is not None
     trainable = plan.trainable
     lr_of = getattr(optimizer, "learning_rate", None)
+    # With nothing to accumulate, every stage reduces each unit's gradients during backward
+    # (overlapped with the next unit's backward) instead of all at once afterwards.
+    reduced = zero.reduces_in_backward(plan, grad_accum == 1)
+    # A constant loss scale of 1 and no clipping make the unscale/clip multiply the identity:
+    # skip it (a read and a write of every gradient).
+    unit_coef = not ls_cfg.dynamic and ls_cfg.init_scale == 1.0 and gradient_clipping == 0
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if state.donated:
@@ -180,18 +188,19 @@ def make_train_step(
         with rng_scope(state.rng, device) as rng:
             for micro in split_micro_batches(batch, grad_accum):
                 loss, aux, grads, buffers = zero.forward_backward(
-                    plan, loss_fn, params, master, buffers, micro, multiplier
-                )
+                    plan, loss_fn, params, master, buffers, micro, multiplier,
+                    reduce=grad_accum == 1,
+                )  # fmt: skip
                 loss_sum = loss_sum + loss.float()
                 if acc is None:
                     # Stage 1-3 reduce straight from the first gradients when nothing accumulates;
                     # stage 0 all-reduces in place, so it needs fp32 tensors of its own.
-                    pass_through = grad_accum == 1 and plan.stage != 0
+                    pass_through = grad_accum == 1 and (plan.stage != 0 or reduced)
                     acc = grads if pass_through else {n: g.float() for n, g in grads.items()}
                 else:
                     torch._foreach_add_(list(acc.values()), [grads[n] for n in acc])
         assert acc is not None
-        grads = zero.reduce_grads(plan, acc)
+        grads = acc if reduced else zero.reduce_grads(plan, acc)
         grads = {n: g.float() for n, g in grads.items()}
 
         # One all-reduce of [sum of squares, loss]: the norm, the inf/nan flag and the metric.
@@ -212,7 +221,7 @@ def make_train_step(
         coef = 1.0 / scale
         if gradient_clipping > 0:
             coef = coef * torch.clamp(gradient_clipping / (grad_norm + 1e-6), max=1.0)
-        if glist:
+        if glist and not unit_coef:
             torch._foreach_mul_(glist, coef)
 
         lr = lr_of(state.opt_state) if lr_of is not None else torch.zeros((), device=device)
@@ -254,6 +263,8 @@ def make_train_step(
             "loss_scale": scale,
             "skipped": skipped,
         }
+        if ls_cfg.dynamic:
+            metrics["overflow_at_min_scale"] = found_inf & at_min_scale(state.loss_scale, ls_cfg)
         if aux is not None:
             metrics["aux"] = aux
         if donate:

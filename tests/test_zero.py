@@ -221,3 +221,32 @@ def test_stage3_matches_fsdp2_on_2_ranks(tmp_path: Path) -> None:
         key = f"s3/sgd/{name}"
         if key in ours:
             torch.testing.assert_close(ours[key], want, atol=1e-6, rtol=0, msg=name)
+
+
+def _tied_units_worker(rank: int, world: int, out: str) -> None:
+    data = batches(SGD_STEPS)
+    results = {}
+    for stage, wrap in ((0, None), (3, ["blocks.0", "blocks.1", "head"])):
+        model = make_model()
+        # The tied weight lives in the root unit (wte) and in the "head" unit: gathered twice,
+        # its two gradient contributions must add up.
+        plan = zero.build_plan(model, stage=stage, wrap=wrap)
+        params, buffers = extract_tensors(model, plan.spec)
+        release_module_tensors(model)
+        opt = optim.sgd(0.1, momentum=0.9)
+        state = init_state(plan, opt, params, buffers)
+        step = make_train_step(cross_entropy_loss, opt, plan)
+        for i in range(SGD_STEPS):
+            state, _ = step(state, local(data[i], rank, world))
+        for n, p in full_master(plan, state).items():
+            results[f"s{stage}/{n}"] = p
+    if rank == 0:
+        save_file(results, out)
+
+
+def test_stage3_sums_gradients_of_a_weight_tied_across_units(tmp_path: Path) -> None:
+    out = str(tmp_path / "tied.safetensors")
+    run_distributed(_tied_units_worker, 2, out, timeout=240)
+    got = load_file(out)
+    for key in [k for k in got if k.startswith("s0/")]:
+        torch.testing.assert_close(got["s3/" + key[3:]], got[key], atol=1e-6, rtol=0, msg=key)

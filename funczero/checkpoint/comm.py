@@ -21,11 +21,17 @@ import torch.distributed as dist
 __all__ = ["all_gather_json", "barrier", "check_world"]
 
 
-def check_world(world_size: int, rank: int) -> None:
-    """Raise if the state's ``(world_size, rank)`` disagree with the process group."""
+def check_world(world_size: int, rank: int, *, need_group: bool = True) -> None:
+    """Raise if the state's ``(world_size, rank)`` disagree with the process group.
+
+    ``need_group=False`` (load, which communicates nothing) accepts a missing process group,
+    so one process can read any rank's view of a checkpoint.
+    """
     if world_size == 1:
         return
     if not dist.is_available() or not dist.is_initialized():
+        if not need_group:
+            return
         raise RuntimeError(
             f"the state's layout says world_size={world_size}, but torch.distributed is not "
             "initialised; call funczero.init_distributed() (every rank calls save/load)"

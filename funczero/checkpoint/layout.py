@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import optree
 import torch
 
 from funczero import tree
@@ -36,6 +37,7 @@ __all__ = [
     "LeafPlan",
     "chunk_bounds",
     "local_chunk",
+    "named_leaves",
     "overlaps",
     "plan_leaf",
     "plan_state",
@@ -136,10 +138,32 @@ def plan_leaf(path: str, leaf: torch.Tensor, layout: StateLayout) -> LeafPlan:
     return plan
 
 
+def _entry_name(entry: Any) -> str:
+    if isinstance(entry, (optree.NamedTupleEntry, optree.StructSequenceEntry)):
+        return str(entry.field)
+    if isinstance(entry, optree.GetAttrEntry):
+        return str(entry.name)
+    if isinstance(entry, optree.MappingEntry):
+        return str(entry.key)
+    if isinstance(entry, optree.SequenceEntry):
+        return str(entry.index)
+    return str(entry.entry)
+
+
+def named_leaves(obj: Any) -> list[tuple[str, Any]]:
+    """``[(path, leaf)]`` in flatten order, NamedTuple fields by name (``opt_state/0/mu/w``).
+
+    Field names rather than positions make checkpoint paths readable and stable when an
+    optimizer state gains a field.
+    """
+    accessors, leaves, _ = optree.tree_flatten_with_accessor(obj, namespace=tree.NAMESPACE)
+    return [("/".join(_entry_name(e) for e in acc), leaf) for acc, leaf in zip(accessors, leaves)]
+
+
 def plan_state(state: TrainState) -> list[tuple[LeafPlan, torch.Tensor]]:
     """Classify every leaf of ``state``, in flatten order."""
     out = []
-    for path, leaf in tree.leaves_with_path(state):
+    for path, leaf in named_leaves(state):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
                 f"state leaf {path!r} is a {type(leaf).__name__}, not a tensor; a TrainState "

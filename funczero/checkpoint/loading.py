@@ -128,7 +128,7 @@ def load(
         True
     """
     lay = like.layout
-    comm.check_world(lay.world_size, lay.rank)
+    comm.check_world(lay.world_size, lay.rank, need_group=False)
     tag_dir = resolve(directory, tag)
     index = read_index(tag_dir)
     plans = plan_state(like)

@@ -111,7 +111,7 @@ def resolve(path: str | os.PathLike[str], tag: str | None = None) -> Path:
         where = f"{path}/{LATEST_NAME} points to tag {tag!r}, but"
     else:
         tag = validate_tag(tag)
-        where = "but"
+        where = f"tag {tag!r} not found:"
     tag_dir = path / tag
     if not (tag_dir / INDEX_NAME).is_file():
         tags = list_tags(path)

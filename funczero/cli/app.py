@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from funczero.cli.ckpt import ckpt_app
 from funczero.cli.launch import LAUNCH_CONTEXT_SETTINGS, LaunchCommand, launch
 
 __all__ = ["app", "main"]
@@ -26,6 +27,7 @@ def _root() -> None:
 
 
 app.command("launch", cls=LaunchCommand, context_settings=LAUNCH_CONTEXT_SETTINGS)(launch)
+app.add_typer(ckpt_app, name="ckpt")
 
 
 def main() -> None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperCommand
+
+try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import UsageError  # type: ignore[no-redef]
 
 __all__ = ["LAUNCH_CONTEXT_SETTINGS", "LaunchCommand", "launch"]
 
@@ -25,11 +29,11 @@ LAUNCH_CONTEXT_SETTINGS: dict[str, Any] = {
 class LaunchCommand(TyperCommand):
     """A Typer command whose usage errors are one line, not a box and a usage dump."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         """Parse like Click, but report a usage error as a single line (exit 2)."""
         try:
             return super().parse_args(ctx, args)
-        except click.UsageError as exc:
+        except UsageError as exc:
             typer.echo(
                 f"funczero launch: error: {exc.format_message()} (see 'funczero launch --help')",
                 err=True,

@@ -69,7 +69,7 @@ def resolve_batch(
                 f"{TBS} ({tbs}) is not divisible by {w}: {tbs} / {world_size} = "
                 f"{tbs / world_size:.4g} samples per rank (DeepSpeed would floor it to "
                 f"{tbs // world_size} and then fail its check). Fix: use a {TBS} that is a "
-                f"multiple of {world_size}, e.g. {_multiples(world_size, tbs)}, or give {MBS}"
+                f"multiple of {world_size}, e.g. {_multiples(world_size, tbs)}"
             )
         return tbs, tbs // world_size, 1
     assert mbs is not None
@@ -83,11 +83,20 @@ def _derive(
     """Return ``tbs / (given * world_size)`` or explain why it is not an integer."""
     per_step = given * world_size
     if tbs % per_step:
+        fix = f"use a {TBS} that is a multiple of {per_step}, e.g. {_multiples(per_step, tbs)}"
+        if tbs % world_size == 0:
+            fix += f", or a {given_name} that divides {tbs // world_size}, e.g. " + _divisors_near(
+                tbs // world_size, given
+            )
         raise ConfigError(
             f"{TBS} ({tbs}) is not divisible by {given_name} ({given}) * {w} = {per_step}: "
             f"{tbs} / {per_step} = {tbs / per_step:.4g}, so {missing_name} cannot be derived "
-            f"(DeepSpeed would floor it to {tbs // per_step} and then fail its check). Fix: "
-            f"use a {TBS} that is a multiple of {per_step}, e.g. {_multiples(per_step, tbs)}, "
-            f"or give {missing_name} explicitly"
+            f"(DeepSpeed would floor it to {tbs // per_step} and then fail its check). Fix: {fix}"
         )
     return tbs // per_step
+
+
+def _divisors_near(n: int, x: int) -> str:
+    """The divisors of ``n`` closest to ``x`` (at most two), for a suggestion."""
+    divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - x), d))
+    return " or ".join(str(d) for d in sorted(divisors[:2]))

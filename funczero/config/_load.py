@@ -29,6 +29,7 @@ _BASE64 = re.compile(r"^[A-Za-z0-9_\-+/]+={0,2}$")
 
 
 def read_source(source: Any) -> dict[str, Any]:
+    """Return the config object from a dict (deep-copied), a JSON(-with-comments) file or base64."""
     if isinstance(source, Mapping):
         raw: Any = copy.deepcopy(dict(source))
     elif isinstance(source, (str, os.PathLike)):
@@ -56,6 +57,7 @@ def read_source(source: Any) -> dict[str, Any]:
 
 
 def world_size_from(world_size: int | None) -> tuple[int, str]:
+    """Return ``(data-parallel size, where it came from)``: the argument, $WORLD_SIZE, or 1."""
     if world_size is not None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ConfigError(f"world_size: expected an integer >= 1, got {world_size!r}")
@@ -88,6 +90,7 @@ ELSEWHERE = _elsewhere()
 
 
 def parse_zero(value: Any, allgather_size: int, errors: list[str]) -> dict[str, Any]:
+    """Validate ``zero_optimization``, mapping its legacy boolean form and deprecated keys."""
     if isinstance(value, bool):
         warn(
             f'"zero_optimization": {show(value)} is DeepSpeed\'s deprecated form; write '

@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,11 +24,42 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 __all__ = [
+    "Pending",
     "all_gather_unit",
+    "all_gather_unit_async",
     "all_reduce_mean_",
     "all_reduce_sum",
+    "all_reduce_unit_async",
     "reduce_scatter_unit",
+    "reduce_scatter_unit_async",
 ]
+
+
+class Pending:
+    """A collective issued with ``async_op=True``; ``wait()`` finishes it and returns its result.
+
+    ``wait()`` makes the *current* stream wait for the collective (a stream dependency, not a
+    host sync) and then runs ``finish`` on it (copy-out, cast). Call it from the stream that
+    issued the collective: c10d keeps the collective's tensors alive until ``wait()`` instead of
+    calling ``record_stream``, so waiting on the allocating stream is what makes their memory safe
+    to reuse. Every issued collective must be waited exactly once, or its buffers stay alive.
+    """
+
+    __slots__ = ("_finish", "_result", "_work")
+
+    def __init__(self, work: Any, finish: Callable[[], Any]) -> None:
+        self._work = work
+        self._finish: Callable[[], Any] | None = finish
+        self._result: Any = None
+
+    def wait(self) -> Any:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._finish is not None:
+            self._result = self._finish()
+            self._finish = None
+        return self._result
 
 
 def all_reduce_mean_(
@@ -76,17 +107,78 @@ def reduce_scatter_unit(
     ``use_all_reduce`` swaps the reduce-scatter for an all-reduce plus slice (DeepSpeed's
     ``reduce_scatter: false``); on gloo that is the faster of the two.
     """
+    shards, pending = reduce_scatter_unit_async(
+        unit, grads, group=group, rank=rank, dtype=dtype, out_dtype=out_dtype,
+        use_all_reduce=use_all_reduce,
+    )  # fmt: skip
+    pending.wait()
+    return shards
+
+
+def reduce_scatter_unit_async(
+    unit: Unit,
+    grads: Mapping[str, torch.Tensor],
+    *,
+    group: Any,
+    rank: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype = torch.float32,
+    use_all_reduce: bool = False,
+) -> tuple[dict[str, torch.Tensor], Pending]:
+    """Issue :func:`reduce_scatter_unit` without waiting.
+
+    Returns the shard tensors at once (their values are valid only after ``pending.wait()``)
+    and the :class:`Pending` collective.
+    """
     chunks = unit.chunk_grads(grads, dtype)  # [W, S]
     world = unit.world_size
+    work = None
     if world == 1:
         shard = chunks[0]
     elif use_all_reduce:
-        dist.all_reduce(chunks, op=dist.ReduceOp.AVG, group=group)
+        work = dist.all_reduce(chunks, op=dist.ReduceOp.AVG, group=group, async_op=True)
         shard = chunks[rank]
     else:
         shard = chunks.new_empty(unit.shard_numel)
-        _reduce_scatter_flat(shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group)
-    return unit.split_shard(shard.to(out_dtype))
+        work = _reduce_scatter_flat(
+            shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group, async_op=True
+        )
+    if shard.dtype == out_dtype:
+        return unit.split_shard(shard), Pending(work, lambda: None)
+    # The cast must wait for the data: hand out the output buffer now, fill it at wait().
+    out = torch.empty(unit.shard_numel, dtype=out_dtype, device=shard.device)
+    return unit.split_shard(out), Pending(work, lambda: out.copy_(shard))
+
+
+def all_reduce_unit_async(
+    unit: Unit,
+    grads: Mapping[str, torch.Tensor],
+    *,
+    group: Any,
+    world_size: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], Pending]:
+    """Average a unit's full gradients across ranks (one flat all-reduce), without waiting.
+
+    Returns full averaged gradients of ``out_dtype`` (views of one buffer; valid after
+    ``pending.wait()``) and the :class:`Pending` collective. Stage 0's per-unit bucket.
+    """
+    sizes = [s.numel for s in unit.specs]
+    device = grads[unit.params[0]].device
+    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+    # copy_ casts while it copies: one pass instead of cast-then-concatenate.
+    torch._foreach_copy_(list(flat.split(sizes)), [grads[n].reshape(-1) for n in unit.params])
+    work = None
+    if world_size > 1:
+        work = dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group, async_op=True)
+    out = flat if dtype == out_dtype else torch.empty_like(flat, dtype=out_dtype)
+    views = {
+        spec.name: part.view(spec.shape) for spec, part in zip(unit.specs, out.split(sizes))
+    }
+    if out is flat:
+        return views, Pending(work, lambda: None)
+    return views, Pending(work, lambda: out.copy_(flat))
 
 
 def all_gather_unit(
@@ -97,12 +189,28 @@ def all_gather_unit(
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """Gather every rank's shards of ``unit`` into full parameters of ``dtype`` (views of one buffer)."""
+    return all_gather_unit_async(unit, shards, group=group, dtype=dtype).wait()
+
+
+def all_gather_unit_async(
+    unit: Unit,
+    shards: Mapping[str, torch.Tensor],
+    *,
+    group: Any,
+    dtype: torch.dtype,
+) -> Pending:
+    """Issue :func:`all_gather_unit`; ``wait()`` returns the full parameters.
+
+    The copy-in (cast to ``dtype``) runs now on the current stream, the all-gather on the
+    process group's stream, and the copy-out at ``wait()``, so the gather of the next unit can
+    run while this one computes (prefetch).
+    """
     send = unit.pack_shards(shards, dtype)
     if unit.world_size == 1:
-        return unit.unpack_gathered(send)
+        return Pending(None, lambda: unit.unpack_gathered(send))
     gathered = send.new_empty(send.numel() * unit.world_size)
-    _all_gather_flat(gathered, send, group=group)
-    return unit.unpack_gathered(gathered)
+    work = _all_gather_flat(gathered, send, group=group, async_op=True)
+    return Pending(work, lambda: unit.unpack_gathered(gathered))
 
 
 def all_reduce_sum(x: torch.Tensor, *, group: Any, world_size: int) -> torch.Tensor:

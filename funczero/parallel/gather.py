@@ -11,23 +11,68 @@ Backward reduce-scatters the unit's full gradients, which autograd has just fini
 into the anchors' shard gradients, so full reduced gradients never exist for the whole model at
 once. Stage 3 frees a unit's full parameters after its forward: :class:`Regather` replaces every
 saved reference to them with a handle (saved-tensor hooks) and all-gathers them again when the
-backward needs them, without recomputing activations (FSDP2's behaviour).
+backward needs them, without recomputing activations (FSDP2's behaviour). Stages 0 and 1 can use
+the same boundary to reduce during backward (stage 0 all-reduces a unit's full gradients).
+
+Overlap (GPU): collectives run on the process group's stream with ``async_op=True``.
+:class:`ReduceQueue` lets a unit's gradient reduction run while the next unit's backward
+computes, and :class:`Prefetcher` issues stage 3's all-gather of the next unit (forward) or the
+previous one (backward) while the current one computes. Waiting is a stream dependency
+(``work.wait()``), never a host sync; c10d holds a collective's buffers until that wait, so no
+``record_stream`` is involved and at most two units' buffers are in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from funczero.parallel.collectives import all_gather_unit, reduce_scatter_unit
+from funczero.parallel.collectives import (
+    Pending,
+    all_gather_unit_async,
+    all_reduce_unit_async,
+    reduce_scatter_unit_async,
+)
 from funczero.parallel.layout import Unit
 
-__all__ = ["Regather", "UnitComm", "materialize_unit", "swap_parameters"]
+__all__ = [
+    "Prefetcher",
+    "ReduceQueue",
+    "Regather",
+    "UnitComm",
+    "materialize_unit",
+    "swap_parameters",
+]
+
+
+class ReduceQueue:
+    """Gradient reductions in flight during one backward.
+
+    A unit's reduction is issued without waiting; the compute stream waits for it when the next
+    unit's reduction is issued (by then the collective has long finished, so the wait costs
+    nothing) and for the last ones at :meth:`drain`. Until they are waited, the returned
+    gradients must not be read on the compute stream: nothing reads them before ``drain`` except
+    autograd summing an anchor used by two units, and such units wait at once
+    (``UnitComm.wait_now``).
+    """
+
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._pending: list[Pending] = []
+
+    def submit(self, pending: Pending) -> None:
+        self._pending.append(pending)
+        while len(self._pending) > self.depth:
+            self._pending.pop(0).wait()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).wait()
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,6 +90,12 @@ class UnitComm:
         reduce_dtype: dtype gradients are reduced in.
         use_all_reduce: all-reduce plus slice instead of reduce-scatter.
         regather: the stage-3 backward re-gather registry (None for stage 2).
+        mode: ``"reduce_scatter"`` (fp32 shard gradients; stages 1-3) or ``"all_reduce"``
+            (averaged full fp32 gradients; stage 0).
+        queue: issue the reduction asynchronously into this queue (None: wait at once).
+        wait_now: wait for the reduction at once even with a queue (an anchor shared with another
+            unit, whose gradients autograd adds on the compute stream).
+        prefetch: stage 3's gather prefetcher (None: gather on use).
     """
 
     unit: Unit
@@ -58,6 +109,10 @@ class UnitComm:
     reduce_dtype: torch.dtype
     use_all_reduce: bool
     regather: Regather | None = None
+    mode: str = "reduce_scatter"
+    queue: ReduceQueue | None = None
+    wait_now: bool = False
+    prefetch: Prefetcher | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,20 +124,96 @@ class UnitComm:
         """Return the unit's full parameters (views of one buffer when gathered)."""
         if self.full is not None:
             return {n: self.full[n].view_as(self.full[n]) for n in self.unit.params}
+        if self.prefetch is not None:
+            return self.prefetch.take(self)
+        return self.gather_async().wait()
+
+    def gather_async(self) -> Pending:
+        """Issue the all-gather of this unit's shards; ``wait()`` returns the full parameters."""
         assert self.shards is not None
-        return all_gather_unit(self.unit, self.shards, group=self.group, dtype=self.compute_dtype)
+        return all_gather_unit_async(
+            self.unit, self.shards, group=self.group, dtype=self.compute_dtype
+        )
 
     def reduce(self, grads: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Reduce-scatter full gradients; return fp32 shard gradients of the trainable params."""
-        shards = reduce_scatter_unit(
-            self.grad_unit,
-            grads,
-            group=self.group,
-            rank=self.rank,
-            dtype=self.reduce_dtype,
-            use_all_reduce=self.use_all_reduce,
-        )
-        return [shards[n] for n in self.trainable]
+        """Reduce full gradients over ranks; return the trainable parameters' fp32 gradients.
+
+        Shards for ``"reduce_scatter"``, full averaged gradients for ``"all_reduce"``. With a
+        queue the values arrive asynchronously (see :class:`ReduceQueue`).
+        """
+        if self.mode == "all_reduce":
+            out, pending = all_reduce_unit_async(
+                self.grad_unit,
+                grads,
+                group=self.group,
+                world_size=self.grad_unit.world_size,
+                dtype=self.reduce_dtype,
+            )
+        else:
+            out, pending = reduce_scatter_unit_async(
+                self.grad_unit,
+                grads,
+                group=self.group,
+                rank=self.rank,
+                dtype=self.reduce_dtype,
+                use_all_reduce=self.use_all_reduce,
+            )
+        if self.queue is None or self.wait_now:
+            pending.wait()
+        else:
+            self.queue.submit(pending)
+        return [out[n] for n in self.trainable]
+
+
+class Prefetcher:
+    """Stage 3: all-gathers issued one unit ahead, so they run while the current unit computes.
+
+    In forward, gathering a unit issues the gather of the next unit in ``planned`` order (the
+    previous step's execution order; the root's gather issues the first unit's). In backward,
+    gathering a unit issues the gather of the unit that ran before it in this forward. A gather
+    nobody takes is waited and dropped at :meth:`end_forward` / :meth:`drain`. Every rank runs
+    the same program, so the collectives stay in the same order on all ranks.
+    """
+
+    def __init__(self, planned: Sequence[UnitComm]) -> None:
+        self.planned = list(planned)
+        self._pos = {c: i for i, c in enumerate(self.planned)}
+        self.order: list[UnitComm] = []  # forward execution order, recorded
+        self.backward = False
+        self._pending: dict[UnitComm, Pending] = {}
+
+    def issue(self, comm: UnitComm) -> None:
+        if comm not in self._pending:
+            self._pending[comm] = comm.gather_async()
+
+    def take(self, comm: UnitComm) -> dict[str, torch.Tensor]:
+        pending = self._pending.pop(comm, None)
+        full = (pending if pending is not None else comm.gather_async()).wait()
+        self._ahead(comm)
+        return full
+
+    def _ahead(self, comm: UnitComm) -> None:
+        if not self.backward:
+            if comm in self._pos:
+                self.order.append(comm)
+            nxt = self._pos.get(comm, -1) + 1
+            if comm.unit.name == "" or comm in self._pos:
+                if nxt < len(self.planned):
+                    self.issue(self.planned[nxt])
+        elif comm in self.order:
+            i = self.order.index(comm)
+            if i > 0:
+                self.issue(self.order[i - 1])
+
+    def end_forward(self) -> None:
+        """Switch to backward order; wait for and drop gathers the forward did not use."""
+        self.drain()
+        self.backward = True
+
+    def drain(self) -> None:
+        for pending in self._pending.values():
+            pending.wait()
+        self._pending.clear()
 
 
 class _UnitBoundary(torch.autograd.Function):

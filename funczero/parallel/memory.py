@@ -121,7 +121,8 @@ def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
     keeps_chunks = (
         plan.use_all_reduce and plan.world_size > 1 and plan.precision.reduce_dtype == torch.float32
     )
-    shards = sum(4 * gu.shard_numel * (plan.world_size if keeps_chunks else 1) for gu in _grad_units(plan))
+    per_unit = plan.world_size if keeps_chunks else 1
+    shards = sum(4 * gu.shard_numel * per_unit for gu in _grad_units(plan))
     if plan.stage == 0:
         return 4 * full
     if plan.stage == 1:
@@ -194,7 +195,8 @@ def deepspeed_model_state_bytes(numel: int, stage: int, world_size: int) -> floa
         5500.0
     """
     psi, n = float(numel), world_size
-    return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
+    by_stage = {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}
+    return by_stage[stage]
 
 
 def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
@@ -203,13 +205,15 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     The peak is the highest running total of the allocations made inside the call minus their
     frees, per device type, from ``torch.profiler``'s memory records (``profile_memory=True``;
     the method of the feasibility study's ZeRO-3 measurements). Memory that existed before the
-    call is not included, and its frees are not subtracted, even if the call frees it: add the
-    state's bytes (``memory_breakdown(...)["total"] - grads``) for the process's peak. A step
-    that replaces state tensors rather than updating them in place therefore reads high by at
-    most the replaced tensors. On CUDA, ``torch.cuda.max_memory_allocated`` is cheaper.
+    call is invisible to it, including its frees. So to measure a training step's whole peak,
+    build the state *inside* ``fn`` (from tensors made outside) and run the steps there: the
+    state is then counted, and a step that replaces state tensors is credited for freeing the
+    old ones. Measuring only ``lambda: train_step(state, batch)`` gives the step's extra memory
+    (activations, gradients, gathered units), over-counted by any state tensors it replaces.
+    On CUDA, ``torch.cuda.max_memory_allocated`` is the cheaper measure.
 
     Args:
-        fn: the call to measure (e.g. ``lambda: train_step(state, batch)``).
+        fn: the call to measure.
 
     Returns:
         ``(fn(), peak_bytes)``.

@@ -34,8 +34,22 @@ import torch.distributed as dist
 from torch import nn
 
 from funczero.functional import ModuleSpec, apply_module, module_spec
-from funczero.parallel.collectives import all_gather_unit, all_reduce_mean_, reduce_scatter_unit
-from funczero.parallel.gather import Regather, UnitComm, materialize_unit, wrap_unit_forward
+import weakref
+
+from funczero.parallel.collectives import (
+    all_gather_unit,
+    all_gather_unit_async,
+    all_reduce_mean_,
+    reduce_scatter_unit,
+)
+from funczero.parallel.gather import (
+    Prefetcher,
+    ReduceQueue,
+    Regather,
+    UnitComm,
+    materialize_unit,
+    wrap_unit_forward,
+)
 from funczero.parallel.layout import ShardSpec, Unit
 from funczero.precision import Precision
 
@@ -47,6 +61,7 @@ __all__ = [
     "gather_params_after_update",
     "init_params",
     "reduce_grads",
+    "reduces_in_backward",
     "sync_buffers",
 ]
 
@@ -287,6 +302,20 @@ def _stage3_units(
             del mod.forward
 
 
+# Stage 3: each plan's unit execution order seen in the last forward (prefetch order).
+_FORWARD_ORDER: weakref.WeakKeyDictionary[ZeroPlan, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def reduces_in_backward(plan: ZeroPlan, reduce: bool) -> bool:
+    """Whether :func:`forward_backward` returns gradients already reduced over ranks.
+
+    Stages 2-3 always reduce during backward. Stages 0-1 do when asked (``reduce``: the last
+    micro-batch, with nothing accumulated) and there is more than one rank, so the reduction of
+    each unit overlaps the backward of the next; otherwise :func:`reduce_grads` reduces after.
+    """
+    return plan.stage >= 2 or (reduce and plan.world_size > 1)
+
+
 def forward_backward(
     plan: ZeroPlan,
     loss_fn: LossFn,
@@ -295,11 +324,15 @@ def forward_backward(
     buffers: Mapping[str, torch.Tensor],
     batch: Any,
     loss_multiplier: torch.Tensor,
+    *,
+    reduce: bool = False,
 ) -> tuple[torch.Tensor, Any, Tensors, Tensors]:
     """Run ``loss_fn`` on one micro-batch and differentiate it.
 
     Returns ``(loss, aux, grads, new_buffers)``. Gradients are of ``loss * loss_multiplier``:
     local full gradients (compute dtype) for stages 0-1, already averaged fp32 shards for 2-3.
+    With ``reduce`` (see :func:`reduces_in_backward`) stages 0-1 also reduce during backward and
+    return averaged fp32 gradients: full for stage 0, shards for stage 1.
     """
     out_buffers: dict[str, Tensors] = {}
 
@@ -316,54 +349,92 @@ def forward_backward(
         return loss, aux
 
     trainable = plan.trainable
-    with torch.enable_grad():
-        if plan.stage <= 1:
-            leaves = {n: params[n].detach().requires_grad_() for n in trainable}
-            loss, aux = run({**params, **leaves})
-            inputs = list(leaves.values())
-        else:
-            anchors = {n: master[n].detach().requires_grad_() for n in trainable}
-            regather = Regather() if plan.stage == 3 else None
-            comms = {}
-            for unit in plan.units + ((plan.persistent,) if plan.persistent else ()):
-                replicated = plan.stage == 2 or unit is plan.persistent
-                comms[unit.name] = UnitComm(
-                    unit=unit,
-                    trainable=plan.grad_unit(unit).params,
-                    grad_unit=plan.grad_unit(unit),
-                    full=params if replicated else None,
-                    shards=None if replicated else params,
-                    group=plan.group,
-                    rank=plan.rank,
-                    compute_dtype=plan.precision.compute_dtype,
-                    reduce_dtype=plan.precision.reduce_dtype,
-                    use_all_reduce=plan.use_all_reduce,
-                    regather=None if replicated else regather,
-                )
-            tensors: Tensors = {}
-            if plan.stage == 2:
-                for comm in comms.values():
-                    tensors.update(materialize_unit(comm, anchors))
-                loss, aux = run(tensors)
+    queue = ReduceQueue()
+    regather: Regather | None = None
+    prefetch: Prefetcher | None = None
+    try:
+        with torch.enable_grad():
+            if not reduces_in_backward(plan, reduce):
+                leaves = {n: params[n].detach().requires_grad_() for n in trainable}
+                loss, aux = run({**params, **leaves})
+                inputs = list(leaves.values())
             else:
-                assert regather is not None
-                if plan.persistent:
-                    tensors.update(materialize_unit(comms.pop("<persistent>"), anchors))
-                with regather.hooks(), _stage3_units(plan, comms, anchors):
-                    root = materialize_unit(comms[""], anchors) if "" in comms else {}
-                    try:
-                        loss, aux = run({**tensors, **root})
-                    finally:
-                        regather.unregister(root)
-                        del root
-            inputs = [anchors[n] for n in trainable]
-        grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
-        if plan.stage == 3:
-            regather.clear()  # type: ignore[union-attr]
+                anchors = {n: master[n].detach().requires_grad_() for n in trainable}
+                regather = Regather() if plan.stage == 3 else None
+                all_units = plan.units + ((plan.persistent,) if plan.persistent else ())
+                # An anchor in two units (a weight tied across stage-3 units) gets its gradient
+                # summed by autograd on the compute stream: those units wait for their reduction.
+                seen: set[str] = set()
+                shared: set[str] = set()
+                for unit in all_units:
+                    names = set(plan.grad_unit(unit).params)
+                    shared |= seen & names
+                    seen |= names
+                comms: dict[str, UnitComm] = {}
+                for unit in all_units:
+                    replicated = plan.stage <= 2 or unit is plan.persistent
+                    gu = plan.grad_unit(unit)
+                    comms[unit.name] = UnitComm(
+                        unit=unit,
+                        trainable=gu.params,
+                        grad_unit=gu,
+                        full=params if replicated else None,
+                        shards=None if replicated else params,
+                        group=plan.group,
+                        rank=plan.rank,
+                        compute_dtype=plan.precision.compute_dtype,
+                        reduce_dtype=plan.precision.reduce_dtype,
+                        use_all_reduce=plan.use_all_reduce,
+                        # The root stays gathered through backward (FSDP2 keeps its root too):
+                        # backward starts with it, so a re-gather could not overlap anything.
+                        regather=None if replicated or unit.name == "" else regather,
+                        mode="all_reduce" if plan.stage == 0 else "reduce_scatter",
+                        queue=queue,
+                        wait_now=bool(shared & set(gu.params)),
+                    )
+                tensors: Tensors = {}
+                if plan.stage <= 2:
+                    for comm in comms.values():
+                        tensors.update(materialize_unit(comm, anchors))
+                    loss, aux = run(tensors)
+                else:
+                    assert regather is not None
+                    if plan.persistent:
+                        tensors.update(materialize_unit(comms.pop("<persistent>"), anchors))
+                    prefetch = _stage3_prefetcher(plan, comms)
+                    with regather.hooks(), _stage3_units(plan, comms, anchors):
+                        root = materialize_unit(comms[""], anchors) if "" in comms else {}
+                        try:
+                            loss, aux = run({**tensors, **root})
+                        finally:
+                            del root
+                            prefetch.end_forward()
+                    _FORWARD_ORDER[plan] = tuple(c.unit.name for c in prefetch.order)
+                inputs = [anchors[n] for n in trainable]
+            grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
+    finally:
+        # Every issued collective is waited (its buffers are held until then), even on error.
+        queue.drain()
+        if prefetch is not None:
+            prefetch.drain()
+        if regather is not None:
+            regather.clear()
     grads = {
         n: torch.zeros_like(x) if g is None else g for n, x, g in zip(trainable, inputs, grads_list)
     }
     return loss.detach(), aux, grads, out_buffers.get("b", dict(buffers))
+
+
+def _stage3_prefetcher(plan: ZeroPlan, comms: dict[str, UnitComm]) -> Prefetcher:
+    """Attach a prefetcher to the stage-3 units, planned in the last forward's order."""
+    units = [c for name, c in comms.items() if name != ""]
+    seen = _FORWARD_ORDER.get(plan)
+    if seen is not None and set(seen) == {c.unit.name for c in units}:
+        units = [comms[name] for name in dict.fromkeys(seen)]
+    prefetch = Prefetcher(units)
+    for comm in comms.values():
+        comm.prefetch = prefetch
+    return prefetch
 
 
 def reduce_grads(plan: ZeroPlan, grads: Tensors) -> Tensors:
@@ -416,10 +487,17 @@ def gather_params_after_update(
                 new[n] = m.to(compute)
         return new
     units = plan.units if plan.stage in (1, 2) else ((plan.persistent,) if plan.persistent else ())
+    # Two gathers in flight: unit k+1's copy-in and all-gather run while unit k is copied out.
+    pending = None
     for unit in units:
         gu = plan.grad_unit(unit)
         if gu.params:
-            new.update(all_gather_unit(gu, master, group=plan.group, dtype=compute))
+            issued = all_gather_unit_async(gu, master, group=plan.group, dtype=compute)
+            if pending is not None:
+                new.update(pending.wait())
+            pending = issued
+    if pending is not None:
+        new.update(pending.wait())
     if plan.stage == 3:
         for n in plan.trainable:
             if plan.is_sharded(n):

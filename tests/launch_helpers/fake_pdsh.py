@@ -4,7 +4,8 @@
 Mimics what the launcher relies on: ``%h`` / ``%n`` / ``%u`` / ``%%`` expansion in the
 command (as pdsh's ``pipecmd_format_arg`` does), ``host: `` prefixes on output, and
 ``-S`` (exit with the largest remote exit code). SIGTERM/SIGINT are forwarded to the
-remote commands. Each call is appended to ``$FAKE_PDSH_LOG`` when set.
+remote commands, which start with a minimal login environment. Each call is
+appended to ``$FAKE_PDSH_LOG`` when set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import sys
 import threading
+
+LOGIN_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "SHELL", "TMPDIR")
 
 
 def expand(command: str, host: str, rank: int) -> str:
@@ -51,9 +54,10 @@ def main(argv: list[str]) -> int:
     if log:
         with open(log, "a") as f:
             f.write(json.dumps({"hosts": hosts, "argv": argv[1:]}) + "\n")
+    login_env = {k: os.environ[k] for k in LOGIN_ENV if k in os.environ}
     procs = [
         subprocess.Popen(["sh", "-c", expand(command, h, r)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=login_env)
         for r, h in enumerate(hosts)
     ]
 

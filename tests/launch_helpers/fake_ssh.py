@@ -3,8 +3,10 @@
 
 Installed as ``ssh`` on PATH by the tests. Options are skipped (those that take a
 value consume it); the first non-option is the host; the remaining arguments are
-joined with spaces into the remote command, exactly as OpenSSH does. Each call is
-appended to ``$FAKE_SSH_LOG`` (JSON, one line) when set.
+joined with spaces into the remote command, exactly as OpenSSH does. Like a fresh
+login, the command starts with a minimal environment (PATH, HOME, USER...), so
+only what the launcher exports reaches the remote node. Each call is appended to
+``$FAKE_SSH_LOG`` (JSON, one line) when set.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 
 _WITH_VALUE = set("bcDEeFIiJLlmOoPpQRSWw")
+LOGIN_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "SHELL", "TMPDIR")
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +33,8 @@ def main(argv: list[str]) -> int:
         with open(log, "a") as f:
             f.write(json.dumps({"host": host, "argv": argv[1:]}) + "\n")
     # Like sshd: the user's shell runs the command string; stdin stays connected.
-    os.execvp("sh", ["sh", "-c", command])
+    login_env = {k: os.environ[k] for k in LOGIN_ENV if k in os.environ}
+    os.execvpe("sh", ["sh", "-c", command], login_env)
     return 127
 
 

@@ -1,0 +1,255 @@
+"""``funczero ckpt``: inspect, verify, reshard, consolidate and diff checkpoints.
+
+Every command takes a checkpoint root (the directory with ``latest``) or a tag directory,
+prints a rich summary, or one JSON object with ``--json``. Exit codes: 0 success, 1 a negative
+answer (``verify`` found problems, ``diff`` found differences), 2 an error (missing or
+damaged checkpoint, bad arguments). :mod:`funczero.checkpoint` (and torch) is imported only
+when a command runs, so ``funczero --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+__all__ = ["ckpt_app"]
+
+ckpt_app = typer.Typer(
+    name="ckpt",
+    help="Inspect, verify, reshard, consolidate and diff funczero checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DirArg = Annotated[Path, typer.Argument(help="Checkpoint root (holding 'latest') or a tag directory.")]
+TagOpt = Annotated[Optional[str], typer.Option("--tag", "-t", help="Tag to use (default: 'latest').")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")]
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    # markup off: tensor paths and file names are printed verbatim, brackets included
+    return Console(stderr=stderr, markup=False, highlight=False, soft_wrap=True)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+@contextmanager
+def _errors(command: str, as_json: bool) -> Iterator[None]:
+    """Turn checkpoint errors into one clear message and exit code 2."""
+    from funczero.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (CheckpointError, ValueError, OSError) as e:
+        if as_json:
+            _emit_json({"ok": False, "error": str(e), "type": type(e).__name__})
+        else:
+            _console(stderr=True).print(f"funczero ckpt {command}: error: {e}", style="red")
+        raise typer.Exit(2) from None
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]], justify: Callable[[str], str] | None = None) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify=justify(c) if justify else "left")  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+@ckpt_app.command("list")
+def list_cmd(directory: DirArg, as_json: JsonOpt = False) -> None:
+    """List the committed checkpoints under DIR, oldest first, and which one 'latest' names."""
+    with _errors("list", as_json):
+        from funczero.checkpoint import CheckpointNotFoundError, latest_tag, list_tags
+
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist")
+        tags, latest = list_tags(directory), latest_tag(directory)
+    if as_json:
+        _emit_json({"ok": True, "tags": tags, "latest": latest})
+        return
+    con = _console()
+    for t in tags:
+        con.print(f"{t}{'  <- latest' if t == latest else ''}")
+    if not tags:
+        con.print(f"no checkpoints in {directory}")
+
+
+@ckpt_app.command("inspect")
+def inspect_cmd(
+    directory: DirArg,
+    tag: TagOpt = None,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor with shape, dtype and shard layout.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show step, world size, stage, precision, optimizer, parameter count, bytes and files."""
+    with _errors("inspect", as_json):
+        from funczero.checkpoint import inspect
+
+        s = inspect(directory, tag)
+    if as_json:
+        _emit_json({"ok": True, **s.to_json(tensors=tensors)})
+        return
+    con = _console()
+    con.print(f"checkpoint {s.tag_dir}", style="bold")
+    for k, v in [
+        ("tag", s.tag),
+        ("step", s.step),
+        ("world size", s.world_size),
+        ("ZeRO stage", s.stage),
+        ("precision", s.precision),
+        ("optimizer", s.optimizer),
+        ("parameters", f"{s.param_count:,} ({s.trainable_count:,} trainable)"),
+        ("created", s.created),
+        ("versions", ", ".join(f"{k} {v}" for k, v in s.versions.items())),
+        ("client state", ", ".join(s.client_state_keys) or "-"),
+    ]:
+        con.print(f"  {k:<13} {v}")
+    groups = [[g, _bytes(n)] for g, n in s.bytes_by_group.items() if n]
+    groups.append(["total", _bytes(sum(s.bytes_by_group.values()))])
+    con.print(_table("bytes by group", ["group", "bytes"], groups, lambda c: "right" if c == "bytes" else "left"))
+    con.print(
+        _table(
+            "files",
+            ["file", "rank", "bytes", "sha256"],
+            [[f["name"], str(f["rank"]), _bytes(f["bytes"]), f["sha256"][:16]] for f in s.files],
+        )
+    )
+    if tensors:
+        rows = []
+        for t in s.tensors:
+            if t["alias_of"]:
+                where = f"alias of {t['alias_of']}"
+            else:
+                where = ", ".join(f"r{c['rank']}[{c['start']}:{c['stop']}]" for c in t["chunks"][:4])
+                if len(t["chunks"]) > 4:
+                    where += f", ... ({len(t['chunks'])} chunks)"
+            rows.append([t["path"], str(tuple(t["shape"])), t["dtype"], t["layout"], where])
+        con.print(_table("tensors", ["path", "shape", "dtype", "layout", "stored as"], rows))
+
+
+@ckpt_app.command("verify")
+def verify_cmd(directory: DirArg, tag: TagOpt = None, as_json: JsonOpt = False) -> None:
+    """Check index.json, every file and every checksum; exit 1 naming each bad file or tensor."""
+    with _errors("verify", as_json):
+        from funczero.checkpoint import verify
+
+        report = verify(directory, tag)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        con = _console()
+        if report.ok:
+            con.print(
+                f"OK {report.tag_dir}: {report.files_checked} files, "
+                f"{_bytes(report.bytes_checked)} checked",
+                style="green",
+            )
+        else:
+            con.print(f"DAMAGED {report.tag_dir}: {len(report.problems)} problems", style="bold red")
+            for p in report.problems:
+                con.print(f"  {p.where}: {p.message}")
+        for note in report.notes:
+            con.print(f"  note: {note}", style="yellow")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@ckpt_app.command("reshard")
+def reshard_cmd(
+    directory: DirArg,
+    out: Annotated[Path, typer.Argument(help="Output checkpoint root (OUT/<tag> is written).")],
+    world_size: Annotated[int, typer.Option("--world-size", "-w", min=1, help="New number of ranks.")],
+    stage: Annotated[Optional[int], typer.Option("--stage", "-s", min=0, max=3, help="New ZeRO stage (default: unchanged).")] = None,
+    tag: TagOpt = None,
+    out_tag: Annotated[Optional[str], typer.Option("--out-tag", help="Tag of the output (default: the source tag).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite a checkpoint for another world size (and stage), streaming, offline."""
+    with _errors("reshard", as_json):
+        from funczero.checkpoint import reshard
+
+        path = reshard(directory, out, world_size=world_size, stage=stage, tag=tag, out_tag=out_tag)
+    if as_json:
+        _emit_json({"ok": True, "checkpoint": str(path), "world_size": world_size, "stage": stage})
+    else:
+        _console().print(f"wrote {path} (world size {world_size}{'' if stage is None else f', stage {stage}'})")
+
+
+@ckpt_app.command("consolidate")
+def consolidate_cmd(
+    directory: DirArg,
+    out: Annotated[Path, typer.Argument(help="Output directory for model.safetensors.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 for floating-point weights.")] = "fp32",
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Split into files of at most this size, e.g. 5GB.")] = None,
+    tag: TagOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the model weights as Hugging Face-style safetensors keyed by module FQN."""
+    with _errors("consolidate", as_json):
+        from funczero.checkpoint import consolidate
+
+        files = consolidate(directory, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    if as_json:
+        _emit_json({"ok": True, "files": [str(f) for f in files]})
+    else:
+        con = _console()
+        for f in files:
+            con.print(f"wrote {f} ({_bytes(f.stat().st_size)})")
+
+
+@ckpt_app.command("diff")
+def diff_cmd(
+    a: Annotated[Path, typer.Argument(help="First checkpoint (root or tag directory).")],
+    b: Annotated[Path, typer.Argument(help="Second checkpoint (root or tag directory).")],
+    tag_a: Annotated[Optional[str], typer.Option("--tag-a", help="Tag in A.")] = None,
+    tag_b: Annotated[Optional[str], typer.Option("--tag-b", help="Tag in B.")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list equal tensors.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-tensor max absolute and relative difference; exit 1 when anything differs."""
+    with _errors("diff", as_json):
+        from funczero.checkpoint import diff
+
+        diffs = diff(a, b, tag_a=tag_a, tag_b=tag_b)
+    differ = [d for d in diffs if d.status != "equal"]
+    if as_json:
+        _emit_json({"ok": True, "equal": not differ, "tensors": [d.to_json() for d in diffs]})
+    else:
+        shown = diffs if show_all else differ
+        rows = [
+            [d.path, d.status, f"{d.max_abs:.3e}", f"{d.max_rel:.3e}",
+             f"{d.dtype_a or '-'} / {d.dtype_b or '-'}"]
+            for d in shown
+        ]
+        con = _console()
+        if rows:
+            con.print(_table("differences" if not show_all else "tensors", ["path", "status", "max abs", "max rel", "dtype a / b"], rows))
+        con.print(f"{len(differ)} of {len(diffs)} tensors differ")
+    if differ:
+        raise typer.Exit(1)
