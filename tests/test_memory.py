@@ -7,12 +7,13 @@ elements per rank, so ``N * s >= Ψ``):
 stage  params      grads        master  opt_state   total        DeepSpeed (mixed-prec. Adam)
 =====  ==========  ===========  ======  ==========  ===========  ==========================
 0      2Ψ          4Ψ           4Ψ      8Ψ          18Ψ          16Ψ
-1      2Ns         2Ψ + 4s      4s      8s          2Ψ+2Ns+16s   4Ψ + 12Ψ/N
+1      2Ns         4s           4s      8s          2Ns + 16s    4Ψ + 12Ψ/N
 2      2Ns         4s           4s      8s          2Ns + 16s    2Ψ + 14Ψ/N
 3      0 (master)  4s           4s      8s          16s          16Ψ/N
 =====  ==========  ===========  ======  ==========  ===========  ==========================
 
-plus the optimizer's 0-d counters. ``docs/zero.md`` explains each difference from DeepSpeed.
+plus the optimizer's 0-d counters. At ``N = 1`` stage 1 reduces after backward and also holds
+the bf16 local gradients at the update: ``2Ψ + 4s`` of gradients. ``docs/zero.md`` explains each difference from DeepSpeed.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def _breakdown_worker(rank: int, world: int, out_dir: str) -> None:
 
 def _expected(stage: int, psi: int, s: int, n: int) -> dict[str, int]:
     """The per-stage formula of the module docstring (bytes, without counters and `other`)."""
+    stage1_grads = 4 * s if n > 1 else 2 * psi + 4 * s
     return {
         0: {"params": 2 * psi, "grads": 4 * psi, "master": 4 * psi, "opt_state": 8 * psi},
-        1: {"params": 2 * n * s, "grads": 2 * psi + 4 * s, "master": 4 * s, "opt_state": 8 * s},
+        1: {"params": 2 * n * s, "grads": stage1_grads, "master": 4 * s, "opt_state": 8 * s},
         2: {"params": 2 * n * s, "grads": 4 * s, "master": 4 * s, "opt_state": 8 * s},
         3: {"params": 0, "grads": 4 * s, "master": 4 * s, "opt_state": 8 * s},
     }[stage]

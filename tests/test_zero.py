@@ -223,30 +223,45 @@ def test_stage3_matches_fsdp2_on_2_ranks(tmp_path: Path) -> None:
             torch.testing.assert_close(ours[key], want, atol=1e-6, rtol=0, msg=name)
 
 
-def _tied_units_worker(rank: int, world: int, out: str) -> None:
+def _variants_worker(rank: int, world: int, out: str, variants: list[dict]) -> None:
     data = batches(SGD_STEPS)
     results = {}
-    for stage, wrap in ((0, None), (3, ["blocks.0", "blocks.1", "head"])):
+    for i, kwargs in enumerate(variants):
         model = make_model()
-        # The tied weight lives in the root unit (wte) and in the "head" unit: gathered twice,
-        # its two gradient contributions must add up.
-        plan = zero.build_plan(model, stage=stage, wrap=wrap)
+        plan = zero.build_plan(model, **kwargs)
         params, buffers = extract_tensors(model, plan.spec)
         release_module_tensors(model)
         opt = optim.sgd(0.1, momentum=0.9)
         state = init_state(plan, opt, params, buffers)
-        step = make_train_step(cross_entropy_loss, opt, plan)
-        for i in range(SGD_STEPS):
-            state, _ = step(state, local(data[i], rank, world))
+        step = make_train_step(cross_entropy_loss, opt, plan, grad_accum=2)
+        for j in range(SGD_STEPS):
+            state, _ = step(state, local(data[j], rank, world))
         for n, p in full_master(plan, state).items():
-            results[f"s{stage}/{n}"] = p
+            results[f"v{i}/{n}"] = p
     if rank == 0:
         save_file(results, out)
 
 
-def test_stage3_sums_gradients_of_a_weight_tied_across_units(tmp_path: Path) -> None:
-    out = str(tmp_path / "tied.safetensors")
-    run_distributed(_tied_units_worker, 2, out, timeout=240)
+VARIANTS = [
+    dict(stage=0),
+    # The tied weight lives in the root unit (wte) and in the "head" unit: gathered twice, its
+    # two gradient contributions must add up.
+    dict(stage=3, wrap=["blocks.0", "blocks.1", "head"]),
+    dict(stage=3, remat=True),  # recompute unit forwards instead of re-gathering saved params
+    dict(stage=3, param_persistence_threshold=10**9),  # everything persistent
+    dict(stage=1, reduce_scatter=False),  # all-reduce + slice
+    dict(stage=2, reduce_scatter=False),
+    dict(stage=0, reduce_bucket_size=1000),  # many small buckets
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_plan_variants_match_stage0(tmp_path: Path, world: int) -> None:
+    out = str(tmp_path / "variants.safetensors")
+    run_distributed(_variants_worker, world, out, VARIANTS, timeout=300)
     got = load_file(out)
-    for key in [k for k in got if k.startswith("s0/")]:
-        torch.testing.assert_close(got["s3/" + key[3:]], got[key], atol=1e-6, rtol=0, msg=key)
+    for i, kwargs in enumerate(VARIANTS[1:], start=1):
+        for key in [k for k in got if k.startswith("v0/")]:
+            torch.testing.assert_close(
+                got[f"v{i}/" + key[3:]], got[key], atol=1e-6, rtol=0, msg=f"{kwargs} {key}"
+            )

@@ -58,7 +58,11 @@ def _state_device(state: OptState) -> torch.device:
 def _lr_reader(learning_rate: ScalarOrSchedule) -> LearningRateFn:
     def learning_rate_fn(state: OptState) -> Tensor:
         lr = current_lr(learning_rate, state)
-        return torch.as_tensor(lr, dtype=torch.float32, device=_state_device(state))
+        device = _state_device(state)
+        if isinstance(lr, Tensor):
+            return lr.to(device=device, dtype=torch.float32)
+        # full() fills on the device; as_tensor(float) would copy from host memory (a sync).
+        return torch.full((), lr, dtype=torch.float32, device=device)
 
     return learning_rate_fn
 

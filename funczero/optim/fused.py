@@ -312,14 +312,15 @@ def adagrad_update_(
         if groups is None:
             return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
         sched = find_state(state, ScaleByScheduleState)
-        if sched is not None:
-            count = sched.count
-            lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        else:  # constant rate and no decay: the step value is irrelevant
-            count, lr = torch.zeros((), dtype=torch.int64), learning_rate
+        # Without a schedule state the rate is constant and lr_decay is 0: the step is irrelevant.
+        count = sched.count if sched is not None else None
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
         for ps, gs, (ss,) in groups:
             dev = ps[0].device
-            step = (count + 1).to(device=dev, dtype=torch.float32)
+            if count is None:
+                step = torch.ones((), dtype=torch.float32, device=dev)
+            else:
+                step = (count + 1).to(device=dev, dtype=torch.float32)
             kernel(
                 ps, gs, ss, [step] * len(ps),
                 lr=_on(lr, dev), lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,

@@ -8,16 +8,17 @@ both ``params[n]`` and ``master[n]`` is not counted twice). Gradients are not pa
 their bytes are derived from the plan exactly as :func:`funczero.make_train_step` allocates them
 (see :func:`gradient_bytes`).
 
-With ``Ψ`` trainable elements, ``N`` ranks and bf16 compute, the result is (padding aside; each
-parameter is padded to a multiple of ``N`` when sharded)::
+With ``Ψ`` trainable elements, ``N > 1`` ranks, bf16 compute and one micro-batch per step, the
+result is (padding aside; each parameter is padded to a multiple of ``N`` when sharded)::
 
-    stage  params      grads            master   opt_state (AdamW)   total
-    0      2Ψ          4Ψ               4Ψ       8Ψ                  18Ψ
-    1      2Ψ          2Ψ + 4Ψ/N        4Ψ/N     8Ψ/N                4Ψ + 16Ψ/N
-    2      2Ψ          4Ψ/N             4Ψ/N     8Ψ/N                2Ψ + 16Ψ/N
-    3      (= master)  4Ψ/N             4Ψ/N     8Ψ/N                16Ψ/N
+    stage  params      grads     master   opt_state (AdamW)   total
+    0      2Ψ          4Ψ        4Ψ       8Ψ                  18Ψ
+    1      2Ψ          4Ψ/N      4Ψ/N     8Ψ/N                2Ψ + 16Ψ/N
+    2      2Ψ          4Ψ/N      4Ψ/N     8Ψ/N                2Ψ + 16Ψ/N
+    3      (= master)  4Ψ/N      4Ψ/N     8Ψ/N                16Ψ/N
 
-against DeepSpeed's mixed-precision Adam figures 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N
+(stage 1 holds ``2Ψ + 4Ψ/N`` of gradients at ``N = 1`` and ``4Ψ + 4Ψ/N`` with accumulation;
+see :func:`gradient_bytes`), against DeepSpeed's mixed-precision Adam figures 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N
 (``docs/zero.md`` explains each difference). :func:`peak_allocated_bytes` measures what a call
 allocates on top of that (activations, gathered units, temporaries) with the profiler's memory
 events, which work on the CPU where ``torch.cuda.max_memory_allocated`` has no counterpart.
@@ -49,7 +50,7 @@ import torch
 
 from funczero import tree
 from funczero.parallel.layout import Unit
-from funczero.parallel.zero import ZeroPlan
+from funczero.parallel.zero import ZeroPlan, reduces_in_backward
 from funczero.state import TrainState
 
 __all__ = [
@@ -89,16 +90,20 @@ def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
     """Bytes of gradient buffers one rank holds when ``train_step`` runs the optimizer update.
 
     This is the gradient memory of :func:`funczero.make_train_step` from the end of the gradient
-    reduction until the update (the shape of the step's ``acc`` and reduced ``grads`` there), for
-    trainable parameters only. With ``c`` the compute dtype's element size, ``f`` a parameter's
-    element count and ``S`` a unit's per-rank padded shard size (trainable parameters):
+    reduction until the update (the step's reduced ``grads`` and whatever it still holds of the
+    local ones there), for trainable parameters only. With ``c`` the compute dtype's element
+    size, ``f`` a parameter's element count and ``S`` a unit's per-rank padded shard size
+    (trainable parameters), and "reduced in backward" meaning
+    :func:`~funczero.parallel.zero.reduces_in_backward` (stages 2-3 always; stages 0-1 when
+    ``grad_accum == 1`` and ``N > 1``):
 
-    * stage 0: full fp32 gradients, ``4 * sum(f)``; they are reduced in place. (With bf16
-      compute they are fp32 copies of the bf16 gradients, which are freed by then.)
-    * stage 1: the full local gradients stay alive through the update, in the compute dtype
-      when ``grad_accum == 1`` (``c * sum(f)``) and as the fp32 accumulator otherwise
-      (``4 * sum(f)``), plus the fp32 reduce-scattered shards, one ``[S]`` buffer per unit
-      (``4 * sum(S)``).
+    * stage 0: full fp32 gradients, ``4 * sum(f)``: one all-reduced fp32 buffer per unit when
+      reduced in backward, else fp32 copies of the local gradients (the compute-dtype originals
+      are freed by then) reduced in place.
+    * stage 1 reduced in backward: only the fp32 shards, one ``[S]`` buffer per unit,
+      ``4 * sum(S)``. Otherwise the full local gradients stay alive through the update as well:
+      in the compute dtype when ``grad_accum == 1`` (``c * sum(f) + 4 * sum(S)``; that is
+      ``N = 1``) and as the fp32 accumulator with accumulation (``4 * sum(f) + 4 * sum(S)``).
     * stages 2 and 3: only the fp32 shards reduced during backward, ``4 * sum(S)``; full
       gradients exist one unit at a time inside backward and are not counted.
 
@@ -125,7 +130,7 @@ def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
     shards = sum(4 * gu.shard_numel * per_unit for gu in _grad_units(plan))
     if plan.stage == 0:
         return 4 * full
-    if plan.stage == 1:
+    if plan.stage == 1 and not reduces_in_backward(plan, grad_accum == 1):
         compute = plan.precision.compute_dtype.itemsize if grad_accum == 1 else 4
         return compute * full + shards
     return shards

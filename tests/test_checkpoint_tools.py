@@ -1,0 +1,166 @@
+"""Offline tools: consolidate (Hugging Face-style, tied weights), reshard, and the ``funczero ckpt`` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from funczero import checkpoint, optim
+from funczero.cli.app import app
+from funczero.functional import extract_tensors, release_module_tensors
+from funczero.models.gpt import GPT, GPTConfig
+from funczero.parallel import zero
+from funczero.step import init_state
+from funczero.checkpoint import reader as reader_module
+from funczero.checkpoint.layout import named_leaves
+from funczero.checkpoint.testing import toy_state
+
+CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3, batch_norm=True)
+runner = CliRunner()
+
+
+def gpt_checkpoint(root: Path, *, stage: int, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Save the initial state of a tied-embedding GPT; return the module's own state_dict."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    model.wpe.weight.requires_grad_(False)  # frozen parameters come from params, not master
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plan = zero.build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
+    params, buffers = extract_tensors(model, plan.spec)
+    release_module_tensors(model)
+    checkpoint.save(root, init_state(plan, optim.adamw(1e-3), params, buffers), module=model)
+    return reference
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_consolidated_gpt_with_tied_head_loads_with_strict_load_state_dict(tmp_path: Path, stage: int) -> None:
+    reference = gpt_checkpoint(tmp_path / "ckpt", stage=stage)
+    files = checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf")
+    assert [f.name for f in files] == ["model.safetensors"]
+    state_dict = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(state_dict) == set(reference)  # head.weight (tied to wte.weight) and BN buffers too
+    fresh = GPT(CFG)
+    fresh.load_state_dict(state_dict, strict=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert fresh.head.weight.data_ptr() == fresh.wte.weight.data_ptr()  # still tied after loading
+
+
+def test_consolidate_with_max_shard_size_writes_hf_index_and_casts_only_floating_weights(tmp_path: Path) -> None:
+    reference = gpt_checkpoint(tmp_path / "ckpt", stage=1, precision="bf16")
+    files = checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf", dtype="bf16", max_shard_size="10KB")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert [f.name for f in files] == shards + ["model.safetensors.index.json"]
+    merged: dict[str, torch.Tensor] = {}
+    for name in shards:
+        merged.update(load_file(tmp_path / "hf" / name))
+    assert set(merged) == set(index["weight_map"]) == set(reference)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    assert merged["blocks.0.fc.weight"].dtype == torch.bfloat16
+    assert merged["bn.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(merged["head.weight"], reference["wte.weight"].bfloat16())
+    GPT(CFG).load_state_dict(merged, strict=True)
+
+
+def test_consolidate_refuses_to_overwrite_existing_output(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "ckpt", toy_state())
+    checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf")
+    with pytest.raises(checkpoint.CheckpointExistsError, match="overwrite"):
+        checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf")
+    checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model.safetensors"]
+
+
+def test_consolidate_writes_tied_aliases_given_to_save(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "ckpt", toy_state(), aliases={"head.weight": "emb"})
+    sd = load_file(checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf")[0])
+    assert torch.equal(sd["head.weight"], sd["emb"]) and "master/emb" not in sd
+
+
+@pytest.mark.parametrize("world, stage", [(4, 3), (2, 1), (3, 0)])
+def test_offline_reshard_then_load_equals_direct_layout(tmp_path: Path, world: int, stage: int) -> None:
+    checkpoint.save(tmp_path / "src", toy_state(stage=2))
+    out = checkpoint.reshard(tmp_path / "src", tmp_path / "dst", world_size=world, stage=stage)
+    assert checkpoint.verify(out).ok
+    index = checkpoint.read_index(out)
+    assert (index.world_size, index.stage) == (world, stage)
+    assert len(index.files) == 2 * world
+    for rank in range(world):
+        got, _ = checkpoint.load(tmp_path / "dst", like=toy_state(world_size=world, rank=rank, stage=stage, seed=3))
+        want = toy_state(world_size=world, rank=rank, stage=stage)
+        for (path, x), (_, y) in zip(named_leaves(got), named_leaves(want)):
+            assert path == "rng" or torch.equal(x, y), path
+
+
+def test_reshard_round_trip_back_to_the_original_world_size_is_identical(tmp_path: Path) -> None:
+    src = checkpoint.save(tmp_path / "a", toy_state(stage=3))
+    mid = checkpoint.reshard(src, tmp_path / "b", world_size=4)
+    back = checkpoint.reshard(mid, tmp_path / "c", world_size=1)
+    assert all(d.status == "equal" for d in checkpoint.diff(src, back) if d.path != "rng")
+    with pytest.raises(checkpoint.CheckpointExistsError):
+        checkpoint.reshard(mid, tmp_path / "c", world_size=1)
+
+
+def test_cli_inspect_json_and_tensors_table(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, toy_state(stage=0), client_state={"loader": 1})
+    res = runner.invoke(app, ["ckpt", "inspect", str(tmp_path), "--json", "--tensors"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert (out["step"], out["world_size"], out["stage"], out["precision"]) == (3, 1, 0, "fp32")
+    assert out["client_state_keys"] == ["loader"]
+    assert any(t["path"] == "params/w" and t["alias_of"] == "master/w" for t in out["tensors"])
+    res = runner.invoke(app, ["ckpt", "inspect", str(tmp_path), "--tensors"])
+    assert res.exit_code == 0 and "opt_state/0/mu/w" in res.output and "moments" in res.output
+
+
+def test_cli_verify_exit_codes_name_the_bad_file_and_tensor(tmp_path: Path) -> None:
+    path = checkpoint.save(tmp_path, toy_state())
+    res = runner.invoke(app, ["ckpt", "verify", str(tmp_path)])
+    assert res.exit_code == 0 and "OK" in res.output
+    f = path / "optim-shard-00000-of-00001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 1
+    f.write_bytes(bytes(data))
+    res = runner.invoke(app, ["ckpt", "verify", str(tmp_path), "--json"])
+    assert res.exit_code == 1
+    report = json.loads(res.output)
+    assert not report["ok"] and {p["where"] for p in report["problems"]} == {f.name, "skipped"}
+    res = runner.invoke(app, ["ckpt", "verify", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_cli_reshard_consolidate_and_diff(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "a", toy_state(stage=1))
+    res = runner.invoke(app, ["ckpt", "reshard", str(tmp_path / "a"), str(tmp_path / "b"), "--world-size", "2", "--stage", "3"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["ckpt", "diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"])
+    diffs = {d["path"]: d for d in json.loads(res.output)["tensors"]}
+    assert res.exit_code == 1 and [p for p, d in diffs.items() if d["status"] != "equal"] == ["rng"]
+    res = runner.invoke(app, ["ckpt", "diff", str(tmp_path / "a"), str(tmp_path / "a")])
+    assert res.exit_code == 0 and "0 of" in res.output
+    res = runner.invoke(app, ["ckpt", "consolidate", str(tmp_path / "b"), str(tmp_path / "hf"), "--dtype", "fp16"])
+    assert res.exit_code == 0, res.output
+    assert load_file(tmp_path / "hf" / "model.safetensors")["w"].dtype == torch.float16
+    res = runner.invoke(app, ["ckpt", "list", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "3  <- latest" in res.output
+
+
+def test_weights_only_reads_never_open_the_optimizer_files(tmp_path: Path, monkeypatch) -> None:
+    path = checkpoint.save(tmp_path, toy_state(stage=2))
+    opened: list[str] = []
+    real = reader_module.TensorFile.__init__
+
+    def spy(self, p: Path) -> None:
+        opened.append(p.name)
+        real(self, p)
+
+    monkeypatch.setattr(reader_module.TensorFile, "__init__", spy)
+    checkpoint.consolidate(path, tmp_path / "hf")
+    assert opened and all(name.startswith("model-") for name in opened)
