@@ -1,4 +1,4 @@
-"""Saves by 2 and 4 gloo ranks: each rank writes its own files, rank 0 commits, failures are
+"""Saves by 4 gloo ranks (2 ranks: test_checkpoint_resume): each rank writes its own files, rank 0 commits, failures are
 collective; the result loads into every other world size and stage.
 
 One spawn per world size does all the multi-rank work (starting ranks dominates the cost);
@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, root: str) -> None:
         assert torch.equal(x, y), p
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[4])
 def saved(request, tmp_path_factory) -> tuple[int, Path]:
     world = request.param
     root = tmp_path_factory.mktemp(f"w{world}")

@@ -15,7 +15,8 @@ POOL = {"worker-0": [0, 1, 2, 3], "worker-1": [0, 1, 2, 3], "worker-2": [0, 1]}
 def test_hostfile_keeps_file_order_and_skips_comments_and_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "hostfile"
     path.write_text(
-        "# cluster A\n\nworker-1 slots=8\n   # indented comment\nworker-0 slots=4  # trailing comment\n"
+        "# cluster A\n\nworker-1 slots=8\n   # indented comment\n"
+        "worker-0 slots=4  # trailing comment\n"
         "worker-2 slots=0\n"
     )
     assert list(parse_hostfile(path).items()) == [("worker-1", 8), ("worker-0", 4), ("worker-2", 0)]
@@ -90,7 +91,9 @@ def test_no_filter_returns_the_pool_unchanged() -> None:
         ("worker-0:0", "worker-1", "cannot be combined"),
     ],
 )
-def test_bad_filter_is_an_error_naming_the_problem(include: str, exclude: str, fragment: str) -> None:
+def test_bad_filter_is_an_error_naming_the_problem(
+    include: str, exclude: str, fragment: str
+) -> None:
     with pytest.raises(LaunchError) as info:
         apply_filters(POOL, include=include, exclude=exclude)
     assert fragment in str(info.value)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch_helpers.common import (
     HELPERS,
     finish,
@@ -25,13 +24,15 @@ from launch_helpers.common import (
 
 DUMP = str(HELPERS / "dump_env.py")
 SLEEPER = str(HELPERS / "sleeper.py")
-TRICKY_ARGS = ["two words", "it's \"quoted\"", "$HOME", "semi;colon", "100%n", ""]
+TRICKY_ARGS = ["two words", 'it\'s "quoted"', "$HOME", "semi;colon", "100%n", ""]
 
 
 def test_each_worker_gets_the_rank_environment_and_intact_arguments(tmp_path: Path) -> None:
     (tmp_path / ".funczero_env").write_text('FROM_ENV_FILE=yes\nTRICKY="a b $HOME `x`"\n')
     env = launch_env(tmp_path, {"SLURM_PROCID": "7", "HOME": str(tmp_path)})
-    result = run_launch(["--num_gpus", "2", "--master_port", "0", DUMP, *TRICKY_ARGS], cwd=tmp_path, env=env)
+    result = run_launch(
+        ["--num_gpus", "2", "--master_port", "0", DUMP, *TRICKY_ARGS], cwd=tmp_path, env=env
+    )
     assert result.returncode == 0, result.stderr
     records = read_records(tmp_path)
     assert sorted(records) == [0, 1]
@@ -40,7 +41,11 @@ def test_each_worker_gets_the_rank_environment_and_intact_arguments(tmp_path: Pa
     for rank, rec in records.items():
         assert rec["RANK"] == rec["LOCAL_RANK"] == str(rank)
         assert rec["WORLD_SIZE"] == rec["LOCAL_WORLD_SIZE"] == "2"
-        assert (rec["NODE_RANK"], rec["MASTER_ADDR"], rec["MASTER_PORT"]) == ("0", "127.0.0.1", port)
+        assert (rec["NODE_RANK"], rec["MASTER_ADDR"], rec["MASTER_PORT"]) == (
+            "0",
+            "127.0.0.1",
+            port,
+        )
         assert rec["argv"] == [f"--local_rank={rank}", *TRICKY_ARGS]
         assert (rec["FROM_ENV_FILE"], rec["TRICKY"]) == ("yes", "a b $HOME `x`")
         assert rec["CUDA_VISIBLE_DEVICES"] is None  # CPU pool: no devices to assign
@@ -54,21 +59,28 @@ def test_module_and_no_python_modes_and_no_local_rank(tmp_path: Path) -> None:
     env = launch_env(tmp_path)
     result = run_launch(
         ["--master_port", "0", "--module", "--no_local_rank", "launch_helpers.dump_env", "x"],
-        cwd=HELPERS.parent, env=env,
+        cwd=HELPERS.parent,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert read_records(tmp_path)[0]["argv"] == ["x"]
     script = str(HELPERS / "no_python_worker.sh")
-    result = run_launch(["--num_gpus", "2", "--master_port", "0", "--no_python", script, "a b"],
-                        cwd=tmp_path, env=env)
+    result = run_launch(
+        ["--num_gpus", "2", "--master_port", "0", "--no_python", script, "a b"],
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "np-1.txt").read_text().splitlines() == ["1", "--local_rank=1", "a b"]
 
 
 def test_log_dir_writes_one_log_per_rank_with_both_streams(tmp_path: Path) -> None:
     logs = tmp_path / "logs" / "run1"
-    result = run_launch(["--num_gpus", "2", "--master_port", "0", "--log_dir", str(logs), DUMP],
-                        cwd=tmp_path, env=launch_env(tmp_path))
+    result = run_launch(
+        ["--num_gpus", "2", "--master_port", "0", "--log_dir", str(logs), DUMP],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in logs.iterdir()) == ["rank-00000.log", "rank-00001.log"]
     text = (logs / "rank-00001.log").read_text()
@@ -78,29 +90,58 @@ def test_log_dir_writes_one_log_per_rank_with_both_streams(tmp_path: Path) -> No
 
 def test_failing_worker_stops_the_others_and_its_exit_code_is_returned(tmp_path: Path) -> None:
     proc = start_launch(
-        ["--num_gpus", "3", "--master_port", "0", "--kill_timeout", "5", "--log_dir", "logs",
-         SLEEPER, "--fail-rank", "1", "--code", "7"],
-        cwd=tmp_path, env=launch_env(tmp_path),
+        [
+            "--num_gpus",
+            "3",
+            "--master_port",
+            "0",
+            "--kill_timeout",
+            "5",
+            "--log_dir",
+            "logs",
+            SLEEPER,
+            "--fail-rank",
+            "1",
+            "--code",
+            "7",
+        ],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     pids = read_pids(tmp_path, 3)
     try:
-        code, out, err = finish(proc)
+        code, _, err = finish(proc)
     finally:
         kill_leftovers(pids)
     assert code == 7, err
     assert "rank 1 (node 0 localhost, local rank 1" in err and "exited with code 7" in err
     assert "stopping 2 other worker(s)" in err
-    tail = err[err.index("last 20 line(s) of rank 1"):]
-    assert "rank-00001.log" in tail and "| rank 1 failing with code 7" in tail
-    assert "log line 29" in tail and "log line 5\n" not in tail
+    assert "full log of rank 1: logs/rank-00001.log" in err
+    stdout_tail = err[
+        err.index("last 10 stdout line(s) of rank 1") : err.index("stderr line(s) of rank 1")
+    ]
+    assert "| rank 1 log line 29" in stdout_tail and "log line 19\n" not in stdout_tail
+    assert "| rank 1 failing with code 7" in err[err.index("last 1 stderr line(s) of rank 1") :]
     assert not [pid for pid in pids if running(pid)]
 
 
 def test_worker_killed_by_a_signal_gives_128_plus_the_signal(tmp_path: Path) -> None:
     proc = start_launch(
-        ["--num_gpus", "2", "--master_port", "0", "--kill_timeout", "5", SLEEPER,
-         "--signal-rank", "0", "--signal", str(int(signal.SIGKILL))],
-        cwd=tmp_path, env=launch_env(tmp_path),
+        [
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "0",
+            "--kill_timeout",
+            "5",
+            SLEEPER,
+            "--signal-rank",
+            "0",
+            "--signal",
+            str(int(signal.SIGKILL)),
+        ],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     pids = read_pids(tmp_path, 2)
     try:
@@ -116,7 +157,8 @@ def test_sigterm_kills_whole_worker_tree_and_exits_143(tmp_path: Path) -> None:
     pid_file = tmp_path / "launcher.pid"
     proc = start_launch(
         ["--num_gpus", "2", "--master_port", "0", "--save_pid", str(pid_file), SLEEPER],
-        cwd=tmp_path, env=launch_env(tmp_path),
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     pids = read_pids(tmp_path, 2)
     try:
@@ -135,7 +177,8 @@ def test_sigterm_kills_whole_worker_tree_and_exits_143(tmp_path: Path) -> None:
 def test_sigint_escalates_to_sigkill_after_kill_timeout_and_exits_130(tmp_path: Path) -> None:
     proc = start_launch(
         ["--num_gpus", "2", "--master_port", "0", "--kill_timeout", "1", SLEEPER, "--ignore-term"],
-        cwd=tmp_path, env=launch_env(tmp_path),
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     pids = read_pids(tmp_path, 2)
     time.sleep(0.3)  # let the workers install their SIGTERM-ignoring handlers
@@ -154,7 +197,8 @@ def test_sigint_escalates_to_sigkill_after_kill_timeout_and_exits_130(tmp_path: 
 def test_launcher_killed_with_sigkill_does_not_leave_workers_running(tmp_path: Path) -> None:
     proc = start_launch(
         ["--num_gpus", "2", "--master_port", "0", "--kill_timeout", "1", SLEEPER],
-        cwd=tmp_path, env=launch_env(tmp_path),
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     pids = read_pids(tmp_path, 2)
     try:
@@ -171,9 +215,18 @@ def test_bind_cores_to_rank_pins_each_rank_and_sets_omp_threads(tmp_path: Path) 
     if len(cores) < 2:
         pytest.skip("needs two cores")
     result = run_launch(
-        ["--num_gpus", "2", "--master_port", "0", "--bind_cores_to_rank", "--bind_core_list",
-         f"{cores[0]},{cores[1]}", DUMP],
-        cwd=tmp_path, env=launch_env(tmp_path),
+        [
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "0",
+            "--bind_cores_to_rank",
+            "--bind_core_list",
+            f"{cores[0]},{cores[1]}",
+            DUMP,
+        ],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     records = read_records(tmp_path)
@@ -182,8 +235,9 @@ def test_bind_cores_to_rank_pins_each_rank_and_sets_omp_threads(tmp_path: Path) 
 
 
 def test_dry_run_prints_each_rank_command_and_runs_nothing(tmp_path: Path) -> None:
-    result = run_launch(["--num_gpus", "2", "--dry_run", DUMP, "a b"], cwd=tmp_path,
-                        env=launch_env(tmp_path))
+    result = run_launch(
+        ["--num_gpus", "2", "--dry_run", DUMP, "a b"], cwd=tmp_path, env=launch_env(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     assert "world size 2, master 127.0.0.1:29500" in result.stdout
     assert "env RANK=1 WORLD_SIZE=2 LOCAL_RANK=1" in result.stdout
@@ -192,9 +246,16 @@ def test_dry_run_prints_each_rank_command_and_runs_nothing(tmp_path: Path) -> No
 
 
 def test_gloo_all_reduce_runs_through_the_launcher(tmp_path: Path) -> None:
-    result = run_launch(["--num_gpus", "2", "--master_port", "0", str(HELPERS / "allreduce.py")],
-                        cwd=tmp_path, env=launch_env(tmp_path), timeout=120)
+    result = run_launch(
+        ["--num_gpus", "2", "--master_port", "0", str(HELPERS / "allreduce.py")],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     records = read_records(tmp_path, "allreduce-*.json")
-    assert {r: (v["world_size"], v["sum"]) for r, v in records.items()} == {0: (2, 3.0), 1: (2, 3.0)}
+    assert {r: (v["world_size"], v["sum"]) for r, v in records.items()} == {
+        0: (2, 3.0),
+        1: (2, 3.0),
+    }
     json.dumps(records)

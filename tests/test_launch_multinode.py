@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from launch_helpers.common import (
     HELPERS,
     finish,
@@ -26,29 +25,38 @@ from launch_helpers.common import (
     start_launch,
     wait_for,
 )
+
 from funczero.launch.plan import free_port
 
 DUMP = str(HELPERS / "dump_env.py")
 SLEEPER = str(HELPERS / "sleeper.py")
-TRICKY_ARGS = ["two words", "it's \"quoted\"", "$HOME", "100%n %h %%", "a\\b"]
+TRICKY_ARGS = ["two words", 'it\'s "quoted"', "$HOME", "100%n %h %%", "a\\b"]
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    (tmp_path / "hosts").write_text("# two 'nodes' that are both this machine\nlocalhost slots=2\n127.0.0.1 slots=2\n")
+    (tmp_path / "hosts").write_text(
+        "# two 'nodes' that are both this machine\nlocalhost slots=2\n127.0.0.1 slots=2\n"
+    )
     # The fake ssh/pdsh give the remote command a bare login environment: OUT_DIR and
     # FROM_ENV_FILE reach the workers only through the env file, PYTHONPATH only as PYTHON*.
-    (tmp_path / ".funczero_env").write_text(f"OUT_DIR={tmp_path}\nFROM_ENV_FILE=x y ' \"z\"\n")
+    (tmp_path / ".funczero_env").write_text(f'OUT_DIR={tmp_path}\nFROM_ENV_FILE=x y \' "z"\n')
     env = launch_env(
         tmp_path,
-        {"NCCL_DEBUG": "INFO", "UCX_TLS": "tcp", "UNEXPORTED": "secret", "HOME": str(tmp_path),
-         "FAKE_SSH_LOG": str(tmp_path / "ssh.log"), "FAKE_PDSH_LOG": str(tmp_path / "pdsh.log")},
+        {
+            "NCCL_DEBUG": "INFO",
+            "UCX_TLS": "tcp",
+            "UNEXPORTED": "secret",
+            "HOME": str(tmp_path),
+            "FAKE_SSH_LOG": str(tmp_path / "ssh.log"),
+            "FAKE_PDSH_LOG": str(tmp_path / "pdsh.log"),
+        },
         fake_bin=install_fake_tools(tmp_path),
     )
     return tmp_path, env
 
 
-def _check_two_by_two(out_dir: Path, port: int) -> None:
+def _check_two_by_two(out_dir: Path, port: int, flags: tuple[str, ...] = ()) -> None:
     records = read_records(out_dir)
     assert sorted(records) == [0, 1, 2, 3]
     for rank, rec in records.items():
@@ -56,35 +64,27 @@ def _check_two_by_two(out_dir: Path, port: int) -> None:
         assert rec["NODE_RANK"] == str(rank // 2) and rec["LOCAL_RANK"] == str(rank % 2)
         assert (rec["MASTER_ADDR"], rec["MASTER_PORT"]) == ("localhost", str(port))
         assert rec["CUDA_VISIBLE_DEVICES"] == "0,1"  # hostfile slots are device ids
-        assert rec["argv"] == [f"--local_rank={rank % 2}", *TRICKY_ARGS]
+        assert rec["argv"] == [f"--local_rank={rank % 2}", *flags, *TRICKY_ARGS]
         # Exported: NCCL*, UCX*, the env file (content not shell-interpreted).
         assert (rec["NCCL_DEBUG"], rec["UCX_TLS"]) == ("INFO", "tcp")
-        assert rec["FROM_ENV_FILE"] == "x y ' \"z\""
+        assert rec["FROM_ENV_FILE"] == 'x y \' "z"'
         assert rec["UNEXPORTED"] is None
         assert rec["cwd"] == str(out_dir)
 
 
-def test_ssh_runner_starts_two_nodes_with_correct_global_ranks(cluster: tuple[Path, dict[str, str]]) -> None:
+def test_ssh_runner_starts_two_nodes_with_correct_global_ranks(
+    cluster: tuple[Path, dict[str, str]],
+) -> None:
     out_dir, env = cluster
     port = free_port()
-    result = run_launch(["-H", "hosts", "--master_port", str(port), DUMP, *TRICKY_ARGS], cwd=out_dir, env=env)
+    result = run_launch(
+        ["-H", "hosts", "--master_port", str(port), DUMP, *TRICKY_ARGS], cwd=out_dir, env=env
+    )
     assert result.returncode == 0, result.stderr
     _check_two_by_two(out_dir, port)
     calls = [json.loads(line) for line in (out_dir / "ssh.log").read_text().splitlines()]
     assert sorted(c["host"] for c in calls) == ["127.0.0.1", "localhost"]
     assert calls[0]["argv"][:2] == ["-o", "BatchMode=yes"]
-
-
-def test_pdsh_runner_starts_two_nodes_with_correct_global_ranks(cluster: tuple[Path, dict[str, str]]) -> None:
-    out_dir, env = cluster
-    port = free_port()
-    result = run_launch(["-H", "hosts", "--launcher", "pdsh", "--master_port", str(port), DUMP, *TRICKY_ARGS],
-                        cwd=out_dir, env=env)
-    assert result.returncode == 0, result.stderr
-    _check_two_by_two(out_dir, port)
-    (call,) = [json.loads(line) for line in (out_dir / "pdsh.log").read_text().splitlines()]
-    assert call["argv"][:5] == ["-S", "-f", "1024", "-w", "localhost,127.0.0.1"]
-    assert "localhost: [rank0]: stdout line from rank 0" in result.stdout
 
 
 @pytest.mark.parametrize("runner", ["ssh", "pdsh"])
@@ -93,9 +93,23 @@ def test_failure_on_one_node_stops_the_other_node_and_returns_its_code(
 ) -> None:
     out_dir, env = cluster
     proc = start_launch(
-        ["-H", "hosts", "--launcher", runner, "--master_port", str(free_port()), "--kill_timeout", "2",
-         SLEEPER, "--fail-rank", "3", "--code", "9"],
-        cwd=out_dir, env=env,
+        [
+            "-H",
+            "hosts",
+            "--launcher",
+            runner,
+            "--master_port",
+            str(free_port()),
+            "--kill_timeout",
+            "2",
+            SLEEPER,
+            "--fail-rank",
+            "3",
+            "--code",
+            "9",
+        ],
+        cwd=out_dir,
+        env=env,
     )
     pids = read_pids(out_dir, 4)
     try:
@@ -108,10 +122,15 @@ def test_failure_on_one_node_stops_the_other_node_and_returns_its_code(
     assert not [pid for pid in pids if running(pid)]
 
 
-def test_ssh_runner_killed_with_sigkill_stops_remote_workers(cluster: tuple[Path, dict[str, str]]) -> None:
+def test_ssh_runner_killed_with_sigkill_stops_remote_workers(
+    cluster: tuple[Path, dict[str, str]],
+) -> None:
     out_dir, env = cluster
-    proc = start_launch(["-H", "hosts", "--master_port", str(free_port()), "--kill_timeout", "2", SLEEPER],
-                        cwd=out_dir, env=env)
+    proc = start_launch(
+        ["-H", "hosts", "--master_port", str(free_port()), "--kill_timeout", "2", SLEEPER],
+        cwd=out_dir,
+        env=env,
+    )
     pids = read_pids(out_dir, 4)
     try:
         proc.send_signal(signal.SIGKILL)
@@ -122,32 +141,65 @@ def test_ssh_runner_killed_with_sigkill_stops_remote_workers(cluster: tuple[Path
         kill_leftovers(pids)
 
 
-def test_sigterm_to_pdsh_runner_stops_every_node_and_exits_143(cluster: tuple[Path, dict[str, str]]) -> None:
+def test_pdsh_runner_gives_correct_global_ranks_and_sigterm_stops_every_node(
+    cluster: tuple[Path, dict[str, str]],
+) -> None:
     out_dir, env = cluster
+    port = free_port()
     proc = start_launch(
-        ["-H", "hosts", "--launcher", "pdsh", "--master_port", str(free_port()), "--kill_timeout", "2", SLEEPER],
-        cwd=out_dir, env=env,
+        [
+            "-H",
+            "hosts",
+            "--launcher",
+            "pdsh",
+            "--master_port",
+            str(port),
+            "--kill_timeout",
+            "2",
+            SLEEPER,
+            "--dump",
+            *TRICKY_ARGS,
+        ],
+        cwd=out_dir,
+        env=env,
     )
     pids = read_pids(out_dir, 4)
     try:
+        wait_for(lambda: len(list(out_dir.glob("rank-*.json"))) == 4, 30, "4 env records")
+        _check_two_by_two(out_dir, port, flags=("--dump",))
+        (call,) = [json.loads(line) for line in (out_dir / "pdsh.log").read_text().splitlines()]
+        assert call["argv"][:5] == ["-S", "-f", "1024", "-w", "localhost,127.0.0.1"]
         proc.send_signal(signal.SIGTERM)
-        code, _, err = finish(proc)
+        code, out, err = finish(proc)
     finally:
         kill_leftovers(pids)
     assert code == 143, err
+    assert "localhost: [rank0]: rank 0 ready" in out  # pdsh's host prefix, then ours
     assert not [pid for pid in pids if running(pid)]
 
 
 def test_node_rank_mode_two_launchers_on_localhost_form_one_gloo_world(tmp_path: Path) -> None:
     port = free_port()
     env = launch_env(tmp_path)
-    common = ["--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
-              "--master_port", str(port), str(HELPERS / "allreduce.py")]
+    common = [
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(HELPERS / "allreduce.py"),
+    ]
     node1 = start_launch(["--node_rank", "1", *common], cwd=tmp_path, env=env)
     node0 = start_launch(["--node_rank", "0", *common], cwd=tmp_path, env=env)
     results = [finish(node0, 120), finish(node1, 120)]
     for code, _, err in results:
         assert code == 0, err
     records = read_records(tmp_path, "allreduce-*.json")
-    assert {r: (v["world_size"], v["sum"]) for r, v in records.items()} == {0: (2, 3.0), 1: (2, 3.0)}
+    assert {r: (v["world_size"], v["sum"]) for r, v in records.items()} == {
+        0: (2, 3.0),
+        1: (2, 3.0),
+    }
     assert "node 1 (node1): starting ranks 1-1 of world size 2" in results[1][2]

@@ -69,17 +69,34 @@ def test_hostfile_filters_and_counts_apply_in_hostfile_order(hostfile: str) -> N
     [
         (LaunchOptions(num_nodes=4), "--num_nodes 4 but hostfile"),
         (LaunchOptions(num_gpus=3), "--num_gpus 3 but host 'node-c' has only 2 slot(s)"),
-        (LaunchOptions(include="node-a", num_gpus=1), "cannot be combined with --num_nodes/--num_gpus"),
-        (LaunchOptions(exclude="node-a", num_nodes=1), "cannot be combined with --num_nodes/--num_gpus"),
+        (
+            LaunchOptions(include="node-a", num_gpus=1),
+            "cannot be combined with --num_nodes/--num_gpus",
+        ),
+        (
+            LaunchOptions(exclude="node-a", num_nodes=1),
+            "cannot be combined with --num_nodes/--num_gpus",
+        ),
         (LaunchOptions(include="node-z"), "host 'node-z' is not in the resource pool"),
         (LaunchOptions(include="node-c:2"), "host 'node-c' has no slot 2"),
     ],
 )
-def test_impossible_resource_requests_are_errors(hostfile: str, opts: LaunchOptions, fragment: str) -> None:
+def test_impossible_resource_requests_are_errors(
+    hostfile: str, opts: LaunchOptions, fragment: str
+) -> None:
     opts.hostfile = hostfile
     with pytest.raises(LaunchError) as info:
         _world(opts)
     assert fragment in str(info.value)
+
+
+def test_job_hostfile_is_the_default_when_present(
+    hostfile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("funczero.launch.resources.DEFAULT_HOSTFILE", hostfile)
+    assert _world(LaunchOptions()).hosts == ["node-a", "node-b", "node-c"]
+    monkeypatch.setattr("funczero.launch.resources.DEFAULT_HOSTFILE", hostfile + ".missing")
+    assert _world(LaunchOptions()).hosts == ["localhost"]
 
 
 def test_hostfile_with_only_zero_slots_means_no_resources(tmp_path: Path) -> None:
@@ -111,7 +128,12 @@ def test_world_survives_encoding_for_remote_nodes() -> None:
 
 def test_env_file_allows_comments_blank_lines_export_and_quotes() -> None:
     text = '# comment\n\nexport A=1\nB = "two words"\nC=$HOME `id` ; rm\nD=a=b\n'
-    assert parse_env_text(text, "f") == {"A": "1", "B": "two words", "C": "$HOME `id` ; rm", "D": "a=b"}
+    assert parse_env_text(text, "f") == {
+        "A": "1",
+        "B": "two words",
+        "C": "$HOME `id` ; rm",
+        "D": "a=b",
+    }
 
 
 @pytest.mark.parametrize(
@@ -127,7 +149,9 @@ def test_bad_env_file_line_is_an_error_naming_the_line(text: str, fragment: str)
     assert fragment in str(info.value)
 
 
-def test_env_file_in_working_directory_overrides_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_file_in_working_directory_overrides_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home, cwd = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     cwd.mkdir()
@@ -160,7 +184,9 @@ def test_plan_picks_loopback_for_one_node_and_first_host_for_several(
     assert local.master_port > 0
     multi = make_plan(LaunchOptions(script="train.py", hostfile=hostfile), environ={}, local_gpus=0)
     assert (multi.launcher, multi.master_addr, multi.master_port) == ("ssh", "node-a", 29500)
-    one = make_plan(LaunchOptions(script="train.py", hostfile=hostfile, include="node-b"), environ={})
+    one = make_plan(
+        LaunchOptions(script="train.py", hostfile=hostfile, include="node-b"), environ={}
+    )
     assert (one.launcher, one.master_addr) == ("local", "127.0.0.1")  # no ssh probe for one host
     with pytest.raises(LaunchError, match="--master_port 0 picks a free port"):
         make_plan(LaunchOptions(script="train.py", hostfile=hostfile, master_port=0), environ={})

@@ -11,14 +11,14 @@ import shlex
 from pathlib import Path
 
 import pytest
+from launch_helpers.common import launch_env, run_launch
+from launch_helpers.fake_pdsh import expand
 
 from funczero.launch.errors import LaunchError
 from funczero.launch.options import LaunchOptions
 from funczero.launch.plan import Plan, make_plan
 from funczero.launch.runners import mpi_command, pdsh_command, pdsh_stop_command, ssh_commands
 from funczero.launch.spec import World
-from launch_helpers.common import launch_env, run_launch
-from launch_helpers.fake_pdsh import expand
 
 ARGS = ["two words", "it's", 'say "hi"', "$HOME", "`id`", "a;b|c&d", "100%n %h %%", "x,y=z", ""]
 ENV = {"NCCL_SOCKET_IFNAME": "eth0,eth1", "PYTHONPATH": "/opt/my lib", "HOME": "/nonexistent"}
@@ -33,7 +33,9 @@ def hostfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def _plan(hostfile: str, **kwargs: object) -> Plan:
-    opts = LaunchOptions(script="train.py", script_args=tuple(ARGS), hostfile=hostfile, **kwargs)  # type: ignore[arg-type]
+    opts = LaunchOptions(script="train.py", script_args=tuple(ARGS), hostfile=hostfile)
+    for name, value in kwargs.items():
+        setattr(opts, name, value)
     return make_plan(opts, environ=ENV, local_gpus=0)
 
 
@@ -95,7 +97,8 @@ def test_slurm_command_passes_exports_through_srun_environment(hostfile: str) ->
     plan = _plan(hostfile, launcher="slurm", exclude="node-c")
     command = mpi_command(plan)
     assert command.argv[:6] == [
-        "srun", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--nodelist=node-a,node-b", "--export=ALL",
+        "srun", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--nodelist=node-a,node-b",
+        "--export=ALL",
     ]  # fmt: skip
     # Values with commas cannot go through --export=K=V; they ride in srun's environment.
     assert command.env["NCCL_SOCKET_IFNAME"] == "eth0,eth1"
@@ -112,21 +115,30 @@ def test_mpi_runners_reject_hosts_with_different_slot_lists(hostfile: str) -> No
         mpi_command(_plan(hostfile, launcher="openmpi", include="node-a@node-b:1"))
 
 
-def test_slurm_without_hostfile_uses_num_nodes_and_needs_master_addr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slurm_without_hostfile_uses_num_nodes_and_needs_master_addr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     opts = LaunchOptions(script="train.py", launcher="slurm", num_nodes=4, num_gpus=8)
-    with pytest.raises(LaunchError, match="--launcher slurm without a hostfile needs --master_addr"):
+    with pytest.raises(
+        LaunchError, match="--launcher slurm without a hostfile needs --master_addr"
+    ):
         make_plan(opts, environ={}, local_gpus=0)
-    opts = LaunchOptions(script="train.py", launcher="slurm", num_nodes=4, num_gpus=8, master_addr="n1")
+    opts = LaunchOptions(
+        script="train.py", launcher="slurm", num_nodes=4, num_gpus=8, master_addr="n1"
+    )
     argv = mpi_command(make_plan(opts, environ={}, local_gpus=0)).argv
     assert argv[:5] == ["srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8", "--export=ALL"]
 
 
 def test_cli_dry_run_prints_a_runnable_mpirun_line(tmp_path: Path) -> None:
     (tmp_path / "hosts").write_text("node-a slots=2\nnode-b slots=2\n")
-    result = run_launch(["-H", "hosts", "--launcher", "openmpi", "--dry_run", "train.py", *ARGS],
-                        cwd=tmp_path, env=launch_env(tmp_path, {"HOME": str(tmp_path)}))
+    result = run_launch(
+        ["-H", "hosts", "--launcher", "openmpi", "--dry_run", "train.py", *ARGS],
+        cwd=tmp_path,
+        env=launch_env(tmp_path, {"HOME": str(tmp_path)}),
+    )
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("mpirun"))
     tokens = shlex.split(line)

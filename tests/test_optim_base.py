@@ -16,6 +16,7 @@ def _params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     return {
         "blocks.0.attn.qkv.weight": torch.randn(6, 2, generator=gen).to(dtype),
         "blocks.0.attn.qkv.bias": torch.randn(6, generator=gen).to(dtype),
+        "logit_scale": torch.randn((), generator=gen).to(dtype),  # 0-d: no dtype promotion
     }
 
 
@@ -41,15 +42,15 @@ def test_public_api_is_pinned() -> None:
 @pytest.mark.parametrize(
     ("fn", "signature"),
     [
-        (optim.sgd, "(learning_rate, momentum=0.0, *, dampening=0.0, nesterov=False, "
-                    "weight_decay=0.0)"),
+        (optim.sgd, ("(learning_rate, momentum=0.0, *, dampening=0.0, nesterov=False, "
+                     "weight_decay=0.0)")),
         (optim.adam, "(learning_rate, b1=0.9, b2=0.999, eps=1e-08, *, weight_decay=0.0)"),
         (optim.adamw, "(learning_rate, b1=0.9, b2=0.999, eps=1e-08, *, weight_decay=0.01)"),
         (optim.lion, "(learning_rate, b1=0.9, b2=0.99, *, weight_decay=0.0)"),
-        (optim.lamb, "(learning_rate, b1=0.9, b2=0.999, eps=1e-06, *, weight_decay=0.0, "
-                     "bias_correction=True, max_coeff=10.0, min_coeff=0.01)"),
-        (optim.adagrad, "(learning_rate, *, lr_decay=0.0, initial_accumulator_value=0.0, "
-                        "eps=1e-10, weight_decay=0.0)"),
+        (optim.lamb, ("(learning_rate, b1=0.9, b2=0.999, eps=1e-06, *, weight_decay=0.0, "
+                      "bias_correction=True, max_coeff=10.0, min_coeff=0.01)")),
+        (optim.adagrad, ("(learning_rate, *, lr_decay=0.0, initial_accumulator_value=0.0, "
+                         "eps=1e-10, weight_decay=0.0)")),
     ],
 )  # fmt: skip
 def test_alias_signatures_are_the_contract(fn, signature: str) -> None:
@@ -98,8 +99,10 @@ def test_state_layout_and_leaf_paths() -> None:
         "0/count",
         "0/mu/blocks.0.attn.qkv.bias",
         "0/mu/blocks.0.attn.qkv.weight",
+        "0/mu/logit_scale",
         "0/nu/blocks.0.attn.qkv.bias",
         "0/nu/blocks.0.attn.qkv.weight",
+        "0/nu/logit_scale",
     ]
     assert isinstance(state[0], optim.ScaleByAdamState)
     assert state[0].count.dtype == torch.int64 and state[0].count.ndim == 0
@@ -133,7 +136,8 @@ def test_apply_updates_casts_back_and_does_not_mutate() -> None:
 def test_moments_are_at_least_fp32(dtype: torch.dtype) -> None:
     params = _params(dtype)
     expected = torch.float64 if dtype == torch.float64 else torch.float32
-    for opt in [optim.adamw(1e-3), optim.sgd(0.1, 0.9), optim.lion(1e-3), optim.adagrad(0.1)]:
+    for opt in [optim.adamw(1e-3), optim.sgd(0.1, 0.9, dampening=0.1), optim.lion(1e-3),
+                optim.adagrad(0.1, lr_decay=0.1), optim.lamb(1e-3)]:  # fmt: skip
         state = opt.init(params)
         grads = {k: torch.ones_like(v) for k, v in params.items()}
         updates, state = opt.update(grads, state, params)
@@ -199,3 +203,14 @@ def test_identity_and_stateless() -> None:
     double = optim.stateless(lambda u, p: {k: 2 * v for k, v in u.items()})
     out, state = double.update(g, double.init(g))
     assert state == optim.EmptyState() and torch.equal(out["w"], 2 * g["w"])
+
+
+def test_missing_gradient_keys_are_an_error_not_a_silently_shrunk_state() -> None:
+    params = _params()
+    partial = {"blocks.0.attn.qkv.bias": torch.ones(6)}
+    for opt in [optim.adamw(1e-3), optim.sgd(0.1, 0.9), optim.lion(1e-3), optim.adagrad(0.1)]:
+        state = opt.init(params)
+        with pytest.raises(KeyError, match=r"missing from the updates: \['blocks.0.attn.qkv.w"):
+            opt.update(partial, state, params)
+        with pytest.raises(KeyError, match=r"zeros for frozen ones"):
+            opt.update_(partial, state, params)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from funczero import optim
-from funczero.optim import fused
+from funczero.optim import _foreach
 
 SHAPES = {"w1": (9, 5), "b1": (5,), "w2": (2, 3, 4), "t": ()}
 
@@ -241,10 +241,27 @@ def test_inplace_update_wraps_any_chain() -> None:
     tx = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2))
     params, grads = _problem(torch.float64, steps=4)
     expected, s_expected = _pure(optim.Optimizer(tx.init, tx.update, None, None), params, grads)
-    update_ = fused.inplace_update(tx)
+    update_ = optim.inplace_update(tx)
     p = {k: v.clone() for k, v in params.items()}
     s = tx.init(p)
     for g in grads:
         s = update_(g, s, p)
     _assert_trees_close(p, expected, rtol=0, atol=0)
     _assert_trees_close(s, s_expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [("lion", "lion_step_"), ("lion_sched_b1", "lion_step_"), ("lamb", "adam_step_"),
+     ("lamb_no_bias_correction", "adam_step_"), ("adam_sched_b1", "adam_step_")],
+)  # fmt: skip
+def test_foreach_paths_run_in_place_and_match_pure_bit_for_bit(monkeypatch, name, path) -> None:
+    calls = []
+    real = getattr(_foreach, path)
+    monkeypatch.setattr(_foreach, path, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    params, grads = _problem(torch.float32, steps=4, seed=5)
+    p_pure, s_pure = _pure(OPTIMIZERS[name](), params, grads)
+    p_fast, s_fast = _inplace(OPTIMIZERS[name](), params, grads)
+    assert len(calls) == len(grads)
+    _assert_trees_close(p_fast, p_pure, rtol=0, atol=0)
+    _assert_trees_close(s_fast, s_pure, rtol=0, atol=0)

@@ -30,10 +30,10 @@ def _lion_reference(params, grads, *, lr, b1, b2, wd):
     p = {k: v.clone() for k, v in params.items()}
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     for g in grads:
-        for k in p:
-            c = b1 * m[k] + (1 - b1) * g[k]
+        for k, gk in g.items():
+            c = b1 * m[k] + (1 - b1) * gk
             p[k] = p[k] - lr * (torch.sign(c) + wd * p[k])
-            m[k] = b2 * m[k] + (1 - b2) * g[k]
+            m[k] = b2 * m[k] + (1 - b2) * gk
     return p
 
 
@@ -43,9 +43,9 @@ def _lamb_reference(params, grads, *, lr, b1, b2, eps, wd, bias_correction, lo, 
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     v = {k: torch.zeros_like(x) for k, x in params.items()}
     for t, g in enumerate(grads, start=1):
-        for k in p:
-            m[k] = b1 * m[k] + (1 - b1) * g[k]
-            v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
+        for k, gk in g.items():
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
             bc1 = 1 - b1**t if bias_correction else 1.0
             bc2 = 1 - b2**t if bias_correction else 1.0
             r = (m[k] / bc1) / ((v[k] / bc2).sqrt() + eps)
@@ -71,7 +71,7 @@ def _run(opt, params, grads, inplace):
 
 def _assert_close(actual, expected, tol=1e-10):
     for k in expected:
-        err = ((actual[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-300))
+        err = (actual[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-300)
         assert err.item() <= tol, f"{k}: relative error {err.item():.3e}"
 
 

@@ -58,7 +58,7 @@ def _unshard(shards: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor
     out = {}
     for k, v in like.items():
         flat = torch.cat([s[k] for s in shards])
-        assert torch.all(flat[v.numel():] == 0), f"{k}: padding is no longer zero"
+        assert torch.all(flat[v.numel() :] == 0), f"{k}: padding is no longer zero"
         out[k] = flat[: v.numel()].reshape(v.shape)
     return out
 

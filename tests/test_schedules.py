@@ -189,8 +189,8 @@ def _reference(kind: str, params: dict[str, Any]) -> tuple[Callable, Callable | 
         return (lambda it: ds_warmup_cosine_lr(it, base_lr=BASE_LR, **params)), None, 0.0
     if kind == "OneCycle":
         # The constructor writes cycle_min_lr (and cycle_min_mom) for it = -1.
-        lr = lambda it: params["cycle_min_lr"] if it < 0 else ds_one_cycle(it, **params)[0]  # noqa: E731
-        mom = lambda it: ds_one_cycle(it, **params)[1]  # noqa: E731
+        lr = lambda it: params["cycle_min_lr"] if it < 0 else ds_one_cycle(it, **params)[0]
+        mom = lambda it: ds_one_cycle(it, **params)[1]
         momentum = params.get("cycle_momentum", True)
         return lr, (mom if momentum else None), params.get("cycle_min_mom", 0.8)
     return (lambda it: ds_lr_range_test(it, **params)), None, 0.0

@@ -30,8 +30,8 @@ from funczero.checkpoint.tensorfile import TensorFile, _as_bytes
 
 __all__ = ["BLOCK_ELEMS", "ShardReader", "derive_rng"]
 
-BLOCK_ELEMS = 1 << 22
-"""Elements per streamed block (16 MiB of fp32): bounds the memory of streaming tools."""
+BLOCK_ELEMS = 1 << 20
+"""Elements per streamed block (4 MiB of fp32): bounds the memory of streaming tools."""
 
 
 class ShardReader:

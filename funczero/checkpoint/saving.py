@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -303,8 +304,6 @@ def save(
             fsync_dir(tmp)
             replace_dir(tmp, root / tag)
             write_latest(root, tag)
-            if keep_last is not None:
-                apply_retention(root, keep_last, protect=[tag])
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             status["error"] = f"{type(e).__name__}: {e}"
@@ -314,6 +313,11 @@ def save(
         _collect(results, f"committing checkpoint {root / tag}")
     except SaveError as e:
         raise e from error
+    if rank == 0 and keep_last is not None:
+        try:
+            apply_retention(root, keep_last, protect=[tag])
+        except OSError as e:  # the new checkpoint is committed; old ones just linger
+            warnings.warn(f"keep_last={keep_last}: could not delete old checkpoints in {root}: {e}", stacklevel=2)
     return root / tag
 
 

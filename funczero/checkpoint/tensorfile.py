@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -55,6 +56,17 @@ _FROM_ST = {v: k for k, v in _ST.items()}
 # safetensors' own limit; a larger header is refused instead of read into memory.
 _MAX_HEADER = 100_000_000
 _BLOCK = 16 << 20
+
+
+_POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    """The hashing thread of this process (a forked child gets its own: threads do not fork)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, "funczero-sha256"))
+    return _POOL[1]
 
 
 def st_dtype(dtype: torch.dtype) -> str:
@@ -158,8 +170,17 @@ class TensorFileWriter:
         data = _as_bytes(part.contiguous())
         if self._filled + len(data) > size:
             raise ValueError(f"{self.path}: entry {key!r} overflows its {size} bytes")
-        self._hash.update(data)
-        self._write(data)
+        # Hash block i on a helper thread while block i is written: both release the GIL,
+        # so checksums cost (almost) no wall time on top of the write.
+        pending = None
+        for lo in range(0, len(data), _BLOCK):
+            block = data[lo : lo + _BLOCK]
+            if pending is not None:
+                pending.result()
+            pending = _hasher().submit(self._hash.update, block)
+            self._write(block)
+        if pending is not None:
+            pending.result()
         self._filled += len(data)
         self._skip_empty()
 

@@ -107,7 +107,10 @@ def toy_state(
         master=master,
         opt_state=(moments, EmptyState()),
         loss_scale=(torch.tensor(2.0**seed), torch.tensor(seed, dtype=torch.int32)),
-        buffers={"running_mean": full["w"][0].clone(), "num_batches": torch.tensor(seed + 7)},
+        buffers={
+            "running_mean": torch.linspace(-1.0, 1.0, 4) * seed,
+            "num_batches": torch.tensor(seed + 7),
+        },
         rng=init_rng(seed + 1000, device=torch.device("cpu"), rank=rank),
         skipped=torch.tensor(1, dtype=torch.int64),
         layout=layout,

@@ -68,15 +68,18 @@ def launch(
     hostfile: Annotated[
         str | None,
         typer.Option(
-            "--hostfile", "-H",
+            "--hostfile",
+            "-H",
             help="'HOST slots=N' per line. Default: /job/hostfile when present, else this machine.",
-            rich_help_panel=_RESOURCES, show_default=False,
+            rich_help_panel=_RESOURCES,
+            show_default=False,
         ),
     ] = None,
     include: Annotated[
         str,
         typer.Option(
-            "--include", "-i",
+            "--include",
+            "-i",
             help="Use only these hosts/slots: HOST[:SLOT[,SLOT...]][@HOST...].",
             rich_help_panel=_RESOURCES,
         ),
@@ -84,7 +87,8 @@ def launch(
     exclude: Annotated[
         str,
         typer.Option(
-            "--exclude", "-e",
+            "--exclude",
+            "-e",
             help="Leave out these hosts/slots (same grammar as --include).",
             rich_help_panel=_RESOURCES,
         ),
@@ -92,34 +96,46 @@ def launch(
     num_nodes: Annotated[
         int | None,
         typer.Option(
-            "--num_nodes", "--nnodes",
-            help="Use the first N hosts.", rich_help_panel=_RESOURCES, show_default=False,
+            "--num_nodes",
+            "--nnodes",
+            help="Use the first N hosts.",
+            rich_help_panel=_RESOURCES,
+            show_default=False,
         ),
     ] = None,
     num_gpus: Annotated[
         int | None,
         typer.Option(
-            "--num_gpus", "--nproc_per_node", "--nproc-per-node", "--num_accelerators",
+            "--num_gpus",
+            "--nproc_per_node",
+            "--nproc-per-node",
+            "--num_accelerators",
             help="Use the first N slots of every host; with no GPU, the number of CPU "
             "processes (default 1).",
-            rich_help_panel=_RESOURCES, show_default=False,
+            rich_help_panel=_RESOURCES,
+            show_default=False,
         ),
     ] = None,
     module: Annotated[
         bool,
-        typer.Option("--module", "-m", help="Run SCRIPT as 'python -m SCRIPT'.", rich_help_panel=_PROGRAM),
+        typer.Option(
+            "--module", "-m", help="Run SCRIPT as 'python -m SCRIPT'.", rich_help_panel=_PROGRAM
+        ),
     ] = False,
     no_python: Annotated[
         bool,
         typer.Option(
-            "--no_python", "--no-python", help="Execute SCRIPT directly, not through Python.",
+            "--no_python",
+            "--no-python",
+            help="Execute SCRIPT directly, not through Python.",
             rich_help_panel=_PROGRAM,
         ),
     ] = False,
     no_local_rank: Annotated[
         bool,
         typer.Option(
-            "--no_local_rank", help="Do not append --local_rank=N to the script's arguments.",
+            "--no_local_rank",
+            help="Do not append --local_rank=N to the script's arguments.",
             rich_help_panel=_PROGRAM,
         ),
     ] = False,
@@ -129,14 +145,18 @@ def launch(
             "--env_file",
             help="KEY=VALUE file exported to every worker, read instead of ~/.funczero_env "
             "and ./.funczero_env.",
-            rich_help_panel=_PROGRAM, show_default=False,
+            rich_help_panel=_PROGRAM,
+            show_default=False,
         ),
     ] = None,
     log_dir: Annotated[
         str | None,
         typer.Option(
-            "--log_dir", "--log-dir", help="Write each rank's stdout+stderr to LOG_DIR/rank-NNNNN.log.",
-            rich_help_panel=_SUPERVISION, show_default=False,
+            "--log_dir",
+            "--log-dir",
+            help="Write each rank's stdout+stderr to LOG_DIR/rank-NNNNN.log.",
+            rich_help_panel=_SUPERVISION,
+            show_default=False,
         ),
     ] = None,
     save_pid: Annotated[
@@ -145,13 +165,15 @@ def launch(
             "--save_pid",
             help="Write the per-node launcher's PID to this file ('{node_rank}' is "
             "substituted); removed on exit.",
-            rich_help_panel=_SUPERVISION, show_default=False,
+            rich_help_panel=_SUPERVISION,
+            show_default=False,
         ),
     ] = None,
     kill_timeout: Annotated[
         float,
         typer.Option(
-            "--kill_timeout", help="Seconds between SIGTERM and SIGKILL when stopping workers.",
+            "--kill_timeout",
+            help="Seconds between SIGTERM and SIGKILL when stopping workers.",
             rich_help_panel=_SUPERVISION,
         ),
     ] = 30.0,
@@ -166,14 +188,18 @@ def launch(
     bind_core_list: Annotated[
         str | None,
         typer.Option(
-            "--bind_core_list", help="Cores to share out, e.g. '0-15,32-47'.",
-            rich_help_panel=_SUPERVISION, show_default=False,
+            "--bind_core_list",
+            help="Cores to share out, e.g. '0-15,32-47'.",
+            rich_help_panel=_SUPERVISION,
+            show_default=False,
         ),
     ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
-            "--dry_run", "--dry-run", help="Print each node's command and environment; run nothing.",
+            "--dry_run",
+            "--dry-run",
+            help="Print each node's command and environment; run nothing.",
             rich_help_panel=_SUPERVISION,
         ),
     ] = False,
@@ -183,28 +209,33 @@ def launch(
             "--launcher",
             help="local, ssh, pdsh, openmpi, mpich or slurm. Default: local for one node, ssh "
             "for several.",
-            rich_help_panel=_MULTINODE, show_default=False,
+            rich_help_panel=_MULTINODE,
+            show_default=False,
         ),
     ] = None,
     launcher_args: Annotated[
         str,
         typer.Option(
-            "--launcher_args", help="Extra arguments for ssh/pdsh/mpirun/srun (shell-split).",
+            "--launcher_args",
+            help="Extra arguments for ssh/pdsh/mpirun/srun (shell-split).",
             rich_help_panel=_MULTINODE,
         ),
     ] = "",
     master_addr: Annotated[
         str | None,
         typer.Option(
-            "--master_addr", "--master-addr",
+            "--master_addr",
+            "--master-addr",
             help="Address of the rank-0 host. Default: 127.0.0.1 on one node, else the first host.",
-            rich_help_panel=_MULTINODE, show_default=False,
+            rich_help_panel=_MULTINODE,
+            show_default=False,
         ),
     ] = None,
     master_port: Annotated[
         int,
         typer.Option(
-            "--master_port", "--master-port",
+            "--master_port",
+            "--master-port",
             help="Rendezvous port; 0 picks a free port (single node).",
             rich_help_panel=_MULTINODE,
         ),
@@ -212,41 +243,54 @@ def launch(
     node_rank: Annotated[
         int | None,
         typer.Option(
-            "--node_rank", "--node-rank",
+            "--node_rank",
+            "--node-rank",
             help="Start only this node, by hand (run the same command on each node).",
-            rich_help_panel=_MULTINODE, show_default=False,
+            rich_help_panel=_MULTINODE,
+            show_default=False,
         ),
     ] = None,
     elastic: Annotated[
         bool,
         typer.Option(
-            "--elastic", help="Run under torch.distributed.elastic (c10d rendezvous, restarts).",
+            "--elastic",
+            help="Run under torch.distributed.elastic (c10d rendezvous, restarts).",
             rich_help_panel=_ELASTIC,
         ),
     ] = False,
     min_nodes: Annotated[
         int | None,
-        typer.Option("--min_nodes", help="Fewest nodes to start with.", rich_help_panel=_ELASTIC,
-                     show_default=False),
+        typer.Option(
+            "--min_nodes",
+            help="Fewest nodes to start with.",
+            rich_help_panel=_ELASTIC,
+            show_default=False,
+        ),
     ] = None,
     max_nodes: Annotated[
         int | None,
-        typer.Option("--max_nodes", help="Most nodes to admit.", rich_help_panel=_ELASTIC,
-                     show_default=False),
+        typer.Option(
+            "--max_nodes", help="Most nodes to admit.", rich_help_panel=_ELASTIC, show_default=False
+        ),
     ] = None,
     max_restarts: Annotated[
         int | None,
         typer.Option(
-            "--max_restarts", "--max-restarts",
+            "--max_restarts",
+            "--max-restarts",
             help="Worker-group restarts after a failure (default 3).",
-            rich_help_panel=_ELASTIC, show_default=False,
+            rich_help_panel=_ELASTIC,
+            show_default=False,
         ),
     ] = None,
     run_id: Annotated[
         str | None,
         typer.Option(
-            "--run_id", "--rdzv-id", help="Rendezvous id (default: derived from master addr:port).",
-            rich_help_panel=_ELASTIC, show_default=False,
+            "--run_id",
+            "--rdzv-id",
+            help="Rendezvous id (default: derived from master addr:port).",
+            rich_help_panel=_ELASTIC,
+            show_default=False,
         ),
     ] = None,
 ) -> None:

@@ -105,6 +105,7 @@ def run(argv: Sequence[str]) -> int:
                 log_dir=args.log_dir,
                 kill_timeout=args.kill_timeout,
                 visible_devices=node.visible_devices() if world.accelerator == "cuda" else None,
+                save_pid=args.save_pid,
             )
         )
     from funczero.launch.node import NodeConfig, run_node

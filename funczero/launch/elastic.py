@@ -5,7 +5,8 @@ Nothing is re-implemented: the agent, the c10d rendezvous (on
 (``torch.distributed.launcher.api.elastic_launch``). funczero adds:
 
 * a parent-death signal for every worker (``pdeath.py`` exec wrapper), which
-  torchrun lacks, so a SIGKILLed agent does not orphan its workers;
+  torchrun lacks, so a SIGKILLed agent does not orphan its workers, and a watchdog
+  that then kills the workers' process groups (their children);
 * ``--local_rank=${local_rank}`` (torch substitutes the macro per worker);
 * short failure reports and shell-style exit codes.
 
@@ -16,15 +17,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from funczero.launch.errors import exit_code_for
+from funczero.launch.procs import Watchdog, write_pid_file
 from funczero.launch.spec import SCHEDULER_RANK_VARS, Program
 
-__all__ = ["LOCAL_RANK_MACRO", "ElasticConfig", "default_run_id", "elastic_entrypoint", "run_elastic"]
+__all__ = [
+    "LOCAL_RANK_MACRO",
+    "ElasticConfig",
+    "default_run_id",
+    "elastic_entrypoint",
+    "run_elastic",
+]
 
 _PDEATH_SCRIPT = Path(__file__).with_name("pdeath.py")
 #: The macro torch.distributed.elastic replaces with each worker's local rank.
@@ -53,6 +63,8 @@ class ElasticConfig:
         kill_timeout: Seconds between SIGTERM and SIGKILL when stopping workers.
         extra_env: Variables set for every worker (env file).
         visible_devices: ``CUDA_VISIBLE_DEVICES`` for this node's workers, or None.
+        save_pid: File to write the agent's PID to (``{node_rank}`` is not known in
+            elastic mode and stays as written), or None.
     """
 
     program: Program
@@ -67,6 +79,7 @@ class ElasticConfig:
     kill_timeout: float = 30.0
     extra_env: Mapping[str, str] = field(default_factory=dict)
     visible_devices: str | None = None
+    save_pid: str | None = None
 
 
 def elastic_entrypoint(program: Program, agent_pid: int) -> tuple[str, list[str]]:
@@ -126,6 +139,12 @@ def run_elastic(config: ElasticConfig) -> int:
         f"max_restarts {config.max_restarts}, rendezvous c10d at "
         f"{config.master_addr}:{config.master_port} id {config.run_id}"
     )
+    pid_file = write_pid_file(config.save_pid) if config.save_pid is not None else None
+    # Workers register their process groups here (pdeath.py); if this agent is
+    # killed, the watchdog kills those groups, grandchildren included.
+    watchdog_dir = tempfile.mkdtemp(prefix="funczero-watchdog-")
+    os.environ["FUNCZERO_WATCHDOG_DIR"] = watchdog_dir
+    watchdog = Watchdog(config.kill_timeout, watchdog_dir)
     try:
         elastic_launch(launch_config, entrypoint)(*args)
     except ChildFailedError as exc:
@@ -142,4 +161,10 @@ def run_elastic(config: ElasticConfig) -> int:
     except RendezvousError as exc:
         _say(f"rendezvous at {config.master_addr}:{config.master_port} failed: {exc}")
         return 1
+    finally:
+        watchdog.close()
+        shutil.rmtree(watchdog_dir, ignore_errors=True)
+        os.environ.pop("FUNCZERO_WATCHDOG_DIR", None)
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
     return 0

@@ -189,9 +189,7 @@ def _keeps(selection: set[int] | None, slot: int) -> bool:
     return selection is None or slot in selection
 
 
-def apply_filters(
-    pool: Mapping[str, list[int]], include: str = "", exclude: str = ""
-) -> Pool:
+def apply_filters(pool: Mapping[str, list[int]], include: str = "", exclude: str = "") -> Pool:
     """Apply DeepSpeed's include/exclude semantics to a pool.
 
     Include keeps only the listed hosts (a bare host keeps all its slots); exclude

@@ -79,10 +79,11 @@ def execute(plan: Plan) -> int:
 def render_plan(plan: Plan) -> str:
     """Describe what would run: each node's command and environment."""
     world = plan.world
-    lines = [
+    header = (
         f"# funczero launch --dry_run: launcher {plan.launcher}, {len(world.nodes)} node(s), "
         f"world size {world.world_size}, master {plan.master_addr}:{plan.master_port}"
-    ]
+    )
+    lines = [header]
     for rank, node in enumerate(world.nodes):
         ranks = world.ranks(rank)
         lines.append(

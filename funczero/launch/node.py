@@ -23,17 +23,30 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from funczero.launch.errors import LaunchError, exit_code_for
 from funczero.launch.output import RankOutput
-from funczero.launch.procs import Watchdog, make_preexec, set_child_subreaper, terminate_descendants
+from funczero.launch.procs import (
+    Watchdog,
+    make_preexec,
+    set_child_subreaper,
+    terminate_descendants,
+    write_pid_file,
+)
 from funczero.launch.spec import SCHEDULER_RANK_VARS, Program, World, worker_environment
 
-__all__ = ["JOB_FAILED_MARKER", "NodeConfig", "WorkerPlan", "job_pid_file", "plan_workers", "run_node"]
+__all__ = [
+    "JOB_FAILED_MARKER",
+    "NodeConfig",
+    "WorkerPlan",
+    "job_pid_file",
+    "plan_workers",
+    "run_node",
+]
 
 #: Printed (with the job id) to stdout when a node fails, so a pdsh runner that only
 #: sees the merged output of all nodes can stop the others at once.
@@ -144,7 +157,9 @@ def plan_workers(config: NodeConfig, environ: Mapping[str, str] | None = None) -
 
 
 class _Worker:
-    def __init__(self, plan: WorkerPlan, popen: subprocess.Popen[bytes], output: RankOutput) -> None:
+    def __init__(
+        self, plan: WorkerPlan, popen: subprocess.Popen[bytes], output: RankOutput
+    ) -> None:
         self.plan = plan
         self.popen = popen
         self.output = output
@@ -188,28 +203,23 @@ class NodeLauncher:
 
     # -- setup -----------------------------------------------------------------------------
     def _write_pid_files(self) -> None:
-        paths = []
         if self.config.save_pid is not None:
-            paths.append(Path(self.config.save_pid.replace("{node_rank}", str(self.config.node_rank))))
+            path = self.config.save_pid.replace("{node_rank}", str(self.config.node_rank))
+            self._pid_files.append(write_pid_file(path))
         if self.config.job_id is not None:
-            paths.append(Path(job_pid_file(self.config.job_id, self.config.node_rank)))
-        for path in paths:
-            if path.exists():
-                old = path.read_text().strip()
-                if old.isdigit() and _pid_alive(int(old)):
-                    raise LaunchError(
-                        f"--save_pid {path}: the file names running process {old}; stop it "
-                        "or choose another path"
-                    )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{os.getpid()}\n")
-            self._pid_files.append(path)
+            path = job_pid_file(self.config.job_id, self.config.node_rank)
+            self._pid_files.append(write_pid_file(path, "job pid file"))
 
     def _spawn(self, plans: list[WorkerPlan]) -> None:
         console_lock = threading.Lock()
         base_env = {k: v for k, v in os.environ.items() if k not in SCHEDULER_RANK_VARS}
         stdin = subprocess.DEVNULL if self.config.watch_stdin else None
         outputs = []
+        launcher_pid = os.getpid()
+
+        def preexec(cpus: tuple[int, ...] | None) -> Callable[[], None]:
+            return make_preexec(launcher_pid, signal.SIGTERM, cpus)
+
         # Spawn every worker before any output thread starts: preexec_fn is only safe
         # in a single-threaded parent.
         for plan in plans:
@@ -221,7 +231,8 @@ class NodeLauncher:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     start_new_session=True,
-                    preexec_fn=make_preexec(os.getpid(), signal.SIGTERM, plan.cpus),
+                    # Safe: no thread of ours is running yet (see the comment above).
+                    preexec_fn=preexec(plan.cpus),  # noqa: PLW1509
                 )
             except OSError as exc:
                 raise LaunchError(
@@ -235,8 +246,8 @@ class NodeLauncher:
             outputs.append((output, popen))
         for output, popen in outputs:
             assert popen.stdout is not None and popen.stderr is not None
-            output.pump(popen.stdout, sys.stdout.buffer)
-            output.pump(popen.stderr, sys.stderr.buffer)
+            output.pump("stdout", popen.stdout, sys.stdout.buffer)
+            output.pump("stderr", popen.stderr, sys.stderr.buffer)
         if self.config.watch_stdin:
             threading.Thread(target=self._watch_stdin, name="stdin-watch", daemon=True).start()
 
@@ -251,7 +262,10 @@ class NodeLauncher:
         while True:
             if self._signal is not None:
                 name = signal.Signals(self._signal).name
-                _say(f"node {self.config.node_rank}: received {name}; stopping {len(self.workers)} worker(s)")
+                _say(
+                    f"node {self.config.node_rank}: received {name}; stopping "
+                    f"{len(self.workers)} worker(s)"
+                )
                 return 128 + self._signal
             if self._stdin_closed.is_set():
                 _say(
@@ -285,15 +299,21 @@ class NodeLauncher:
         )
         self._failed = worker
         if self.config.job_id is not None:
-            print(f"{JOB_FAILED_MARKER} {self.config.job_id} node={self.config.node_rank} code={code}", flush=True)
+            print(
+                f"{JOB_FAILED_MARKER} {self.config.job_id} node={self.config.node_rank} "
+                f"code={code}",
+                flush=True,
+            )
         return code
 
     def _print_tail(self, worker: _Worker) -> None:
-        where = f" (full log: {worker.output.log_file})" if worker.output.log_file else ""
-        lines = worker.output.tail()
-        _say(f"last {len(lines)} line(s) of rank {worker.plan.rank}{where}:")
-        for line in lines:
-            print(f"  | {line}", file=sys.stderr)
+        if worker.output.log_file:
+            _say(f"full log of rank {worker.plan.rank}: {worker.output.log_file}")
+        for stream in ("stdout", "stderr"):
+            lines = worker.output.tail(stream)
+            if lines:
+                _say(f"last {len(lines)} {stream} line(s) of rank {worker.plan.rank}:")
+                print("".join(f"  | {line}\n" for line in lines), end="", file=sys.stderr)
         sys.stderr.flush()
 
     def run(self) -> int:
@@ -335,20 +355,12 @@ class NodeLauncher:
         self._restore_signal_handlers()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _prepare_log_dir(log_dir: str) -> None:
     path = Path(log_dir)
     if path.exists() and not path.is_dir():
-        raise LaunchError(f"--log_dir {log_dir!r} is a file; pass a directory (it is created if missing)")
+        raise LaunchError(
+            f"--log_dir {log_dir!r} is a file; pass a directory (it is created if missing)"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

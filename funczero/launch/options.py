@@ -100,7 +100,9 @@ class LaunchOptions:
                 "with one mechanism"
             )
         if self.bind_core_list is not None and not self.bind_cores_to_rank:
-            raise LaunchError("--bind_core_list needs --bind_cores_to_rank; add it or drop the list")
+            raise LaunchError(
+                "--bind_core_list needs --bind_cores_to_rank; add it or drop the list"
+            )
 
     def _validate_numbers(self) -> None:
         for flag, value in (("--num_nodes", self.num_nodes), ("--num_gpus", self.num_gpus)):
@@ -153,7 +155,9 @@ class LaunchOptions:
                 ("--run_id", self.run_id),
             ):
                 if value is not None:
-                    raise LaunchError(f"{flag} only applies with --elastic; add --elastic or drop it")
+                    raise LaunchError(
+                        f"{flag} only applies with --elastic; add --elastic or drop it"
+                    )
             return
         if self.node_rank is not None:
             raise LaunchError(
@@ -162,14 +166,21 @@ class LaunchOptions:
             )
         if self.launcher in MPI_LAUNCHERS:
             raise LaunchError(
-                f"--elastic is not supported with --launcher {self.launcher}; use local, ssh or pdsh"
+                f"--elastic is not supported with --launcher {self.launcher}; use local, ssh "
+                "or pdsh"
             )
         if self.bind_cores_to_rank:
-            raise LaunchError("--bind_cores_to_rank is not supported with --elastic; drop one of them")
+            raise LaunchError(
+                "--bind_cores_to_rank is not supported with --elastic; drop one of them"
+            )
         for flag, value in (("--min_nodes", self.min_nodes), ("--max_nodes", self.max_nodes)):
             if value is not None and value < 1:
                 raise LaunchError(f"{flag} {value} must be >= 1")
-        if self.min_nodes is not None and self.max_nodes is not None and self.min_nodes > self.max_nodes:
+        if (
+            self.min_nodes is not None
+            and self.max_nodes is not None
+            and self.min_nodes > self.max_nodes
+        ):
             raise LaunchError(
                 f"--min_nodes {self.min_nodes} is larger than --max_nodes {self.max_nodes}"
             )

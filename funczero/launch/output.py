@@ -2,8 +2,9 @@
 
 Each worker's stdout and stderr are pipes read by one thread each. Lines go to the
 launcher's stdout/stderr with a rank prefix, to ``LOG_DIR/rank-NNNNN.log`` (both
-streams, in arrival order) when ``--log_dir`` is set, and to a short in-memory
-tail that the launcher prints when that rank fails.
+streams, in arrival order) when ``--log_dir`` is set, and to short in-memory
+tails (one per stream: which of two pipes was written first is unknowable, so a
+merged tail could drop the traceback) that the launcher prints when the rank fails.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import IO, BinaryIO
 
 __all__ = ["TAIL_LINES", "RankOutput", "log_path"]
 
-TAIL_LINES = 20
+#: Lines kept per stream for the failure report.
+TAIL_LINES = {"stdout": 10, "stderr": 20}
 
 
 def log_path(log_dir: str | Path, rank: int) -> Path:
@@ -38,25 +40,30 @@ class RankOutput:
         self.log_file: Path | None = None if log_dir is None else log_path(log_dir, rank)
         self._console_lock = console_lock
         self._lock = threading.Lock()
-        self._log: BinaryIO | None = None if self.log_file is None else open(self.log_file, "wb")  # noqa: SIM115
-        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._log: BinaryIO | None = None
+        if self.log_file is not None:
+            self._log = open(self.log_file, "wb")  # noqa: SIM115 - closed in close()
+        self._tails = {name: collections.deque[str](maxlen=n) for name, n in TAIL_LINES.items()}
         self._threads: list[threading.Thread] = []
 
-    def pump(self, source: IO[bytes], console: BinaryIO) -> None:
-        """Start a thread copying ``source`` lines to ``console`` (and the log)."""
+    def pump(self, name: str, source: IO[bytes], console: BinaryIO) -> None:
+        """Start a thread copying stream ``name``'s lines to ``console`` (and the log)."""
         thread = threading.Thread(
-            target=self._copy, args=(source, console), name=f"rank{self.rank}-output", daemon=True
+            target=self._copy,
+            args=(self._tails[name], source, console),
+            name=f"rank{self.rank}-{name}",
+            daemon=True,
         )
         thread.start()
         self._threads.append(thread)
 
-    def _copy(self, source: IO[bytes], console: BinaryIO) -> None:
+    def _copy(self, tail: collections.deque[str], source: IO[bytes], console: BinaryIO) -> None:
         try:
             for line in iter(source.readline, b""):
                 if not line.endswith(b"\n"):
                     line += b"\n"
                 with self._lock:
-                    self._tail.append(line.decode(errors="replace").rstrip("\n"))
+                    tail.append(line.decode(errors="replace").rstrip("\n"))
                     if self._log is not None:
                         self._log.write(line)
                         self._log.flush()
@@ -69,10 +76,10 @@ class RankOutput:
         finally:
             source.close()
 
-    def tail(self) -> list[str]:
-        """Return the last lines this rank printed (both streams)."""
+    def tail(self, name: str) -> list[str]:
+        """Return the last lines this rank printed on stream ``name``."""
         with self._lock:
-            return list(self._tail)
+            return list(self._tails[name])
 
     def close(self, timeout: float = 2.0) -> None:
         """Wait for the pipes to drain, then close the log file."""

@@ -3,7 +3,9 @@
 torch.distributed.elastic starts workers without ``PR_SET_PDEATHSIG``, so a
 SIGKILLed agent orphans them. The agent runs ``python -I pdeath.py PARENT_PID --
 CMD...`` instead of ``CMD``: this sets the signal (kept across ``execve``) and then
-replaces itself with ``CMD``, so no extra process remains. Stdlib only.
+replaces itself with ``CMD``, so no extra process remains. When
+``FUNCZERO_WATCHDOG_DIR`` is set it also registers its process group there, for
+the agent's watchdog to kill grandchildren too. Stdlib only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def main(argv: list[str]) -> int:
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         if os.getppid() != parent:  # the agent died before prctl took effect
             return 128 + int(signal.SIGTERM)
+    watchdog_dir = os.environ.pop("FUNCZERO_WATCHDOG_DIR", None)
+    # torch starts each worker in its own session, so its group id is its pid.
+    if watchdog_dir and os.getpgid(0) == os.getpid():
+        try:
+            open(os.path.join(watchdog_dir, str(os.getpid())), "w").close()
+        except OSError:
+            pass  # the parent-death signal still covers the worker itself
     try:
         os.execvp(cmd[0], cmd)
     except OSError as exc:

@@ -112,6 +112,7 @@ class Plan:
             kill_timeout=self.opts.kill_timeout,
             extra_env=self.env_file_vars,
             visible_devices=node.visible_devices() if self.world.accelerator == "cuda" else None,
+            save_pid=self.opts.save_pid,
         )
 
 
@@ -157,8 +158,13 @@ def _slurm_first_node(environ: Mapping[str, str]) -> str:
     )
 
 
-def _master_addr(opts: LaunchOptions, world: World, launcher: str, hostfile: Path | None,
-                 environ: Mapping[str, str]) -> str:
+def _master_addr(
+    opts: LaunchOptions,
+    world: World,
+    launcher: str,
+    hostfile: Path | None,
+    environ: Mapping[str, str],
+) -> str:
     if opts.master_addr:
         return opts.master_addr
     if launcher == "local" and (len(world.nodes) == 1 or opts.elastic):

@@ -32,6 +32,7 @@ __all__ = [
     "reap_adopted_zombies",
     "set_child_subreaper",
     "terminate_descendants",
+    "write_pid_file",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -193,19 +194,52 @@ def reap_adopted_zombies(sessions: Iterable[int]) -> None:
                     os.waitpid(proc.pid, os.WNOHANG)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_pid_file(path: str | Path, flag: str = "--save_pid") -> Path:
+    """Write this process's PID to ``path``; the caller removes the file when done.
+
+    Raises:
+        LaunchError: If the file already names a running process.
+    """
+    from funczero.launch.errors import LaunchError
+
+    path = Path(path)
+    if path.exists():
+        old = path.read_text().strip()
+        if old.isdigit() and int(old) != os.getpid() and _pid_alive(int(old)):
+            raise LaunchError(
+                f"{flag} {path}: the file names running process {old}; stop it or choose "
+                "another path"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
 class Watchdog:
     """Kill the workers' process groups if this launcher dies without cleaning up.
 
     The watchdog runs ``watchdog.py`` in its own session with ``python -I`` (no
     package import, so it starts fast). It reads ``pgid N`` lines from a pipe; on
     ``exit`` it leaves quietly, on end-of-file (the launcher died) it kills.
+    With ``pgid_dir``, groups may also register as files in that directory.
     """
 
-    def __init__(self, kill_timeout: float) -> None:
+    def __init__(self, kill_timeout: float, pgid_dir: str | None = None) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        extra = [] if pgid_dir is None else [pgid_dir]
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", str(_WATCHDOG_SCRIPT), str(kill_timeout)],
+                [sys.executable, "-I", str(_WATCHDOG_SCRIPT), str(kill_timeout), *extra],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,

@@ -89,7 +89,8 @@ class Supervisor:
                     stdout=subprocess.PIPE if self.job_id else None,
                     # If the runner dies, its ssh/pdsh/mpirun children go too, which
                     # closes the connections the remote launchers watch.
-                    preexec_fn=make_preexec(os.getpid(), signal.SIGTERM),
+                    # Safe: the output threads start only after every fork.
+                    preexec_fn=make_preexec(os.getpid(), signal.SIGTERM),  # noqa: PLW1509
                 )
             )
         if self.job_id:  # threads only after every fork (preexec_fn safety)

@@ -169,7 +169,11 @@ def _ranks_per_node(plan: Plan, launcher: str, ragged_ok: bool) -> list[int]:
     nodes = plan.world.nodes
     longest = max(nodes, key=lambda n: len(n.slots))
     for node in nodes:
-        same = node.slots == longest.slots[: len(node.slots)] if ragged_ok else node.slots == longest.slots
+        same = (
+            node.slots == longest.slots[: len(node.slots)]
+            if ragged_ok
+            else node.slots == longest.slots
+        )
         if not same:
             raise LaunchError(
                 f"--launcher {launcher} gives every host the same device list, but host "
@@ -189,7 +193,9 @@ def mpi_command(plan: Plan) -> Command:
     env.update(MASTER_ADDR=plan.master_addr, MASTER_PORT=str(plan.master_port))
     if plan.world.accelerator == "cuda" and launcher != "slurm":
         # Slurm's GRES sets CUDA_VISIBLE_DEVICES per task; MPI needs it from us.
-        env["CUDA_VISIBLE_DEVICES"] = max(plan.world.nodes, key=lambda n: len(n.slots)).visible_devices()
+        env["CUDA_VISIBLE_DEVICES"] = max(
+            plan.world.nodes, key=lambda n: len(n.slots)
+        ).visible_devices()
     # One command for all ranks, so no per-rank --local_rank: workers read it from env.
     program = dataclasses.replace(plan.program, no_local_rank=True).argv(0)
     extra = _launcher_args(plan)

@@ -1,16 +1,18 @@
 """Watchdog that kills worker process groups when the launcher dies.
 
-Run as ``python -I watchdog.py KILL_TIMEOUT`` (stdlib only: it must not import the
-package, which may be slow to import). Protocol on stdin, one command per line:
-``pgid N`` adds a process group, ``exit`` ends quietly. End-of-file without
-``exit`` means the launcher died: SIGTERM every group, SIGKILL what is left after
-``KILL_TIMEOUT`` seconds.
+Run as ``python -I watchdog.py KILL_TIMEOUT [PGID_DIR]`` (stdlib only: it must not
+import the package, which may be slow to import). Protocol on stdin, one command
+per line: ``pgid N`` adds a process group, ``exit`` ends quietly. End-of-file
+without ``exit`` means the launcher died: SIGTERM every group, SIGKILL what is left
+after ``KILL_TIMEOUT`` seconds. Groups can also be registered as empty files named
+by the group id in ``PGID_DIR`` (elastic workers do this, see ``pdeath.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -44,6 +46,7 @@ def kill_groups(pgids: set[int], timeout: float) -> None:
 def main(argv: list[str]) -> int:
     """Read the launcher's commands until ``exit`` or end-of-file."""
     timeout = float(argv[1]) if len(argv) > 1 else 30.0
+    pgid_dir = argv[2] if len(argv) > 2 else None
     # A Ctrl+C or hang-up meant for the launcher must not take the watchdog down.
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -54,7 +57,12 @@ def main(argv: list[str]) -> int:
             return 0
         if command == "pgid" and value.isdigit():
             pgids.add(int(value))
+    if pgid_dir is not None:
+        with contextlib.suppress(OSError):
+            pgids.update(int(name) for name in os.listdir(pgid_dir) if name.isdigit())
     kill_groups(pgids, timeout)
+    if pgid_dir is not None:
+        shutil.rmtree(pgid_dir, ignore_errors=True)
     return 0
 
 

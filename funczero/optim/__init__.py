@@ -24,8 +24,8 @@ from funczero.optim.aliases import sgd as sgd
 from funczero.optim.base import EmptyState as EmptyState
 from funczero.optim.base import GradientTransformation as GradientTransformation
 from funczero.optim.base import InPlaceUpdateFn as InPlaceUpdateFn
-from funczero.optim.base import OptState as OptState
 from funczero.optim.base import Optimizer as Optimizer
+from funczero.optim.base import OptState as OptState
 from funczero.optim.base import Params as Params
 from funczero.optim.base import ReduceFn as ReduceFn
 from funczero.optim.base import ScalarOrSchedule as ScalarOrSchedule
@@ -38,7 +38,7 @@ from funczero.optim.base import stateless as stateless
 from funczero.optim.clipping import clip_by_global_norm as clip_by_global_norm
 from funczero.optim.clipping import global_norm as global_norm
 from funczero.optim.clipping import scale_by_trust_ratio as scale_by_trust_ratio
-from funczero.optim.fused import inplace_update as inplace_update
+from funczero.optim.inplace import inplace_update as inplace_update
 from funczero.optim.moments import DampedTraceState as DampedTraceState
 from funczero.optim.moments import ScaleByAdamState as ScaleByAdamState
 from funczero.optim.moments import ScaleByLionState as ScaleByLionState
@@ -66,7 +66,7 @@ from funczero.optim.schedules import warmup_decay_lr as warmup_decay_lr
 from funczero.optim.schedules import warmup_lr as warmup_lr
 
 __all__ = [
-    # contract
+    "DampedTraceState",
     "EmptyState",
     "GradientTransformation",
     "InPlaceUpdateFn",
@@ -75,30 +75,32 @@ __all__ = [
     "Params",
     "ReduceFn",
     "ScalarOrSchedule",
-    "Schedule",
-    "Updates",
-    "apply_updates",
-    "chain",
-    "identity",
-    "inplace_update",
-    "stateless",
-    # aliases
-    "adagrad",
-    "adam",
-    "adamw",
-    "lamb",
-    "lion",
-    "sgd",
-    # transforms and their states
-    "DampedTraceState",
     "ScaleByAdamState",
     "ScaleByLionState",
     "ScaleByRssState",
     "ScaleByScheduleState",
+    "Schedule",
     "TraceState",
+    "Updates",
+    "adagrad",
+    "adam",
+    "adamw",
     "add_decayed_weights",
+    "apply_updates",
+    "chain",
     "clip_by_global_norm",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "from_deepspeed",
     "global_norm",
+    "identity",
+    "inplace_update",
+    "join_schedules",
+    "lamb",
+    "linear_schedule",
+    "lion",
+    "lr_range_test",
+    "one_cycle",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
@@ -106,15 +108,9 @@ __all__ = [
     "scale_by_rss",
     "scale_by_schedule",
     "scale_by_trust_ratio",
+    "sgd",
+    "stateless",
     "trace",
-    # schedules
-    "constant_schedule",
-    "cosine_decay_schedule",
-    "from_deepspeed",
-    "join_schedules",
-    "linear_schedule",
-    "lr_range_test",
-    "one_cycle",
     "warmup_cosine_decay_schedule",
     "warmup_cosine_lr",
     "warmup_decay_lr",

@@ -30,7 +30,9 @@ def moment_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def zeros_moment(p: Tensor, fill: float = 0.0) -> Tensor:
     """A moment buffer shaped like ``p`` in :func:`moment_dtype` (never aliasing ``p``)."""
-    return torch.full_like(p, fill, dtype=moment_dtype(p.dtype), memory_format=torch.contiguous_format)
+    return torch.full_like(
+        p, fill, dtype=moment_dtype(p.dtype), memory_format=torch.contiguous_format
+    )
 
 
 def params_device(params: Mapping[str, Tensor]) -> torch.device:
@@ -69,9 +71,7 @@ def bias_correction(decay: float | Tensor, count: Tensor) -> Tensor:
 def require_params(params: Params | None, who: str) -> Params:
     """Raise a helpful error when a transform that needs ``params`` did not get them."""
     if params is None:
-        raise ValueError(
-            f"{who} needs the current parameters: call update(updates, state, params)"
-        )
+        raise ValueError(f"{who} needs the current parameters: call update(updates, state, params)")
     return params
 
 
@@ -179,6 +179,21 @@ def check_hparam(
             )
         return value
     return check_float(who, name, value, low=low, high=high, high_open=high_open, hint=hint)
+
+
+def check_keys(who: str, updates: Mapping[str, Any], tree: Mapping[str, Any]) -> None:
+    """Raise unless ``updates`` has exactly the parameters the state was initialised with.
+
+    A missing key would silently drop that parameter's moments from the new state.
+    """
+    if updates.keys() != tree.keys():
+        missing = sorted(set(tree) - set(updates))[:5]
+        unknown = sorted(set(updates) - set(tree))[:5]
+        raise KeyError(
+            f"{who}: the updates and the optimizer state disagree on the parameters (missing "
+            f"from the updates: {missing}, unknown to the state: {unknown}); pass a gradient for "
+            "every parameter the state was initialised with (zeros for frozen ones)"
+        )
 
 
 def keys_of(tree: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:

@@ -27,8 +27,8 @@ from funczero.optim.base import (
     GradientTransformation,
     InPlaceUpdateFn,
     LearningRateFn,
-    OptState,
     Optimizer,
+    OptState,
     ScalarOrSchedule,
     chain,
 )
@@ -37,7 +37,8 @@ from funczero.optim.fused import (
     adagrad_update_,
     adam_update_,
     current_lr,
-    inplace_update,
+    lamb_update_,
+    lion_update_,
     sgd_update_,
 )
 from funczero.optim.moments import scale_by_adam, scale_by_lion, scale_by_rss, trace
@@ -73,7 +74,7 @@ def _optimizer(
     return Optimizer(tx.init, tx.update, _lr_reader(learning_rate), update_)
 
 
-def _common(
+def _lr_and_decay(
     who: str, learning_rate: ScalarOrSchedule, weight_decay: float
 ) -> tuple[ScalarOrSchedule, float]:
     lr = check_hparam(who, "learning_rate", learning_rate, low=0.0, hint=_LR_HINT)
@@ -81,7 +82,9 @@ def _common(
     return lr, wd
 
 
-def _betas(who: str, b1: ScalarOrSchedule, b2: float, *, closed: bool = False) -> tuple:
+def _betas(
+    who: str, b1: ScalarOrSchedule, b2: float, *, closed: bool = False
+) -> tuple[ScalarOrSchedule, float]:
     hint = "; betas are decay rates, typically b1=0.9 and b2=0.999"
     b1 = check_hparam(who, "b1", b1, low=0.0, high=1.0, high_open=not closed, hint=hint)
     b2 = check_float(who, "b2", b2, low=0.0, high=1.0, high_open=not closed, hint=hint)
@@ -121,7 +124,7 @@ def sgd(
         >>> p["w"]
         tensor([0.5000])
     """
-    lr, wd = _common("sgd", learning_rate, weight_decay)
+    lr, wd = _lr_and_decay("sgd", learning_rate, weight_decay)
     momentum = check_float("sgd", "momentum", momentum, low=0.0)
     dampening = check_float("sgd", "dampening", dampening)
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
@@ -178,7 +181,7 @@ def adam(
         >>> p["w"]
         tensor([0.9000])
     """
-    lr, wd = _common("adam", learning_rate, weight_decay)
+    lr, wd = _lr_and_decay("adam", learning_rate, weight_decay)
     b1, b2 = _betas("adam", b1, b2)
     eps = check_float("adam", "eps", eps, low=0.0)
     tx = chain(add_decayed_weights(wd), scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))
@@ -220,7 +223,7 @@ def adamw(
         >>> p["w"]
         tensor([1.1000])
     """
-    lr, wd = _common("adamw", learning_rate, weight_decay)
+    lr, wd = _lr_and_decay("adamw", learning_rate, weight_decay)
     b1, b2 = _betas("adamw", b1, b2)
     eps = check_float("adamw", "eps", eps, low=0.0)
     tx = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(wd), scale_by_learning_rate(lr))
@@ -259,10 +262,11 @@ def lion(
         >>> p["w"]
         tensor([-0.1000,  0.1000])
     """
-    lr, wd = _common("lion", learning_rate, weight_decay)
+    lr, wd = _lr_and_decay("lion", learning_rate, weight_decay)
     b1, b2 = _betas("lion", b1, b2, closed=True)
     tx = chain(scale_by_lion(b1, b2), add_decayed_weights(wd), scale_by_learning_rate(lr))
-    return _optimizer(tx, lr, inplace_update(tx))
+    update_ = lion_update_(tx, learning_rate=lr, b1=b1, b2=b2, weight_decay=wd)
+    return _optimizer(tx, lr, update_)
 
 
 def lamb(
@@ -314,7 +318,7 @@ def lamb(
         >>> p["w"]
         tensor([2.6464, 3.6464])
     """
-    lr, wd = _common("lamb", learning_rate, weight_decay)
+    lr, wd = _lr_and_decay("lamb", learning_rate, weight_decay)
     b1, b2 = _betas("lamb", b1, b2)
     eps = check_float("lamb", "eps", eps, low=0.0)
     min_coeff = check_float("lamb", "min_coeff", min_coeff, low=0.0)
@@ -327,7 +331,11 @@ def lamb(
         scale_by_trust_ratio(min_coeff=min_coeff, max_coeff=max_coeff),
         scale_by_learning_rate(lr),
     )
-    return _optimizer(tx, lr, inplace_update(tx))
+    update_ = lamb_update_(
+        tx, learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
+        bias_correction=bias_correction, min_coeff=min_coeff, max_coeff=max_coeff,
+    )  # fmt: skip
+    return _optimizer(tx, lr, update_)
 
 
 def adagrad(
@@ -362,11 +370,9 @@ def adagrad(
         >>> p["w"]
         tensor([0.5000])
     """
-    lr, wd = _common("adagrad", learning_rate, weight_decay)
+    lr, wd = _lr_and_decay("adagrad", learning_rate, weight_decay)
     lr_decay = check_float("adagrad", "lr_decay", lr_decay, low=0.0)
-    iav = check_float(
-        "adagrad", "initial_accumulator_value", initial_accumulator_value, low=0.0
-    )
+    iav = check_float("adagrad", "initial_accumulator_value", initial_accumulator_value, low=0.0)
     eps = check_float("adagrad", "eps", eps, low=0.0)
 
     effective: ScalarOrSchedule = lr
@@ -381,7 +387,5 @@ def adagrad(
             return b / (1.0 + count.to(torch.float64) * lr_decay)
 
     tx = chain(add_decayed_weights(wd), scale_by_rss(iav, eps), scale_by_learning_rate(effective))
-    update_ = adagrad_update_(
-        tx, learning_rate=lr, lr_decay=lr_decay, weight_decay=wd, eps=eps
-    )
+    update_ = adagrad_update_(tx, learning_rate=lr, lr_decay=lr_decay, weight_decay=wd, eps=eps)
     return _optimizer(tx, effective, update_)

@@ -20,10 +20,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 
 import optree
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -54,7 +53,7 @@ OptState = Any
 """An optimizer state: a pytree (NamedTuples, tuples, dicts) whose leaves are tensors."""
 Schedule = Callable[[Tensor], Tensor]
 """Maps the int64 ``count`` tensor (applied updates so far) to a float32 0-d tensor."""
-ScalarOrSchedule = Union[float, Tensor, Schedule]
+ScalarOrSchedule = float | Tensor | Schedule
 """A hyperparameter: a Python float, a 0-d tensor (mutable without recompiles) or a schedule."""
 ReduceFn = Callable[[Tensor], Tensor]
 """All-reduce SUM across the ranks that each hold a shard of every parameter."""

@@ -87,7 +87,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """
     max_norm = check_float("clip_by_global_norm", "max_norm", max_norm, low=0.0)
     if max_norm == 0.0:
-        raise ValueError("clip_by_global_norm: max_norm=0.0 must be > 0 (it would zero every update)")
+        raise ValueError(
+            "clip_by_global_norm: max_norm=0.0 must be > 0 (it would zero every update)"
+        )
 
     def init_fn(params: Params) -> EmptyState:
         del params

@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,7 +46,6 @@ from funczero.optim.base import Schedule
 
 __all__ = [
     "DEEPSPEED_SCHEDULES",
-    "from_deepspeed",
     "lr_range_test",
     "one_cycle",
     "warmup_cosine_lr",
@@ -75,7 +73,7 @@ def _positive_int(who: str, name: str, value: Any) -> int:
 
 def _number(who: str, name: str, value: Any, *, low: float | None = None) -> float:
     if isinstance(value, (list, tuple)):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - a config mistake; from_deepspeed raises ValueError
             f"{who}: {name}={value!r} is a per-param-group list; funczero has no param groups, "
             "pass a single number"
         )
@@ -209,7 +207,9 @@ def warmup_cosine_lr(
         it = _iteration(count)
         warm = wmin + (1.0 - wmin) * _warmup_gamma(it, steps, kind)
         progress = torch.clamp((it - steps + 1.0) / decay_len, max=1.0)
-        cosine = torch.clamp(cmin + (1.0 - cmin) * (1.0 + torch.cos(math.pi * progress)) / 2, min=0.0)
+        cosine = torch.clamp(
+            cmin + (1.0 - cmin) * (1.0 + torch.cos(math.pi * progress)) / 2, min=0.0
+        )
         ratio = torch.where(it < steps, warm, cosine)
         ratio = torch.where(it < 0, 0.0, ratio)
         return _out(base * ratio)
@@ -362,79 +362,4 @@ DEEPSPEED_SCHEDULES: dict[str, tuple[str, ...]] = {
         "lr_range_test_staircase",
     ),
 }  # fmt: skip
-"""The DeepSpeed scheduler types :func:`from_deepspeed` accepts, with their parameter names."""
-
-
-def from_deepspeed(
-    type: str,  # noqa: A002 - DeepSpeed's config key
-    params: Mapping[str, Any],
-    *,
-    base_lr: float,
-) -> tuple[Schedule, Schedule | None]:
-    """Build schedules from a DeepSpeed ``"scheduler": {"type": ..., "params": {...}}`` section.
-
-    Args:
-        type: ``WarmupLR``, ``WarmupDecayLR``, ``WarmupCosineLR``, ``OneCycle`` or ``LRRangeTest``
-            (case-sensitive, as DeepSpeed looks them up).
-        params: The section's ``params``; DeepSpeed's defaults fill missing keys.
-        base_lr: The optimizer's ``lr``: ``WarmupLR``'s default ``warmup_max_lr`` and
-            ``WarmupCosineLR``'s base rate (DeepSpeed reads both from the optimizer).
-
-    Returns:
-        ``(lr_schedule, momentum_schedule)``; the momentum schedule is ``None`` except for
-        ``OneCycle`` with ``cycle_momentum`` (feed it to the optimizer's ``b1``).
-
-    Raises:
-        ValueError: An unknown type or parameter (the message lists the valid ones), an
-            ``"auto"`` value left by a HuggingFace-style config, or an invalid value.
-
-    Example:
-        >>> import torch
-        >>> lr, mom = from_deepspeed("WarmupLR", {"warmup_num_steps": 10}, base_lr=0.1)
-        >>> float(lr(torch.tensor(10))), mom
-        (0.10000000149011612, None)
-    """
-    if type not in DEEPSPEED_SCHEDULES:
-        valid = ", ".join(DEEPSPEED_SCHEDULES)
-        near = [t for t in DEEPSPEED_SCHEDULES if t.lower() == str(type).lower()]
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(
-            f"unknown DeepSpeed scheduler type {type!r}{hint}; valid types: {valid} "
-            "(torch.optim.lr_scheduler classes are not supported)"
-        )
-    params = dict(params)
-    valid_keys = DEEPSPEED_SCHEDULES[type]
-    if params.pop("last_batch_iteration", -1) != -1:
-        raise ValueError(
-            f"{type}: last_batch_iteration must be -1; funczero resumes a schedule from the "
-            "optimizer state's count, which a checkpoint restores"
-        )
-    unknown = sorted(set(params) - set(valid_keys))
-    if unknown:
-        raise ValueError(
-            f"{type}: unknown parameter(s) {unknown}; valid parameters: {', '.join(valid_keys)}"
-        )
-    for key, value in params.items():
-        if value == "auto":
-            raise ValueError(
-                f"{type}: {key}='auto' is a HuggingFace Trainer placeholder; replace it with a value"
-            )
-    base_lr = check_float("from_deepspeed", "base_lr", base_lr, low=0.0)
-    if type == "WarmupLR":
-        if params.get("warmup_max_lr") is None:
-            params["warmup_max_lr"] = base_lr
-        return warmup_lr(**params), None
-    if type == "WarmupDecayLR":
-        return warmup_decay_lr(**_required(type, params, "total_num_steps")), None
-    if type == "WarmupCosineLR":
-        return warmup_cosine_lr(base_lr=base_lr, **_required(type, params, "total_num_steps")), None
-    if type == "OneCycle":
-        return one_cycle(**_required(type, params, "cycle_min_lr", "cycle_max_lr"))
-    return lr_range_test(**params), None
-
-
-def _required(type_: str, params: dict[str, Any], *names: str) -> dict[str, Any]:
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"{type_}: missing required parameter(s) {missing}")
-    return params
+"""DeepSpeed scheduler types :func:`funczero.optim.from_deepspeed` accepts, and their parameters."""

@@ -12,9 +12,11 @@ Dispatch, per alias:
   is contiguous and the moments have the parameter's dtype (fp32 or fp64 parameters; the kernels
   need one dtype per list), and the hyperparameters are host floats where the kernel needs them
   (``b1`` not scheduled; SGD without dampening).
-* Everything else (Lion, LAMB, bf16 parameters with fp32 moments, scheduled ``b1``, other devices,
-  torch without the op) runs :func:`inplace_update`: the pure update, then ``torch._foreach_copy_``
-  into the donated buffers, so it agrees with ``update`` bit for bit.
+* Lion, LAMB, and Adam/AdamW that cannot use the kernel (scheduled ``b1``, bf16 parameters with
+  fp32 moments, other devices, torch without the op) run in-place ``torch._foreach_*`` steps
+  (:mod:`funczero.optim._foreach`), bit-identical to the pure path on CPU.
+* Anything else, and any step given ``found_inf`` that has no kernel, runs
+  :func:`~funczero.optim.inplace_update`: the pure update, then a copy into the donated buffers.
 
 ``found_inf`` (float32 0-d, 0. or 1.) skips the step without a host sync: the fused kernels take it
 and leave everything untouched; the fallback selects old values with ``torch.where``; ``count``
@@ -27,11 +29,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor
 
-from funczero.optim._common import advance_counts, find_state, keys_of
+from funczero.optim import _foreach
+from funczero.optim._common import advance_counts, check_keys, find_state, keys_of, resolve
 from funczero.optim.base import (
     GradientTransformation,
     InPlaceUpdateFn,
@@ -40,12 +42,19 @@ from funczero.optim.base import (
     ReduceFn,
     ScalarOrSchedule,
     Updates,
-    apply_updates,
 )
-from funczero.optim.moments import ScaleByAdamState, ScaleByRssState, TraceState
+from funczero.optim.inplace import inplace_update
+from funczero.optim.moments import ScaleByAdamState, ScaleByLionState, ScaleByRssState, TraceState
 from funczero.optim.scaling import ScaleByScheduleState
 
-__all__ = ["adagrad_update_", "adam_update_", "inplace_update", "sgd_update_"]
+__all__ = [
+    "adagrad_update_",
+    "adam_update_",
+    "current_lr",
+    "lamb_update_",
+    "lion_update_",
+    "sgd_update_",
+]
 
 
 def _fused_devices() -> frozenset[str]:
@@ -58,93 +67,9 @@ def _fused_devices() -> frozenset[str]:
 
 
 _FUSED_DEVICES = _fused_devices()
+_FUSED_DTYPES = (torch.float32, torch.float64)  # moments are at least fp32, and must match
 # torch implements the fused Adagrad kernel for CPU only.
 _FUSED_ADAGRAD_DEVICES = frozenset({"cpu"})
-
-
-def _copy_(dst: list[Tensor], src: list[Tensor]) -> None:
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(dst, src)
-    else:  # pragma: no cover - torch < 2.1
-        for d, s in zip(dst, src):
-            d.copy_(s)
-
-
-def _commit_(dst: list[Tensor], src: list[Tensor], found_inf: Tensor | None) -> None:
-    """Copy ``src`` into ``dst`` in place; with ``found_inf == 1`` leave ``dst`` bit-identical."""
-    pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
-    if not pairs:
-        return
-    if found_inf is None:
-        _copy_([d for d, _ in pairs], [s for _, s in pairs])
-        return
-    # where() keeps the old bits exactly (arithmetic masking would turn 0 * inf into nan and
-    # -0.0 into +0.0); one temporary per tensor is the price of the generic path.
-    skip = found_inf.to(torch.bool)
-    for d, s in pairs:
-        d.copy_(torch.where(skip.to(d.device), d, s))
-
-
-def inplace_update(tx: GradientTransformation) -> InPlaceUpdateFn:
-    """Build an in-place step from any transform: pure update, then copy into the buffers.
-
-    The result agrees with ``apply_updates(params, tx.update(grads, state, params)[0])`` bit for
-    bit, and honours ``found_inf`` exactly (float leaves are kept with ``torch.where``, integer
-    leaves such as ``count`` keep their old value). It is the fallback behind every alias's
-    ``update_`` and makes any ``chain(...)`` usable where an :class:`~funczero.optim.Optimizer`'s
-    ``update_`` is expected.
-
-    Args:
-        tx: The transform.
-
-    Returns:
-        ``update_(grads, state, params, *, found_inf=None, reduce_fn=None) -> new_state``.
-
-    Example:
-        >>> import torch
-        >>> from funczero import optim
-        >>> tx = optim.chain(optim.clip_by_global_norm(1.0), optim.scale(-0.5))
-        >>> params = {"w": torch.zeros(2)}
-        >>> state = inplace_update(tx)({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
-        >>> params["w"]
-        tensor([-0.3000, -0.4000])
-    """
-
-    def update_(
-        grads: Updates,
-        state: OptState,
-        params: Params,
-        *,
-        found_inf: Tensor | None = None,
-        reduce_fn: ReduceFn | None = None,
-    ) -> OptState:
-        updates, new_state = tx.update(grads, state, params, reduce_fn=reduce_fn)
-        new_params = apply_updates({k: params[k] for k in updates}, updates)
-        keys = list(new_params)
-        _commit_(keys_of(params, keys), [new_params[k] for k in keys], found_inf)
-
-        old_leaves, spec = optree.tree_flatten(state)
-        new_leaves, new_spec = optree.tree_flatten(new_state)
-        if new_spec != spec:
-            raise ValueError(f"update changed the state's structure: {spec} -> {new_spec}")
-        out: list[Any] = []
-        dst, src = [], []
-        for old, new in zip(old_leaves, new_leaves):
-            if isinstance(old, Tensor) and old.is_floating_point():
-                dst.append(old)
-                src.append(new)
-                out.append(old)
-            elif isinstance(new, Tensor) and found_inf is not None:  # count and other integers
-                out.append(torch.where(found_inf.to(new.device) != 0, old, new))
-            else:
-                out.append(new)
-        _commit_(dst, src, found_inf)
-        return optree.tree_unflatten(spec, out)
-
-    return update_
-
-
-# --------------------------------------------------------------------------- fused kernels
 
 
 def _kernel(name: str) -> Callable[..., None] | None:
@@ -157,24 +82,40 @@ def _groups(
     states: Sequence[Params],
     devices: frozenset[str],
 ) -> list[tuple[list[Tensor], list[Tensor], list[list[Tensor]]]] | None:
-    """Group tensors by (device, dtype) for a fused kernel, or ``None`` if any cannot be fused."""
+    """Group tensors by (device, dtype) for a fused kernel, or ``None`` if any cannot be fused.
+
+    Runs every step, so it avoids dispatcher calls on the common path (grads already matching).
+    """
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list, list[list]]] = {}
     for k, g in grads.items():
         p = params[k]
-        moments = [keys_of(s, [k])[0] for s in states]
+        moments = keys_of_each(states, k)
+        dtype, device = p.dtype, p.device
         if (
-            p.device.type not in devices
-            or p.dtype not in (torch.float32, torch.float64)
+            device.type not in devices
+            or dtype not in _FUSED_DTYPES
             or not p.is_contiguous()
-            or any(m.dtype != p.dtype or m.device != p.device or not m.is_contiguous() for m in moments)
+            or any(m.dtype != dtype or m.device != device or not m.is_contiguous() for m in moments)
         ):
             return None
-        ps, gs, ms = groups.setdefault((p.device, p.dtype), ([], [], [[] for _ in states]))
+        if g.dtype != dtype or g.device != device:
+            g = g.to(device=device, dtype=dtype)
+        if not g.is_contiguous():  # the kernels index raw storage: strides must match
+            g = g.contiguous()
+        ps, gs, ms = groups.setdefault((device, dtype), ([], [], [[] for _ in states]))
         ps.append(p)
-        gs.append(g.to(device=p.device, dtype=p.dtype).contiguous())
+        gs.append(g)
         for lst, m in zip(ms, moments):
             lst.append(m)
     return list(groups.values())
+
+
+def keys_of_each(states: Sequence[Params], key: str) -> list[Tensor]:
+    """``[s[key] for s in states]`` with the error of :func:`keys_of` for a missing key."""
+    try:
+        return [s[key] for s in states]
+    except KeyError:
+        return [keys_of(s, [key])[0] for s in states]
 
 
 def _on(x: float | Tensor | None, device: torch.device) -> Any:
@@ -214,11 +155,18 @@ def adam_update_(
         reduce_fn: ReduceFn | None = None,
     ) -> OptState:
         adam = find_state(state, ScaleByAdamState)
+        check_keys("update_", grads, adam.mu)
         groups = None
         if kernel is not None and isinstance(b1, float):
             groups = _groups(params, grads, [adam.mu, adam.nu], _FUSED_DEVICES)
         if groups is None:
-            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+            if found_inf is not None:
+                return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+            _foreach.adam_step_(
+                grads, params, adam, learning_rate=current_lr(learning_rate, state), b1=b1,
+                b2=b2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+            )  # fmt: skip
+            return advance_counts(state, None)
         lr = current_lr(learning_rate, state)
         step = (adam.count + 1).to(torch.float32)
         for ps, gs, (ms, vs) in groups:
@@ -260,6 +208,7 @@ def sgd_update_(
         found_inf: Tensor | None = None,
         reduce_fn: ReduceFn | None = None,
     ) -> OptState:
+        check_keys("update_", grads, params)
         groups = None
         if kernel is not None and dampening == 0.0:
             traced = find_state(state, TraceState) if momentum != 0.0 else None
@@ -306,6 +255,7 @@ def adagrad_update_(
         reduce_fn: ReduceFn | None = None,
     ) -> OptState:
         rss = find_state(state, ScaleByRssState)
+        check_keys("update_", grads, rss.sum_of_squares)
         groups = None
         if kernel is not None:
             groups = _groups(params, grads, [rss.sum_of_squares], _FUSED_ADAGRAD_DEVICES)
@@ -327,5 +277,75 @@ def adagrad_update_(
                 maximize=False, grad_scale=None, found_inf=_on(found_inf, dev),
             )  # fmt: skip
         return advance_counts(state, found_inf)
+
+    return update_
+
+
+def lamb_update_(
+    tx: GradientTransformation,
+    *,
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    min_coeff: float,
+    max_coeff: float,
+) -> InPlaceUpdateFn:
+    """In-place LAMB with ``torch._foreach_*`` ops (torch has no fused LAMB kernel)."""
+    fallback = inplace_update(tx)
+
+    def update_(
+        grads: Updates,
+        state: OptState,
+        params: Params,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        if found_inf is not None:
+            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+        adam = find_state(state, ScaleByAdamState)
+        check_keys("update_", grads, adam.mu)
+        _foreach.adam_step_(
+            grads, params, adam,
+            learning_rate=current_lr(learning_rate, state), b1=b1, b2=b2, eps=eps,
+            weight_decay=weight_decay, decoupled=True, bias_correction=bias_correction,
+            trust_ratio=(min_coeff, max_coeff), reduce_fn=reduce_fn,
+        )  # fmt: skip
+        return advance_counts(state, None)
+
+    return update_
+
+
+def lion_update_(
+    tx: GradientTransformation,
+    *,
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule,
+    b2: float,
+    weight_decay: float,
+) -> InPlaceUpdateFn:
+    """In-place Lion with ``torch._foreach_*`` ops (torch has no fused Lion kernel)."""
+    fallback = inplace_update(tx)
+
+    def update_(
+        grads: Updates,
+        state: OptState,
+        params: Params,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        if found_inf is not None:
+            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+        lion = find_state(state, ScaleByLionState)
+        check_keys("update_", grads, lion.mu)
+        _foreach.lion_step_(
+            grads, params, lion.mu, learning_rate=current_lr(learning_rate, state),
+            b1=resolve(b1, lion.count), b2=b2, weight_decay=weight_decay,
+        )  # fmt: skip
+        return advance_counts(state, None)
 
     return update_

@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from funczero.optim._common import bias_correction as _bias_correction
 from funczero.optim._common import (
-    bias_correction as _bias_correction,
     check_float,
     check_hparam,
+    check_keys,
     resolve,
     zero_count,
     zeros_moment,
@@ -161,6 +162,7 @@ def scale_by_adam(
         updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]:
         del params, extra
+        check_keys("scale_by_adam", updates, state.mu)
         count = state.count
         beta1 = resolve(b1, count)
         if bias_correction:
@@ -173,7 +175,10 @@ def scale_by_adam(
             m = _lerp(m0, g, 1 - beta1)
             v = torch.addcmul(v0 * b2, g, g, value=1 - b2)
             if bias_correction:
-                out[k] = (m / (v.sqrt() / bc2_sqrt + eps)) / bc1
+                # Cast the float64 corrections to the moment dtype: a 0-d parameter would
+                # otherwise promote its whole update to float64.
+                c1, c2 = bc1.to(m.dtype), bc2_sqrt.to(m.dtype)
+                out[k] = (m / (v.sqrt() / c2 + eps)) / c1
             else:
                 out[k] = m / (v.sqrt() + eps)
             mu[k], nu[k] = m, v
@@ -182,7 +187,9 @@ def scale_by_adam(
     return GradientTransformation(init_fn, update_fn)
 
 
-def trace(decay: float, nesterov: bool = False, *, dampening: float = 0.0) -> GradientTransformation:
+def trace(
+    decay: float, nesterov: bool = False, *, dampening: float = 0.0
+) -> GradientTransformation:
     r"""Momentum with ``torch.optim.SGD`` semantics.
 
     .. math::
@@ -229,6 +236,7 @@ def trace(decay: float, nesterov: bool = False, *, dampening: float = 0.0) -> Gr
         updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]:
         del params, extra
+        check_keys("trace", updates, state.trace)
         # torch starts the buffer as a copy of the first gradient; with zero buffers that is
         # ``decay * 0 + 1 * g``, so only the gradient's coefficient depends on the step.
         coef: float | Tensor = 1.0
@@ -238,7 +246,7 @@ def trace(decay: float, nesterov: bool = False, *, dampening: float = 0.0) -> Gr
         for k, g in updates.items():
             b0 = state.trace[k]
             g = g.to(b0.dtype)
-            b = b0 * decay + (g if isinstance(coef, float) else g * coef)
+            b = b0 * decay + (g if isinstance(coef, float) else g * coef.to(g.dtype))
             new_trace[k] = b
             out[k] = g + b * decay if nesterov else b
         if damped:
@@ -284,6 +292,7 @@ def scale_by_lion(b1: ScalarOrSchedule = 0.9, b2: float = 0.99) -> GradientTrans
         updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]:
         del params, extra
+        check_keys("scale_by_lion", updates, state.mu)
         beta1 = resolve(b1, state.count)
         mu, out = {}, {}
         for k, g in updates.items():
@@ -296,7 +305,9 @@ def scale_by_lion(b1: ScalarOrSchedule = 0.9, b2: float = 0.99) -> GradientTrans
     return GradientTransformation(init_fn, update_fn)
 
 
-def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> GradientTransformation:
+def scale_by_rss(
+    initial_accumulator_value: float = 0.0, eps: float = 1e-10
+) -> GradientTransformation:
     r"""Adagrad's scaling by the root of the summed squared gradients (torch placement of eps).
 
     .. math::
@@ -319,7 +330,9 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> 
         >>> tx.update({"w": torch.full((1,), -3.0)}, tx.init(p))[0]["w"]
         tensor([-1.])
     """
-    iav = check_float("scale_by_rss", "initial_accumulator_value", initial_accumulator_value, low=0.0)
+    iav = check_float(
+        "scale_by_rss", "initial_accumulator_value", initial_accumulator_value, low=0.0
+    )
     eps = check_float("scale_by_rss", "eps", eps, low=0.0)
 
     def init_fn(params: Params) -> ScaleByRssState:
@@ -329,6 +342,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> 
         updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]:
         del params, extra
+        check_keys("scale_by_rss", updates, state.sum_of_squares)
         sums, out = {}, {}
         for k, g in updates.items():
             s0 = state.sum_of_squares[k]

@@ -46,10 +46,11 @@ class ScaleByScheduleState(NamedTuple):
 
 
 def _scaled(updates: Updates, factor: float | Tensor) -> Updates:
-    # A tensor factor may live on another device (a user's CPU scalar) or in float32 while the
-    # updates are float64: move it, but let type promotion keep the updates' dtype.
+    # A tensor factor may live on another device (a user's CPU scalar) or have another dtype
+    # (float32 schedules, float64 corrections): cast it to each update's, so a 0-d update is not
+    # promoted and every update is computed in its own dtype.
     if isinstance(factor, Tensor):
-        return {k: u * factor.to(u.device) for k, u in updates.items()}
+        return {k: u * factor.to(device=u.device, dtype=u.dtype) for k, u in updates.items()}
     return {k: u * factor for k, u in updates.items()}
 
 
@@ -138,9 +139,7 @@ def scale_by_learning_rate(
         >>> tx.update({"w": torch.ones(1)}, tx.init({}))[0]["w"]
         tensor([-0.1000])
     """
-    learning_rate = check_hparam(
-        "scale_by_learning_rate", "learning_rate", learning_rate, low=0.0
-    )
+    learning_rate = check_hparam("scale_by_learning_rate", "learning_rate", learning_rate, low=0.0)
     sign = -1.0 if flip_sign else 1.0
     if callable(learning_rate):
         fn = learning_rate
@@ -189,9 +188,8 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransform
         out = {}
         for k, u in updates.items():
             p = params[k]
-            w = wd.to(p.device) if isinstance(wd, Tensor) else wd
+            w = wd.to(device=p.device, dtype=p.dtype) if isinstance(wd, Tensor) else wd
             out[k] = u + w * p
         return out, state
 
     return GradientTransformation(init_fn, update_fn)
-

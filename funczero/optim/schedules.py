@@ -6,9 +6,10 @@ on the count's device. Schedules are plain tensor math (``torch.where``, no ``.i
 branch on a tensor value), so changing the rate never forces a host sync or a recompile. Internally
 they compute in float64 and round once to float32.
 
-The generic schedules follow optax's semantics; DeepSpeed's (``warmup_lr``, ``warmup_decay_lr``,
-``warmup_cosine_lr``, ``one_cycle``, ``lr_range_test``, :func:`from_deepspeed`) reproduce
-``deepspeed.runtime.lr_schedules`` step for step, see :mod:`funczero.optim.deepspeed_schedules`.
+The generic schedules follow optax's semantics. DeepSpeed's (``warmup_lr``, ``warmup_decay_lr``,
+``warmup_cosine_lr``, ``one_cycle``, ``lr_range_test``; :func:`from_deepspeed` reads a config's
+``scheduler`` section) reproduce ``deepspeed.runtime.lr_schedules`` step for step, including its
+step origin: see :mod:`funczero.optim.deepspeed_schedules`.
 
 Example:
     >>> import torch
@@ -20,7 +21,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +30,7 @@ from torch import Tensor
 from funczero.optim._common import check_float
 from funczero.optim.base import Schedule
 from funczero.optim.deepspeed_schedules import (
-    from_deepspeed,
+    DEEPSPEED_SCHEDULES,
     lr_range_test,
     one_cycle,
     warmup_cosine_lr,
@@ -37,6 +39,7 @@ from funczero.optim.deepspeed_schedules import (
 )
 
 __all__ = [
+    "DEEPSPEED_SCHEDULES",
     "constant_schedule",
     "cosine_decay_schedule",
     "from_deepspeed",
@@ -201,3 +204,81 @@ def warmup_cosine_decay_schedule(
         ],
         [warmup_steps],
     )
+
+
+# --------------------------------------------------------------------------- config entry point
+
+
+def from_deepspeed(
+    type: str,
+    params: Mapping[str, Any],
+    *,
+    base_lr: float,
+) -> tuple[Schedule, Schedule | None]:
+    """Build schedules from a DeepSpeed ``"scheduler": {"type": ..., "params": {...}}`` section.
+
+    Args:
+        type: ``WarmupLR``, ``WarmupDecayLR``, ``WarmupCosineLR``, ``OneCycle`` or ``LRRangeTest``
+            (case-sensitive, as DeepSpeed looks them up).
+        params: The section's ``params``; DeepSpeed's defaults fill missing keys.
+        base_lr: The optimizer's ``lr``: ``WarmupLR``'s default ``warmup_max_lr`` and
+            ``WarmupCosineLR``'s base rate (DeepSpeed reads both from the optimizer).
+
+    Returns:
+        ``(lr_schedule, momentum_schedule)``; the momentum schedule is ``None`` except for
+        ``OneCycle`` with ``cycle_momentum`` (feed it to the optimizer's ``b1``).
+
+    Raises:
+        ValueError: An unknown type or parameter (the message lists the valid ones), an
+            ``"auto"`` value left by a HuggingFace-style config, or an invalid value.
+
+    Example:
+        >>> import torch
+        >>> lr, mom = from_deepspeed("WarmupLR", {"warmup_num_steps": 10}, base_lr=0.1)
+        >>> float(lr(torch.tensor(10))), mom
+        (0.10000000149011612, None)
+    """
+    if type not in DEEPSPEED_SCHEDULES:
+        valid = ", ".join(DEEPSPEED_SCHEDULES)
+        near = [t for t in DEEPSPEED_SCHEDULES if t.lower() == str(type).lower()]
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(
+            f"unknown DeepSpeed scheduler type {type!r}{hint}; valid types: {valid} "
+            "(torch.optim.lr_scheduler classes are not supported)"
+        )
+    params = dict(params)
+    valid_keys = DEEPSPEED_SCHEDULES[type]
+    if params.pop("last_batch_iteration", -1) != -1:
+        raise ValueError(
+            f"{type}: last_batch_iteration must be -1; funczero resumes a schedule from the "
+            "optimizer state's count, which a checkpoint restores"
+        )
+    unknown = sorted(set(params) - set(valid_keys))
+    if unknown:
+        raise ValueError(
+            f"{type}: unknown parameter(s) {unknown}; valid parameters: {', '.join(valid_keys)}"
+        )
+    for key, value in params.items():
+        if value == "auto":
+            raise ValueError(
+                f"{type}: {key}='auto' is a HuggingFace Trainer placeholder; replace it with a value"
+            )
+    base_lr = check_float("from_deepspeed", "base_lr", base_lr, low=0.0)
+    if type == "WarmupLR":
+        if params.get("warmup_max_lr") is None:
+            params["warmup_max_lr"] = base_lr
+        return warmup_lr(**params), None
+    if type == "WarmupDecayLR":
+        return warmup_decay_lr(**_required(type, params, "total_num_steps")), None
+    if type == "WarmupCosineLR":
+        return warmup_cosine_lr(base_lr=base_lr, **_required(type, params, "total_num_steps")), None
+    if type == "OneCycle":
+        return one_cycle(**_required(type, params, "cycle_min_lr", "cycle_max_lr"))
+    return lr_range_test(**params), None
+
+
+def _required(type_: str, params: dict[str, Any], *names: str) -> dict[str, Any]:
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"{type_}: missing required parameter(s) {missing}")
+    return params

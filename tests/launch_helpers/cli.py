@@ -19,7 +19,7 @@ if "funczero" not in sys.modules:
     stub.__path__ = [str(_PACKAGE)]
     sys.modules["funczero"] = stub
 
-from funczero.cli.app import main  # noqa: E402
+from funczero.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -21,8 +21,9 @@ CLI = HELPERS / "cli.py"
 RUN_TIMEOUT = 60.0
 
 
-def launch_env(out_dir: Path, extra: Mapping[str, str] | None = None,
-               fake_bin: Path | None = None) -> dict[str, str]:
+def launch_env(
+    out_dir: Path, extra: Mapping[str, str] | None = None, fake_bin: Path | None = None
+) -> dict[str, str]:
     """Environment for a launcher subprocess: repo importable, OUT_DIR, fake tools."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -40,20 +41,32 @@ def launch_argv(*args: str) -> list[str]:
     return [sys.executable, str(CLI), "launch", *args]
 
 
-def run_launch(args: Iterable[str], *, cwd: Path, env: Mapping[str, str],
-               timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run_launch(
+    args: Iterable[str], *, cwd: Path, env: Mapping[str, str], timeout: float = RUN_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     """Run ``funczero launch`` to completion (killed by the test after ``timeout``)."""
     return subprocess.run(
-        launch_argv(*args), cwd=cwd, env=dict(env), capture_output=True, text=True,
-        timeout=timeout, check=False,
+        launch_argv(*args),
+        cwd=cwd,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
-def start_launch(args: Iterable[str], *, cwd: Path, env: Mapping[str, str]) -> subprocess.Popen[str]:
+def start_launch(
+    args: Iterable[str], *, cwd: Path, env: Mapping[str, str]
+) -> subprocess.Popen[str]:
     """Start ``funczero launch`` in the background (the caller must stop it)."""
     return subprocess.Popen(
-        launch_argv(*args), cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        launch_argv(*args),
+        cwd=cwd,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -27,7 +27,9 @@ def expand(command: str, host: str, rank: int) -> str:
         c = command[i]
         if c == "%" and i + 1 < len(command):
             nxt = command[i + 1]
-            out.append({"h": host, "n": str(rank), "u": getpass.getuser(), "%": "%"}.get(nxt, "%" + nxt))
+            out.append(
+                {"h": host, "n": str(rank), "u": getpass.getuser(), "%": "%"}.get(nxt, "%" + nxt)
+            )
             i += 2
         else:
             out.append(c)
@@ -56,8 +58,13 @@ def main(argv: list[str]) -> int:
             f.write(json.dumps({"hosts": hosts, "argv": argv[1:]}) + "\n")
     login_env = {k: os.environ[k] for k in LOGIN_ENV if k in os.environ}
     procs = [
-        subprocess.Popen(["sh", "-c", expand(command, h, r)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=login_env)
+        subprocess.Popen(
+            ["sh", "-c", expand(command, h, r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=login_env,
+        )
         for r, h in enumerate(hosts)
     ]
 

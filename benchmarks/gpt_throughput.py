@@ -1,0 +1,434 @@
+"""GPT training throughput and memory: funczero ZeRO 0-3, DDP and FSDP2 side by side (issue 6).
+
+One invocation runs every system on the same processes, one after another, freeing memory in
+between, and prints one JSON line per system (rank 0; also appended to ``--out``)::
+
+    python benchmarks/gpt_throughput.py                       # every visible GPU, the 1.34B GPT
+    torchrun --nproc_per_node 2 benchmarks/gpt_throughput.py  # same, launched by torchrun
+    python benchmarks/gpt_throughput.py --device cpu --tiny   # CI smoke test: 2 gloo processes
+
+The model is issue 6's GPT (vocab 32000, d_model 2048, 24 layers, 16 heads, sequence 2048,
+bias-free, untied head, no dropout; 1.34B parameters), micro-batch 4 per GPU, one micro-step per
+step, bf16, AdamW lr 1e-4 (weight decay 0.01, torch's default), loss in fp32. Each system trains
+on one fixed random batch per rank (the loss is a sanity check, not a convergence result).
+
+* ``funczero-z0`` .. ``funczero-z3``: :func:`funczero.make_train_step` on the ZeRO plan of that
+  stage, bf16 compute, fp32 master weights, fp32 gradient reduction (``--reduce-dtype``),
+  fused in-place AdamW, ``stage3_param_persistence_threshold`` 1e5 (DeepSpeed's default).
+* ``ddp``: ``DistributedDataParallel`` on fp32 parameters under ``torch.autocast(bf16)``,
+  ``torch.optim.AdamW`` with its defaults.
+* ``fsdp2``: ``fully_shard`` on every block and the root, ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)``, ``torch.optim.AdamW`` with its defaults.
+* ``ds1``/``ds2``/``ds3``: DeepSpeed ZeRO 1-3 with bf16, when ``deepspeed`` is importable.
+
+Timing: CUDA events around each step on the compute stream, no host sync between steps (the
+steps run back to back as in training); median and minimum over ``--steps`` steps after
+``--warmup``. FLOPs per token = 6N + 12 * layers * d_model * seq (N counts every parameter);
+MFU is against 989 TFLOP/s (H100/H200 dense bf16). Peak memory is
+``torch.cuda.max_memory_allocated`` over the warm-up and timed steps (reset after set-up), the
+maximum over ranks. funczero lines also report ``host_syncs``: synchronising calls seen by
+``torch.cuda.set_sync_debug_mode`` during one extra step (0 expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an override wins
+
+import funczero  # noqa: E402
+from funczero import optim  # noqa: E402
+from funczero.functional import extract_tensors, release_module_tensors  # noqa: E402
+from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
+from funczero.parallel import zero  # noqa: E402
+from funczero.precision import Precision  # noqa: E402
+from funczero.step import init_state, make_train_step  # noqa: E402
+
+PEAK_TFLOPS = 989.0
+ALL_SYSTEMS = ("funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "ddp", "fsdp2", "ds1", "ds2", "ds3")
+ALIASES = {f"z{s}": f"funczero-z{s}" for s in range(4)} | {f"fz{s}": f"funczero-z{s}" for s in range(4)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--nprocs", type=int, default=None, help="processes (default: visible GPUs; 2 on cpu)")
+    ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma list; ds* skipped without deepspeed")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and 1+2 steps (smoke test)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--d-model", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=4, help="micro-batch per process")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--tag", default="", help="added to every JSON line (e.g. a code version)")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--profile", default="", help="systems to profile for 2 extra steps (after timing)")
+    ap.add_argument("--profile-dir", default=".", help="where rank 0 writes <system>.trace.json.gz")
+    ap.add_argument("--find-syncs", action="store_true",
+                    help="after timing, run one step with sync debug mode 'error' and print where "
+                    "a host sync happens (leaves that system's state broken: run it on its own)")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.vocab, args.d_model, args.layers, args.heads, args.seq, args.mbs = 256, 64, 2, 4, 32, 2
+        args.warmup, args.steps = 1, 2
+    args.systems = [ALIASES.get(s.strip(), s.strip()) for s in args.systems.split(",") if s.strip()]
+    args.profile = {ALIASES.get(s.strip(), s.strip()) for s in args.profile.split(",") if s.strip()}
+    unknown = set(args.systems) - set(ALL_SYSTEMS)
+    if unknown:
+        ap.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+    if args.nprocs is None:
+        args.nprocs = torch.cuda.device_count() if args.device == "cuda" else 2
+    return args
+
+
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=args.vocab, seq_len=args.seq, d_model=args.d_model, n_layers=args.layers,
+        n_heads=args.heads, dropout=0.0, bias=False, tie_weights=False,
+    )  # fmt: skip
+
+
+def make_batch(args: argparse.Namespace, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + rank)
+    tokens = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=g)
+    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
+    torch.manual_seed(0)  # identical initial weights on every rank
+    return GPT(model_config(args), device=device)
+
+
+# --------------------------------------------------------------------------- systems
+# Each returns ``step() -> loss tensor`` (this rank's or the global mean) and a cleanup.
+
+
+def setup_funczero(stage: int, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+    model = build_model(args, device)
+    precision = Precision.from_name("bf16", reduce_dtype=args.reduce_dtype)
+    plan = zero.build_plan(model, stage=stage, precision=precision, param_persistence_threshold=100_000)
+    params, buffers = extract_tensors(model, plan.spec)
+    release_module_tensors(model)
+    opt = optim.adamw(args.lr, weight_decay=0.01)
+    holder = {"state": init_state(plan, opt, params, buffers, device=device)}
+    del params
+    step_fn = make_train_step(cross_entropy_loss, opt, plan)
+    batch = make_batch(args, plan.rank, device)
+
+    def step() -> torch.Tensor:
+        holder["state"], metrics = step_fn(holder["state"], batch)
+        return metrics["loss"]
+
+    step.holder = holder  # type: ignore[attr-defined]  # freed by the caller
+    return step
+
+
+def setup_ddp(args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(build_model(args, device), device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    x, y = make_batch(args, dist.get_rank(), device)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step.holder = {"model": model, "opt": opt}  # type: ignore[attr-defined]
+    return step
+
+
+def setup_fsdp2(args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = build_model(args, device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    x, y = make_batch(args, dist.get_rank(), device)
+
+    def step() -> torch.Tensor:
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step.holder = {"model": model, "opt": opt}  # type: ignore[attr-defined]
+    return step
+
+
+def setup_deepspeed(stage: int, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+    import deepspeed  # noqa: PLC0415  (optional dependency)
+
+    model = build_model(args, device)
+    config = {
+        "train_micro_batch_size_per_gpu": args.mbs,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.01}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    x, y = make_batch(args, dist.get_rank(), device)
+
+    def step() -> torch.Tensor:
+        loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    step.holder = {"engine": engine}  # type: ignore[attr-defined]
+    return step
+
+
+def setup(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+    if name.startswith("funczero-z"):
+        return setup_funczero(int(name[-1]), args, device)
+    if name == "ddp":
+        return setup_ddp(args, device)
+    if name == "fsdp2":
+        return setup_fsdp2(args, device)
+    return setup_deepspeed(int(name[-1]), args, device)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+class Clock:
+    """Per-step times: CUDA events on the current stream (no host sync), or wall time on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def count_host_syncs(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Synchronising CUDA calls during one step, as ``set_sync_debug_mode('warn')`` reports them."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    found = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    if found:
+        print(f"# host syncs: {sorted(set(found))[:3]}", file=sys.stderr, flush=True)
+    return len(found)
+
+
+def profile_steps(name: str, step: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> None:
+    """Two steps under torch.profiler; rank 0 prints the top kernels and writes a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"# profile {name} (2 steps)\n" + prof.key_averages().table(sort_by=sort, row_limit=30),
+              file=sys.stderr, flush=True)  # fmt: skip
+        path = Path(args.profile_dir) / f"{name}.trace.json"
+        prof.export_chrome_trace(str(path))
+        import gzip, shutil  # noqa: E401, PLC0415
+
+        with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path.unlink()
+
+
+def run_system(name: str, args: argparse.Namespace, device: torch.device, world: int) -> dict[str, Any]:
+    cfg = model_config(args)
+    n_params = cfg.num_params()
+    t0 = time.perf_counter()
+    step = setup(name, args, device)
+    setup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    clock = Clock(device)
+    clock.mark()
+    loss = None
+    for _ in range(args.steps):
+        loss = step()
+        clock.mark()
+    times = clock.step_ms()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    syncs = count_host_syncs(step, device) if name.startswith("funczero") else None
+    if name in args.profile:
+        profile_steps(name, step, args, device)
+    if args.find_syncs and device.type == "cuda":
+        import traceback  # noqa: PLC0415
+
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            print(f"# {name} rank {dist.get_rank()}: no host sync", file=sys.stderr, flush=True)
+        except RuntimeError:
+            print(f"# {name} rank {dist.get_rank()}: host sync at\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+    # Max over ranks of the median step, peak memory and sync count; mean loss.
+    stats = torch.tensor(
+        [statistics.median(times), min(times), peak, float(syncs or 0), float(loss)],
+        dtype=torch.float64, device=device,
+    )  # fmt: skip
+    worst = stats.clone()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    mean = stats.clone()
+    dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+    med_ms, min_ms, peak_gib, syncs_max = worst[0].item(), worst[1].item(), worst[2].item(), worst[3].item()
+    loss_mean = mean[4].item() / world
+    step.holder.clear()  # type: ignore[attr-defined]
+    del step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    tokens = world * args.mbs * args.seq
+    flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len
+    tps = tokens / (med_ms / 1e3)
+    tflops = tps / world * flops_per_token / 1e12
+    out = {
+        "impl": name,
+        "world": world,
+        "params_M": round(n_params / 1e6, 1),
+        "seq": args.seq,
+        "mbs": args.mbs,
+        "step_ms_median": round(med_ms, 2),
+        "step_ms_min": round(min_ms, 2),
+        "tokens_per_s": round(tps),
+        "tflops_per_gpu": round(tflops, 1),
+        "mfu_vs_989": round(tflops / PEAK_TFLOPS, 4),
+        "peak_mem_gib_max": round(peak_gib, 3),
+        "loss": round(loss_mean, 4),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "setup_s": round(setup_s, 1),
+    }
+    if name.startswith("funczero"):
+        out["host_syncs"] = int(syncs_max) if device.type == "cuda" else None
+        out["funczero_src"] = str(Path(funczero.__file__).resolve().parent)
+    if args.tag:
+        out["tag"] = args.tag
+    return out
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001  (missing, or broken without its compiled ops)
+        return False
+    return True
+
+
+def worker(rank: int, world: int, args: argparse.Namespace, port: int | None) -> None:
+    if port is not None:  # spawned by main(); torchrun sets the environment itself
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if args.device == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+        backend = "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10), **kwargs)
+    try:
+        have_ds = deepspeed_available()
+        for name in args.systems:
+            if name.startswith("ds") and not have_ds:
+                if rank == 0:
+                    print(f"# {name}: skipped (deepspeed is not importable)", file=sys.stderr, flush=True)
+                continue
+            line = json.dumps(run_system(name, args, device, world))
+            if rank == 0:
+                print(line, flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(line + "\n")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)
+        return
+    if args.nprocs < 1:
+        raise SystemExit("no GPUs visible; use --device cpu")
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    mp.spawn(worker, args=(args.nprocs, args, _free_port()), nprocs=args.nprocs, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Per-rank memory of ZeRO stages 0-3 at world sizes 1, 2 and 4 (gloo, CPU), as in docs/zero.md.
+
+For each model, stage and world size it builds the state on every rank, runs one bf16 AdamW step
+(clipping 1.0) and reports rank 0's :func:`funczero.parallel.memory.memory_breakdown` (held
+bytes by category, after the step), the measured peak of building the state plus one step
+(:func:`funczero.parallel.memory.peak_allocated_bytes`, so the peak includes the state,
+gradients, activations and communication buffers) and DeepSpeed's model-state formula for the
+same parameter count.
+
+Models: ``example`` is ``examples/train_gpt.py``'s default GPT on Shakespeare (65 characters,
+d_model 128, 4 layers, seq 128; 0.82M parameters) with the example's micro-batch of 16;
+``57M`` has d_model 768, 8 layers, vocabulary 256, seq 128 and a micro-batch of 2.
+
+Run::
+
+    python benchmarks/zero_memory.py                   # both models, worlds 1 2 4 (a few minutes)
+    python benchmarks/zero_memory.py --models example --worlds 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from funczero import optim
+from funczero.functional import extract_tensors, release_module_tensors
+from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+from funczero.parallel import zero
+from funczero.parallel.memory import (
+    deepspeed_model_state_bytes,
+    memory_breakdown,
+    peak_allocated_bytes,
+)
+from funczero.step import init_state, make_train_step
+from funczero.testing import run_distributed
+
+MODELS: dict[str, tuple[GPTConfig, int]] = {
+    "example": (GPTConfig(vocab_size=65, seq_len=128, d_model=128, n_layers=4, n_heads=4), 16),
+    "57M": (GPTConfig(vocab_size=256, seq_len=128, d_model=768, n_layers=8, n_heads=12), 2),
+}
+
+
+def _worker(rank: int, world: int, model_name: str, precision: str, out_dir: str) -> None:
+    cfg, rows = MODELS[model_name]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randint(0, cfg.vocab_size, (rows, cfg.seq_len), generator=g)
+    batch = (x, torch.roll(x, -1, dims=1))
+    rows_out = []
+    for stage in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        plan = zero.build_plan(model, stage=stage, precision=precision)
+        params, buffers = extract_tensors(model, plan.spec)
+        release_module_tensors(model)
+        opt = optim.adamw(2e-3, weight_decay=0.1)
+        step = make_train_step(cross_entropy_loss, opt, plan, gradient_clipping=1.0)
+
+        def run() -> dict[str, int]:
+            state = init_state(plan, opt, params, buffers)
+            state, _ = step(state, batch)
+            return memory_breakdown(state, plan)
+
+        mem, peak = peak_allocated_bytes(run)
+        psi = plan.spec.numel(trainable_only=True)
+        rows_out.append(
+            {
+                "model": model_name,
+                "world": world,
+                "stage": stage,
+                "psi": psi,
+                **mem,
+                "peak": peak,
+                "deepspeed": deepspeed_model_state_bytes(psi, stage, world),
+            }
+        )
+        del params, plan, step, model
+    if rank == 0:
+        Path(out_dir, f"{model_name}-{world}.json").write_text(json.dumps(rows_out))
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.1f}" if x < 100 * 2**20 else f"{x / 2**20:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="example,57M")
+    ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--json", default=None, help="also write all rows here")
+    args = ap.parse_args()
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for world in (int(w) for w in args.worlds.split(",")):
+                run_distributed(_worker, world, name, args.precision, tmp, timeout=600)
+                rows.extend(json.loads(Path(tmp, f"{name}-{world}.json").read_text()))
+    print(
+        "| model | N | stage | params | grads | master | opt_state | held total | "
+        "DeepSpeed 16Ψ-formula | measured peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} ({r['psi'] / 1e6:.2f}M) | {r['world']} | {r['stage']} | "
+            f"{_mib(r['params'])} | {_mib(r['grads'])} | {_mib(r['master'])} | "
+            f"{_mib(r['opt_state'])} | {_mib(r['total'])} | {_mib(r['deepspeed'])} | "
+            f"{_mib(r['peak'])} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

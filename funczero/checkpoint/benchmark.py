@@ -1,0 +1,163 @@
+"""Measure checkpoint I/O: save/load throughput and the peak memory of reshard and consolidate.
+
+Run ``python -m funczero.checkpoint.benchmark --dir /tmp/ckbench --params-mb 128``. It builds a
+hand-made fp32 stage-0 state (params aliased to master, plus Adam's two moments: about
+3x ``--params-mb`` on disk), then:
+
+* times ``save`` (fsync included) and ``load`` at world size 1 in this process, and at world
+  size 2 with two gloo ranks writing and reading concurrently; before each load the files are
+  evicted from the page cache (``posix_fadvise(DONTNEED)``), so loads read the disk;
+* runs ``reshard`` (to 4 ranks, stage 3) and ``consolidate`` (fp32) each in a fresh process
+  and reports its peak RSS (``VmHWM``) next to its RSS after imports, the largest tensor
+  and the model size.
+
+Results print as JSON. Numbers from one machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+__all__ = ["main"]
+
+
+def _shapes(params_mb: int) -> dict[str, tuple[int, ...]]:
+    """A GPT-like mix: one large embedding (the largest tensor), blocks of matrices, vectors."""
+    d = 1024
+    total = params_mb * (1 << 20) // 4
+    vocab = max(total // 4 // d, 1)
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (vocab, d)}
+    left, i = total - vocab * d, 0
+    while left > 4 * d * d:
+        shapes[f"blocks.{i}.fc.weight"] = (4 * d, d)
+        shapes[f"blocks.{i}.fc.bias"] = (4 * d,)
+        shapes[f"blocks.{i}.ln.weight"] = (d,)
+        left -= 4 * d * d + 5 * d
+        i += 1
+    shapes["frozen"] = (d,)
+    return shapes
+
+
+def _evict(directory: Path) -> None:
+    for path in directory.rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _disk_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
+
+
+def _save_load(root: Path, shapes: dict[str, tuple[int, ...]], world: int, rank: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    from funczero import checkpoint
+    from funczero.checkpoint.testing import toy_state
+
+    state = toy_state(world_size=world, rank=rank, stage=0 if world == 1 else 2, shapes=shapes)
+    like = toy_state(world_size=world, rank=rank, stage=0 if world == 1 else 2, shapes=shapes, seed=1)
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    barrier()
+    t0 = time.perf_counter()
+    path = checkpoint.save(root, state, tag="bench")
+    t_save = time.perf_counter() - t0
+    if rank == 0:
+        _evict(path)
+    barrier()
+    t0 = time.perf_counter()
+    checkpoint.load(root, like=like)
+    barrier()
+    t_load = time.perf_counter() - t0
+    return {"save_s": t_save, "load_s": t_load}
+
+
+def _dist_worker(rank: int, world: int, root: str, shapes: dict[str, Any], out: str) -> None:
+    res = _save_load(Path(root), {k: tuple(v) for k, v in shapes.items()}, world, rank)
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+
+
+def _vm_hwm() -> int:
+    """Peak RSS of this process image in bytes (``VmHWM``; ``ru_maxrss`` survives exec on
+    Linux, so a child would report its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(kind: str, src: str, dst: str) -> None:
+    """Run one tool in this (fresh) process; print RSS after imports and peak RSS (bytes)."""
+    from funczero import checkpoint
+
+    base = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    if kind == "reshard":
+        checkpoint.reshard(src, dst, world_size=4, stage=3)
+    else:
+        checkpoint.consolidate(src, dst)
+    seconds = time.perf_counter() - t0
+    peak = _vm_hwm()
+    print(json.dumps({"rss_after_imports": base, "peak_rss": peak, "seconds": seconds}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", required=True, help="scratch directory (deleted and recreated)")
+    ap.add_argument("--params-mb", type=int, default=128, help="fp32 parameter megabytes")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(*args.child)
+        return
+    torch.set_num_threads(1)
+    scratch = Path(args.dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    shapes = _shapes(args.params_mb)
+    largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
+    model = sum(torch.Size(s).numel() for s in shapes.values()) * 4
+    results: dict[str, Any] = {"model_bytes_fp32": model, "largest_tensor_bytes": largest}
+
+    w1 = _save_load(scratch / "w1", shapes, 1, 0)
+    size = _disk_bytes(scratch / "w1")
+    results["checkpoint_bytes"] = size
+    results["w1"] = {**w1, "save_GBps": size / w1["save_s"] / 1e9, "load_GBps": size / w1["load_s"] / 1e9}
+
+    from funczero.testing import run_distributed
+
+    out = scratch / "w2.json"
+    run_distributed(_dist_worker, 2, str(scratch / "w2"), shapes, str(out), timeout=600)
+    w2 = json.loads(out.read_text())
+    size2 = _disk_bytes(scratch / "w2")
+    results["w2"] = {**w2, "save_GBps": size2 / w2["save_s"] / 1e9, "load_GBps": size2 / w2["load_s"] / 1e9}
+
+    for kind, dst in (("reshard", scratch / "resharded"), ("consolidate", scratch / "hf")):
+        _evict(scratch / "w1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "funczero.checkpoint.benchmark", "--dir", str(scratch),
+             "--child", kind, str(scratch / "w1"), str(dst)],
+            check=True, capture_output=True, text=True,
+        )
+        results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[kind]["peak_minus_imports"] = results[kind]["peak_rss"] - results[kind]["rss_after_imports"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

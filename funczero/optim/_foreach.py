@@ -1,0 +1,154 @@
+"""In-place ``torch._foreach_*`` steps for optimizers without a usable fused kernel.
+
+Used by Lion, LAMB, and Adam/AdamW when the fused kernel cannot run (scheduled ``b1``, bf16
+parameters with fp32 moments, a device without the kernel). Each step mirrors the pure transforms
+op for op, in the same order, so on CPU it agrees with ``update`` + ``apply_updates`` bit for bit;
+it differs by updating buffers in place instead of allocating new ones every step.
+
+These paths assume ``found_inf is None``; a step that may be skipped takes the exact generic path
+(:func:`funczero.optim.fused.inplace_update`), which selects old values with ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from funczero.optim._common import bias_correction as _bias_correction
+from funczero.optim._common import keys_of, resolve
+from funczero.optim.base import OptState, Params, ReduceFn, ScalarOrSchedule, Updates
+from funczero.optim.clipping import trust_ratios
+
+__all__: list[str] = []
+
+
+def _like(x: Tensor, tensors: list[Tensor]) -> Tensor | list[Tensor]:
+    """A 0-d scalar in the dtype of ``tensors`` (as the pure path casts it), or one per tensor."""
+    first = tensors[0]
+    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        return x.to(device=first.device, dtype=first.dtype)
+    return [x.to(device=t.device, dtype=t.dtype) for t in tensors]
+
+
+def _lerp_(starts: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> None:
+    if isinstance(weight, Tensor):  # the foreach overload takes a Python scalar only
+        for s, e in zip(starts, ends):
+            s.lerp_(e, weight.to(device=s.device, dtype=s.dtype))
+    else:
+        torch._foreach_lerp_(starts, ends, weight)
+
+
+def _add_decay_(updates: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
+    """``u + wd * p`` as :func:`~funczero.optim.add_decayed_weights` computes it."""
+    if weight_decay == 0.0:
+        return updates
+    return torch._foreach_add(updates, torch._foreach_mul(params, weight_decay))
+
+
+def _apply_(params: list[Tensor], updates: list[Tensor], lr: float | Tensor) -> None:
+    """``p += u * -lr`` (scale_by_learning_rate, then apply_updates)."""
+    if isinstance(lr, Tensor):
+        torch._foreach_mul_(updates, _like(-lr, updates))
+    else:
+        torch._foreach_mul_(updates, -lr)
+    torch._foreach_add_(params, updates)
+
+
+def adam_direction_(
+    grads: list[Tensor],
+    mu: list[Tensor],
+    nu: list[Tensor],
+    *,
+    b1: float | Tensor,
+    b2: float,
+    eps: float,
+    bias_correction: bool,
+    count: Tensor,
+) -> list[Tensor]:
+    """Advance Adam's moments in place and return the direction (new tensors)."""
+    gs = [g.to(m.dtype) for g, m in zip(grads, mu)]
+    _lerp_(mu, gs, 1 - b1)
+    torch._foreach_mul_(nu, b2)
+    torch._foreach_addcmul_(nu, gs, gs, value=1 - b2)
+    denom = torch._foreach_sqrt(nu)
+    if bias_correction:
+        bc1 = _bias_correction(b1, count)
+        bc2_sqrt = _bias_correction(b2, count).sqrt()
+        torch._foreach_div_(denom, _like(bc2_sqrt, denom))
+        torch._foreach_add_(denom, eps)
+        direction = torch._foreach_div(mu, denom)
+        torch._foreach_div_(direction, _like(bc1, direction))
+        return direction
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(mu, denom)
+
+
+def adam_step_(
+    grads: Updates,
+    params: Params,
+    adam_state: OptState,
+    *,
+    learning_rate: float | Tensor,
+    b1: ScalarOrSchedule,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    bias_correction: bool = True,
+    trust_ratio: tuple[float, float] | None = None,
+    reduce_fn: ReduceFn | None = None,
+) -> None:
+    """Adam (L2), AdamW (decoupled) or LAMB (decoupled + per-parameter trust ratio), in place.
+
+    Keys are processed in sorted order so LAMB's stacked norms line up on every rank.
+    """
+    keys = sorted(grads)
+    ps = keys_of(params, keys)
+    gs = keys_of(grads, keys)
+    if not decoupled:
+        gs = _add_decay_(gs, ps, weight_decay)
+    count = adam_state.count
+    direction = adam_direction_(
+        gs,
+        keys_of(adam_state.mu, keys),
+        keys_of(adam_state.nu, keys),
+        b1=resolve(b1, count),
+        b2=b2,
+        eps=eps,
+        bias_correction=bias_correction,
+        count=count,
+    )
+    if decoupled:
+        direction = _add_decay_(direction, ps, weight_decay)
+    if trust_ratio is not None:
+        ratios = trust_ratios(
+            ps, direction, min_coeff=trust_ratio[0], max_coeff=trust_ratio[1], reduce_fn=reduce_fn
+        )
+        torch._foreach_mul_(direction, list(ratios.unbind()))
+    _apply_(ps, direction, learning_rate)
+
+
+def lion_step_(
+    grads: Updates,
+    params: Params,
+    mu_tree: Params,
+    *,
+    learning_rate: float | Tensor,
+    b1: float | Tensor,
+    b2: float,
+    weight_decay: float,
+) -> None:
+    """Lion in place: ``p -= lr * (sign(lerp(m, g, 1 - b1)) + wd * p)``; ``m = lerp(m, g, 1 - b2)``."""
+    keys = list(grads)
+    ps = keys_of(params, keys)
+    mu = keys_of(mu_tree, keys)
+    gs = [g.to(m.dtype) for g, m in zip(keys_of(grads, keys), mu)]
+    if isinstance(b1, Tensor):
+        w = 1 - b1
+        direction = [torch.lerp(m, g, w.to(device=m.device, dtype=m.dtype)) for m, g in zip(mu, gs)]
+    else:
+        direction = torch._foreach_lerp(mu, gs, 1 - b1)
+    torch._foreach_sign_(direction)
+    direction = _add_decay_(direction, ps, weight_decay)
+    _apply_(ps, direction, learning_rate)
+    _lerp_(mu, gs, 1 - b2)

@@ -1,0 +1,52 @@
+"""Smoke test of the GPU benchmark's CPU mode: it runs and prints well-formed JSON lines.
+
+``benchmarks/gpt_throughput.py --device cpu --tiny`` spawns 2 gloo processes and runs funczero
+ZeRO 0-3, DDP and FSDP2 on a tiny GPT; only the shape of its output is checked here (the numbers
+come from GPU runs, see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {
+    "impl": str,
+    "world": int,
+    "params_M": float,
+    "step_ms_median": float,
+    "step_ms_min": float,
+    "tokens_per_s": int,
+    "tflops_per_gpu": float,
+    "mfu_vs_989": float,
+    "peak_mem_gib_max": float,
+    "loss": float,
+}
+
+
+def test_gpt_throughput_tiny_cpu_prints_one_json_line_per_system(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    systems = ["funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "ddp", "fsdp2"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpt_throughput.py"), "--device", "cpu",
+         "--tiny", "--nprocs", "2", "--systems", ",".join(systems), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout_lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    file_lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stdout_lines == file_lines
+    assert [r["impl"] for r in file_lines] == systems
+    for r in file_lines:
+        for key, kind in KEYS.items():
+            assert isinstance(r[key], kind) or (kind is float and isinstance(r[key], int)), (key, r)
+        assert r["world"] == 2
+        assert r["tokens_per_s"] > 0 and r["step_ms_median"] > 0
+        assert math.isfinite(r["loss"]) and 0 < r["loss"] < 10, r
+    # Same data, same initial weights, 3 AdamW steps: every system lands on about the same loss.
+    losses = [r["loss"] for r in file_lines]
+    assert max(losses) - min(losses) < 0.05, losses
