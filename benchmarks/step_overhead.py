@@ -21,8 +21,9 @@ after warm-up steps, each round times ``--steps`` steps of each side *interleave
 funczero, eager, ...; the side that goes first alternates by round) and takes each side's
 median; the reported time is the best (lowest) median over ``--rounds`` rounds. Peak memory is
 measured with :func:`funczero.parallel.memory.peak_allocated_bytes` around building the
-trainable state (eager: a copy of the model and the optimizer; funczero: ``init_state``) and one
-step, so it covers the weights, optimizer state, gradients and activations of a step.
+trainable state (eager: a copy of the model and the optimizer; funczero: ``init_state``) and two
+steps (``torch.optim`` creates its moments in the first), so it covers the weights, optimizer
+state, gradients and activations of a steady-state step.
 
 Run::
 
@@ -150,10 +151,11 @@ def measure(size: str, precision: str, rounds: int, steps: int, warmup: int) -> 
         "eager": eager_side(template, batch, bf16, fused),
         "funczero": funczero_side(template, batch, bf16),
     }
-    # Peak memory first, each side built inside the measured call (see module docstring).
+    # Peak memory first, each side built inside the measured call (see module docstring). Two
+    # steps: torch.optim creates its moments lazily in the first step, after that step's peak.
     peaks = {}
     for name, (build, step) in builders.items():
-        _, peaks[name] = peak_allocated_bytes(lambda b=build, s=step: (b(), s()))
+        _, peaks[name] = peak_allocated_bytes(lambda b=build, s=step: (b(), s(), s()))
     sides = []
     for name, (build, step) in builders.items():
         build()

@@ -4,52 +4,52 @@ The training state is an immutable pytree of tensors (:class:`TrainState`); a st
 function ``train_step(state, batch) -> (state, metrics)`` built by :func:`make_train_step`, with
 ZeRO stages 0-3 as explicit collective transforms (:mod:`funczero.parallel.zero`). A DeepSpeed
 user starts with :func:`initialize`.
+
+Attributes are imported lazily, so ``import funczero`` (and the ``funczero`` CLI, whose launcher
+never needs torch) stays fast.
 """
 
 from __future__ import annotations
 
-from funczero import functional as functional
-from funczero import optim as optim
-from funczero import tree as tree
-from funczero.grad import value_and_grad as value_and_grad
-from funczero.parallel.env import init_distributed as init_distributed
-from funczero.parallel.zero import ZeroPlan as ZeroPlan
-from funczero.parallel.zero import build_plan as build_plan
-from funczero.precision import Precision as Precision
-from funczero.state import DonatedStateError as DonatedStateError
-from funczero.state import TrainState as TrainState
-from funczero.step import init_state as init_state
-from funczero.step import make_train_step as make_train_step
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+# public name -> (module, attribute or None for the module itself)
+_EXPORTS: dict[str, tuple[str, str | None]] = {
+    "Config": ("funczero.config", "Config"),
+    "DonatedStateError": ("funczero.state", "DonatedStateError"),
+    "Initialized": ("funczero.initialization", "Initialized"),
+    "Precision": ("funczero.precision", "Precision"),
+    "TrainState": ("funczero.state", "TrainState"),
+    "ZeroPlan": ("funczero.parallel.zero", "ZeroPlan"),
+    "build_plan": ("funczero.parallel.zero", "build_plan"),
+    "checkpoint": ("funczero.checkpoint", None),
+    "functional": ("funczero.functional", None),
+    "init_distributed": ("funczero.parallel.env", "init_distributed"),
+    "init_state": ("funczero.step", "init_state"),
+    "initialize": ("funczero.initialization", "initialize"),
+    "make_train_step": ("funczero.step", "make_train_step"),
+    "optim": ("funczero.optim", None),
+    "read_metrics": ("funczero.monitor", "read_metrics"),
+    "tree": ("funczero.tree", None),
+    "value_and_grad": ("funczero.grad", "value_and_grad"),
+}
 
-def __getattr__(name: str):  # lazy: config/data/initialize pull in more modules
-    if name in ("initialize", "Initialized"):
-        from funczero import initialization as _init
-
-        return getattr(_init, name)
-    if name == "Config":
-        from funczero.config import Config
-
-        return Config
-    raise AttributeError(f"module 'funczero' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = [
-    "Config",
-    "DonatedStateError",
-    "Initialized",
-    "Precision",
-    "TrainState",
-    "ZeroPlan",
-    "build_plan",
-    "functional",
-    "init_distributed",
-    "init_state",
-    "initialize",
-    "make_train_step",
-    "optim",
-    "tree",
-    "value_and_grad",
-]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'funczero' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

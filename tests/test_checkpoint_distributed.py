@@ -1,5 +1,5 @@
-"""Saves by 4 gloo ranks (2 ranks: test_checkpoint_resume): each rank writes its own files, rank 0 commits, failures are
-collective; the result loads into every other world size and stage.
+"""Saves by 4 gloo ranks (2 ranks: test_checkpoint_resume): each rank writes its own files,
+rank 0 commits, failures are collective; the result loads into every world size and stage.
 
 One spawn per world size does all the multi-rank work (starting ranks dominates the cost);
 the loads are checked afterwards in this process (``load`` needs no process group).
@@ -25,8 +25,14 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def _state(world: int, rank: int, stage: int, precision: str, **kw):
-    return toy_state(world_size=world, rank=rank, stage=stage, precision=precision,
-                     persistent=["b"] if stage == 3 else (), **kw)
+    return toy_state(
+        world_size=world,
+        rank=rank,
+        stage=stage,
+        precision=precision,
+        persistent=["b"] if stage == 3 else (),
+        **kw,
+    )
 
 
 def _worker(rank: int, world: int, root: str) -> None:
@@ -34,16 +40,22 @@ def _worker(rank: int, world: int, root: str) -> None:
     for precision in PRECISIONS:
         for stage in STAGES:
             state = _state(world, rank, stage, precision)
-            path = checkpoint.save(base / precision, state, tag=f"s{stage}",
-                                   client_state={"rank": rank, "shared": [1, 2]})
+            path = checkpoint.save(
+                base / precision,
+                state,
+                tag=f"s{stage}",
+                client_state={"rank": rank, "shared": [1, 2]},
+            )
             assert path == base / precision / f"s{stage}"
     root32 = base / "fp32"
 
     # A disk that fills on the last rank: every rank raises, nothing is committed or left over.
     real = TensorFileWriter.append
     if rank == world - 1:
-        def full(self, part):  # noqa: ANN001
+
+        def full(self, part):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
         TensorFileWriter.append = full  # type: ignore[method-assign]
     try:
         checkpoint.save(root32, _state(world, rank, 1, "fp32", step=99), tag="bad")
@@ -87,7 +99,9 @@ def test_each_rank_writes_its_own_files_with_its_chunks(saved) -> None:
     world, root = saved
     index = checkpoint.read_index(root / "fp32" / "s3")
     assert sorted(index.files) == sorted(
-        f"{g}-shard-{r:05d}-of-{world:05d}.safetensors" for g in ("model", "optim") for r in range(world)
+        f"{g}-shard-{r:05d}-of-{world:05d}.safetensors"
+        for g in ("model", "optim")
+        for r in range(world)
     )
     for name, entry in index.files.items():
         with TensorFile(root / "fp32" / "s3" / name) as f:
@@ -104,7 +118,9 @@ def test_multi_rank_checkpoints_verify_and_keep_per_rank_client_state(saved) -> 
         for stage in STAGES:
             assert checkpoint.verify(root / precision, tag=f"s{stage}").ok
     index = checkpoint.read_index(root / "fp32" / "s0")
-    assert index.raw["client_state_per_rank"] == [{"rank": r, "shared": [1, 2]} for r in range(world)]
+    assert index.raw["client_state_per_rank"] == [
+        {"rank": r, "shared": [1, 2]} for r in range(world)
+    ]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -125,8 +141,10 @@ def test_multi_rank_checkpoints_load_into_every_world_size_and_stage(saved, prec
                         assert p == "rng" or torch.equal(x, y), (src, stage, target, rank, p)
 
 
-def test_offline_reshard_of_a_multi_rank_checkpoint_matches_online_load(saved, tmp_path: Path) -> None:
-    world, root = saved
+def test_offline_reshard_of_a_multi_rank_checkpoint_matches_online_load(
+    saved, tmp_path: Path
+) -> None:
+    _, root = saved
     out = checkpoint.reshard(root / "bf16", tmp_path, world_size=3, stage=1, tag="s3")
     assert checkpoint.verify(out).ok
     for rank in range(3):

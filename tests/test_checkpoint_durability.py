@@ -9,6 +9,7 @@ SIGKILL after a random delay and checks the directory.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -26,12 +27,13 @@ KILLS = 40
 SHAPES = {"emb": (64, 96), "w": (96, 96), "b": (97,), "frozen": (33,)}  # ~190 KB per checkpoint
 
 ZYGOTE = r"""
-import os, sys, tempfile, time
+import json, os, sys, tempfile, time
 import torch
 torch.set_num_threads(1)
 from funczero import checkpoint
 from funczero.checkpoint.testing import toy_state
-root, shapes = sys.argv[1], eval(sys.argv[2])
+root = sys.argv[1]
+shapes = {k: tuple(v) for k, v in json.loads(sys.argv[2]).items()}
 states = {s: toy_state(step=s, seed=s, shapes=shapes) for s in range(1, 400)}
 warm = tempfile.mkdtemp(dir=os.path.dirname(root))
 t0 = time.perf_counter()
@@ -55,7 +57,9 @@ def _check(root: Path, latest_before: str | None) -> str | None:
     """Everything visible is complete and verifies; latest loads; return latest."""
     visible = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
     tags = checkpoint.list_tags(root)
-    assert visible == sorted(tags), f"a tag directory without a committed index: {visible} vs {tags}"
+    assert visible == sorted(tags), (
+        f"a tag directory without a committed index: {visible} vs {tags}"
+    )
     for tag in tags:
         report = checkpoint.verify(root, tag=tag)
         assert report.ok, (tag, report.problems)
@@ -75,10 +79,12 @@ def _check(root: Path, latest_before: str | None) -> str | None:
     return latest
 
 
-def test_sigkill_at_random_points_of_save_never_breaks_latest_or_the_previous_checkpoint(tmp_path: Path) -> None:
+def test_sigkill_at_random_points_of_save_never_breaks_latest_or_the_previous_checkpoint(
+    tmp_path: Path,
+) -> None:
     rng = random.Random(1234)
     zygote = subprocess.Popen(
-        [sys.executable, "-c", ZYGOTE, str(tmp_path), repr(SHAPES)],
+        [sys.executable, "-c", ZYGOTE, str(tmp_path), json.dumps(SHAPES)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -42,14 +42,20 @@ def _edit_index(tag_dir: Path, edit) -> None:
 
 
 def test_missing_directory_is_an_error_for_load_verify_and_inspect(tmp_path: Path) -> None:
-    for fn in (lambda d: checkpoint.load(d, like=toy_state()), checkpoint.verify, checkpoint.inspect):
+    for fn in (
+        lambda d: checkpoint.load(d, like=toy_state()),
+        checkpoint.verify,
+        checkpoint.inspect,
+    ):
         with pytest.raises(checkpoint.CheckpointNotFoundError, match="does not exist"):
             fn(tmp_path / "nope")
 
 
 def test_root_without_latest_is_an_error_never_a_silent_fresh_start(saved: Path) -> None:
     (saved / "latest").unlink()
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"no 'latest'.*tags present: 1, 2"):
+    with pytest.raises(
+        checkpoint.CheckpointNotFoundError, match=r"no 'latest'.*tags present: 1, 2"
+    ):
         checkpoint.load(saved, like=toy_state())
     (saved / "empty").mkdir()
     with pytest.raises(checkpoint.CheckpointNotFoundError, match="holds no checkpoints"):
@@ -57,7 +63,9 @@ def test_root_without_latest_is_an_error_never_a_silent_fresh_start(saved: Path)
 
 
 def test_missing_tag_and_dangling_latest_are_errors(saved: Path) -> None:
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"tag '7' not found: .*tags present: 1, 2"):
+    with pytest.raises(
+        checkpoint.CheckpointNotFoundError, match=r"tag '7' not found: .*tags present: 1, 2"
+    ):
         checkpoint.load(saved, like=toy_state(), tag="7")
     (saved / "latest").write_text("9\n")
     with pytest.raises(checkpoint.CheckpointNotFoundError, match="latest points to tag '9'"):
@@ -95,7 +103,9 @@ def test_flipped_bytes_name_the_tensor_on_load_and_in_verify(saved: Path) -> Non
     data = bytearray(path.read_bytes())
     data[off] ^= 0x40
     path.write_bytes(bytes(data))
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"tensor master/w: .*fail their checksum"):
+    with pytest.raises(
+        checkpoint.CorruptCheckpointError, match=r"tensor master/w: .*fail their checksum"
+    ):
         checkpoint.load(saved, like=toy_state())
     report = checkpoint.verify(saved)
     wheres = {p.where for p in report.problems}
@@ -124,7 +134,10 @@ def test_shard_from_another_checkpoint_is_detected(saved: Path) -> None:
         (lambda raw: raw.pop("world_size"), "required key 'world_size' is missing"),
         (lambda raw: raw.update(format_version=99), "newer than this funczero"),
         (lambda raw: raw["tensors"]["master/w"].update(dtype="complex32"), "dtype='complex32'"),
-        (lambda raw: raw["tensors"]["master/w"]["chunks"][0].update(stop=3), r"chunks cover \[0, 3\)"),
+        (
+            lambda raw: raw["tensors"]["master/w"]["chunks"][0].update(stop=3),
+            r"chunks cover \[0, 3\)",
+        ),
         (lambda raw: raw["tensors"]["params/w"].update(alias_of="master/nothing"), "alias of"),
         (lambda raw: raw.update(stage="3"), "stage must be int"),
     ],
@@ -143,7 +156,9 @@ def test_index_that_is_not_json_is_refused(saved: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/passwd", ".hidden"])
-def test_file_path_in_the_index_that_escapes_the_directory_is_refused(saved: Path, name: str) -> None:
+def test_file_path_in_the_index_that_escapes_the_directory_is_refused(
+    saved: Path, name: str
+) -> None:
     def edit(raw: dict) -> None:
         raw["files"][name] = raw["files"].pop(MODEL)
         for t in raw["tensors"].values():
@@ -156,7 +171,9 @@ def test_file_path_in_the_index_that_escapes_the_directory_is_refused(saved: Pat
         checkpoint.load(saved, like=toy_state())
 
 
-def test_symlinked_shard_pointing_outside_the_checkpoint_is_refused(saved: Path, tmp_path_factory) -> None:
+def test_symlinked_shard_pointing_outside_the_checkpoint_is_refused(
+    saved: Path, tmp_path_factory
+) -> None:
     outside = tmp_path_factory.mktemp("outside") / MODEL
     outside.write_bytes((saved / "2" / MODEL).read_bytes())
     (saved / "2" / MODEL).unlink()
@@ -173,20 +190,29 @@ def test_state_that_does_not_match_lists_every_problem_by_path(saved: Path) -> N
     e = info.value
     assert "params/extra" in e.missing and "opt_state/0/mu/extra" in e.missing
     assert "params/b" in e.unexpected and "opt_state/0/nu/b" in e.unexpected
-    assert any(re.match(r"master/w: shape \[4, 4\] in the checkpoint, \[4, 5\]", m) for m in e.mismatched)
+    assert any(
+        re.match(r"master/w: shape \[4, 4\] in the checkpoint, \[4, 5\]", m) for m in e.mismatched
+    )
     assert "missing from the checkpoint: params/extra" in str(e)
 
 
 def test_precision_and_dtype_mismatches_are_named(saved: Path) -> None:
-    with pytest.raises(checkpoint.StateMismatchError, match="precision: the checkpoint is fp32, the state bf16"):
+    with pytest.raises(
+        checkpoint.StateMismatchError, match="precision: the checkpoint is fp32, the state bf16"
+    ):
         checkpoint.load(saved, like=toy_state(precision="bf16"))
     like = toy_state()
     like.buffers["running_mean"] = like.buffers["running_mean"].double()
-    with pytest.raises(checkpoint.StateMismatchError, match="buffers/running_mean: dtype float32 in the checkpoint, torch.float64"):
+    with pytest.raises(
+        checkpoint.StateMismatchError,
+        match="buffers/running_mean: dtype float32 in the checkpoint, torch.float64",
+    ):
         checkpoint.load(saved, like=like)
 
 
-def test_disk_full_during_save_keeps_previous_checkpoint_and_latest_and_removes_temp(saved: Path, monkeypatch) -> None:
+def test_disk_full_during_save_keeps_previous_checkpoint_and_latest_and_removes_temp(
+    saved: Path, monkeypatch
+) -> None:
     before = {p: p.read_bytes() for p in (saved / "2").iterdir()}
     calls = {"n": 0}
     real = TensorFileWriter.append
@@ -198,7 +224,10 @@ def test_disk_full_during_save_keeps_previous_checkpoint_and_latest_and_removes_
         real(self, part)
 
     monkeypatch.setattr(TensorFileWriter, "append", append)
-    with pytest.raises(checkpoint.SaveError, match="No space left on device.*previous checkpoint and 'latest' are untouched") as info:
+    with pytest.raises(
+        checkpoint.SaveError,
+        match="No space left on device.*previous checkpoint and 'latest' are untouched",
+    ) as info:
         checkpoint.save(saved, toy_state(step=3, seed=2))
     assert isinstance(info.value.__cause__, OSError)
     assert checkpoint.latest_tag(saved) == "2"
@@ -210,8 +239,18 @@ def test_disk_full_during_save_keeps_previous_checkpoint_and_latest_and_removes_
     assert checkpoint.latest_tag(saved) == "3"
 
 
+def test_a_directory_that_is_not_a_checkpoint_is_never_replaced(tmp_path: Path) -> None:
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "notes.txt").write_text("mine")
+    with pytest.raises(checkpoint.CheckpointExistsError, match="not a funczero checkpoint"):
+        checkpoint.save(tmp_path, toy_state(step=5))
+    assert (tmp_path / "5" / "notes.txt").read_text() == "mine"
+
+
 def test_client_state_that_is_not_json_names_the_entry(tmp_path: Path) -> None:
-    with pytest.raises(checkpoint.ClientStateError, match=r"client_state\['loader'\]\['pos'\] is a Tensor"):
+    with pytest.raises(
+        checkpoint.ClientStateError, match=r"client_state\['loader'\]\['pos'\] is a Tensor"
+    ):
         checkpoint.save(tmp_path, toy_state(), client_state={"loader": {"pos": torch.tensor(3)}})
     with pytest.raises(checkpoint.ClientStateError, match="not finite"):
         checkpoint.save(tmp_path, toy_state(), client_state={"x": float("nan")})
@@ -222,7 +261,9 @@ def _code_only(source: str) -> str:
     """``source`` without comments and string literals (docstrings may *mention* pickle)."""
     out = []
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type not in (tokenize.COMMENT, tokenize.STRING) and tok.type != getattr(tokenize, "FSTRING_MIDDLE", -1):
+        if tok.type not in (tokenize.COMMENT, tokenize.STRING) and tok.type != getattr(
+            tokenize, "FSTRING_MIDDLE", -1
+        ):
             out.append(tok.string)
     return " ".join(out)
 

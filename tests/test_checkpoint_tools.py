@@ -1,4 +1,4 @@
-"""Offline tools: consolidate (Hugging Face-style, tied weights), reshard, and the ``funczero ckpt`` CLI."""
+"""Offline tools: consolidate (Hugging Face-style, tied weights), reshard, ``funczero ckpt``."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from funczero import checkpoint, optim
+from funczero.checkpoint import reader as reader_module
+from funczero.checkpoint.layout import named_leaves
+from funczero.checkpoint.testing import toy_state
 from funczero.cli.app import app
 from funczero.functional import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig
 from funczero.parallel import zero
 from funczero.step import init_state
-from funczero.checkpoint import reader as reader_module
-from funczero.checkpoint.layout import named_leaves
-from funczero.checkpoint.testing import toy_state
 
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3, batch_norm=True)
 runner = CliRunner()
@@ -38,7 +38,9 @@ def gpt_checkpoint(root: Path, *, stage: int, precision: str = "fp32") -> dict[s
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_consolidated_gpt_with_tied_head_loads_with_strict_load_state_dict(tmp_path: Path, stage: int) -> None:
+def test_consolidated_gpt_with_tied_head_loads_with_strict_load_state_dict(
+    tmp_path: Path, stage: int
+) -> None:
     reference = gpt_checkpoint(tmp_path / "ckpt", stage=stage)
     files = checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf")
     assert [f.name for f in files] == ["model.safetensors"]
@@ -51,9 +53,13 @@ def test_consolidated_gpt_with_tied_head_loads_with_strict_load_state_dict(tmp_p
     assert fresh.head.weight.data_ptr() == fresh.wte.weight.data_ptr()  # still tied after loading
 
 
-def test_consolidate_with_max_shard_size_writes_hf_index_and_casts_only_floating_weights(tmp_path: Path) -> None:
+def test_consolidate_with_max_shard_size_writes_hf_index_and_casts_only_floating_weights(
+    tmp_path: Path,
+) -> None:
     reference = gpt_checkpoint(tmp_path / "ckpt", stage=1, precision="bf16")
-    files = checkpoint.consolidate(tmp_path / "ckpt", tmp_path / "hf", dtype="bf16", max_shard_size="10KB")
+    files = checkpoint.consolidate(
+        tmp_path / "ckpt", tmp_path / "hf", dtype="bf16", max_shard_size="10KB"
+    )
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     shards = sorted({*index["weight_map"].values()})
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -62,7 +68,9 @@ def test_consolidate_with_max_shard_size_writes_hf_index_and_casts_only_floating
     for name in shards:
         merged.update(load_file(tmp_path / "hf" / name))
     assert set(merged) == set(index["weight_map"]) == set(reference)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in merged.values()
+    )
     assert merged["blocks.0.fc.weight"].dtype == torch.bfloat16
     assert merged["bn.num_batches_tracked"].dtype == torch.int64
     assert torch.equal(merged["head.weight"], reference["wte.weight"].bfloat16())
@@ -85,7 +93,9 @@ def test_consolidate_writes_tied_aliases_given_to_save(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("world, stage", [(4, 3), (2, 1), (3, 0)])
-def test_offline_reshard_then_load_equals_direct_layout(tmp_path: Path, world: int, stage: int) -> None:
+def test_offline_reshard_then_load_equals_direct_layout(
+    tmp_path: Path, world: int, stage: int
+) -> None:
     checkpoint.save(tmp_path / "src", toy_state(stage=2))
     out = checkpoint.reshard(tmp_path / "src", tmp_path / "dst", world_size=world, stage=stage)
     assert checkpoint.verify(out).ok
@@ -93,7 +103,9 @@ def test_offline_reshard_then_load_equals_direct_layout(tmp_path: Path, world: i
     assert (index.world_size, index.stage) == (world, stage)
     assert len(index.files) == 2 * world
     for rank in range(world):
-        got, _ = checkpoint.load(tmp_path / "dst", like=toy_state(world_size=world, rank=rank, stage=stage, seed=3))
+        got, _ = checkpoint.load(
+            tmp_path / "dst", like=toy_state(world_size=world, rank=rank, stage=stage, seed=3)
+        )
         want = toy_state(world_size=world, rank=rank, stage=stage)
         for (path, x), (_, y) in zip(named_leaves(got), named_leaves(want)):
             assert path == "rng" or torch.equal(x, y), path
@@ -138,14 +150,28 @@ def test_cli_verify_exit_codes_name_the_bad_file_and_tensor(tmp_path: Path) -> N
 
 def test_cli_reshard_consolidate_and_diff(tmp_path: Path) -> None:
     checkpoint.save(tmp_path / "a", toy_state(stage=1))
-    res = runner.invoke(app, ["ckpt", "reshard", str(tmp_path / "a"), str(tmp_path / "b"), "--world-size", "2", "--stage", "3"])
+    res = runner.invoke(
+        app,
+        [
+            "ckpt",
+            "reshard",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--world-size",
+            "2",
+            "--stage",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["ckpt", "diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"])
     diffs = {d["path"]: d for d in json.loads(res.output)["tensors"]}
     assert res.exit_code == 1 and [p for p, d in diffs.items() if d["status"] != "equal"] == ["rng"]
     res = runner.invoke(app, ["ckpt", "diff", str(tmp_path / "a"), str(tmp_path / "a")])
     assert res.exit_code == 0 and "0 of" in res.output
-    res = runner.invoke(app, ["ckpt", "consolidate", str(tmp_path / "b"), str(tmp_path / "hf"), "--dtype", "fp16"])
+    res = runner.invoke(
+        app, ["ckpt", "consolidate", str(tmp_path / "b"), str(tmp_path / "hf"), "--dtype", "fp16"]
+    )
     assert res.exit_code == 0, res.output
     assert load_file(tmp_path / "hf" / "model.safetensors")["w"].dtype == torch.float16
     res = runner.invoke(app, ["ckpt", "list", str(tmp_path / "b")])

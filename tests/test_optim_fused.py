@@ -128,8 +128,12 @@ def test_found_inf_zero_equals_plain_step_and_counts_advance(name: str) -> None:
     for g in grads:
         s_a = opt.update_(g, s_a, p_a)
         s_b = opt.update_(g, s_b, p_b, found_inf=torch.tensor(0.0))
-    _assert_trees_close(p_a, p_b, rtol=0, atol=0)
-    _assert_trees_close(s_a, s_b, rtol=0, atol=0)
+    # Fused kernels take found_inf themselves (bit-identical); LAMB switches from its foreach
+    # path to the generic one when found_inf is given, which agrees to rounding.
+    _assert_trees_close(p_a, p_b, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(s_a, s_b, rtol=1e-6, atol=1e-7)
+    if name != "lamb":
+        _assert_trees_close(p_a, p_b, rtol=0, atol=0)
 
 
 def test_skipped_step_does_not_advance_count_or_schedule() -> None:
@@ -192,15 +196,21 @@ def test_fused_kernel_dispatch_on_cpu(monkeypatch, name: str, kernel: str, fused
     assert bool(calls) == fused_expected
 
 
-def test_missing_fused_kernel_falls_back_to_generic_path(monkeypatch) -> None:
+def test_missing_fused_kernel_falls_back_to_foreach_and_generic_paths(monkeypatch) -> None:
     params, grads = _problem(torch.float64, steps=5)
     expected, _ = _pure(optim.adamw(1e-2), params, grads)
-    monkeypatch.delattr(torch, "_fused_adamw_")
+    monkeypatch.delattr(torch, "_fused_adamw_")  # as on a torch without the op
     got, _ = _inplace(optim.adamw(1e-2), params, grads)
-    _assert_trees_close(got, expected, rtol=0, atol=0)  # the fallback is bit-identical to pure
+    _assert_trees_close(got, expected, rtol=1e-12, atol=1e-12)
+    opt = optim.adamw(1e-2)
+    p = {k: v.clone() for k, v in params.items()}
+    state = opt.init(p)
+    for g in grads:
+        state = opt.update_(g, state, p, found_inf=torch.tensor(0.0))
+    _assert_trees_close(p, expected, rtol=0, atol=0)  # the generic path is bit-identical
 
 
-def test_bf16_params_keep_fp32_moments_and_use_fallback() -> None:
+def test_bf16_params_keep_fp32_moments_and_take_the_foreach_path() -> None:
     params, grads = _problem(torch.float32, steps=3)
     params = {k: v.to(torch.bfloat16) for k, v in params.items()}
     opt = optim.adamw(1e-2)
@@ -208,8 +218,8 @@ def test_bf16_params_keep_fp32_moments_and_use_fallback() -> None:
     p_fast, s_fast = _inplace(opt, params, grads)
     assert all(v.dtype == torch.bfloat16 for v in p_fast.values())
     assert all(v.dtype == torch.float32 for v in s_fast[0].mu.values())
-    _assert_trees_close(p_fast, p_pure, rtol=0, atol=0)
-    _assert_trees_close(s_fast, s_pure, rtol=0, atol=0)
+    _assert_trees_close(p_fast, p_pure, rtol=8e-3, atol=1e-3)  # at most one bf16 rounding step
+    _assert_trees_close(s_fast, s_pure, rtol=1e-6, atol=1e-7)
 
 
 def test_non_contiguous_params_are_updated_correctly() -> None:
@@ -255,7 +265,7 @@ def test_inplace_update_wraps_any_chain() -> None:
     [("lion", "lion_step_"), ("lion_sched_b1", "lion_step_"), ("lamb", "adam_step_"),
      ("lamb_no_bias_correction", "adam_step_"), ("adam_sched_b1", "adam_step_")],
 )  # fmt: skip
-def test_foreach_paths_run_in_place_and_match_pure_bit_for_bit(monkeypatch, name, path) -> None:
+def test_foreach_paths_run_in_place_and_match_pure(monkeypatch, name, path) -> None:
     calls = []
     real = getattr(_foreach, path)
     monkeypatch.setattr(_foreach, path, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -263,5 +273,5 @@ def test_foreach_paths_run_in_place_and_match_pure_bit_for_bit(monkeypatch, name
     p_pure, s_pure = _pure(OPTIMIZERS[name](), params, grads)
     p_fast, s_fast = _inplace(OPTIMIZERS[name](), params, grads)
     assert len(calls) == len(grads)
-    _assert_trees_close(p_fast, p_pure, rtol=0, atol=0)
-    _assert_trees_close(s_fast, s_pure, rtol=0, atol=0)
+    _assert_trees_close(p_fast, p_pure, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(s_fast, s_pure, rtol=1e-6, atol=1e-7)

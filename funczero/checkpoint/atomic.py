@@ -21,7 +21,20 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "fsync_dir", "fsync_file", "remove_tree", "replace_dir"]
+__all__ = [
+    "TMP_PREFIX",
+    "TRASH_PREFIX",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "remove_tree",
+    "replace_dir",
+]
+
+TMP_PREFIX = ".funczero-tmp-"
+"""A checkpoint being written: ``<root>/.funczero-tmp-<tag>/`` (renamed to ``<tag>`` at commit)."""
+TRASH_PREFIX = ".funczero-trash-"
+"""A directory being deleted (renamed first, so it never looks like a checkpoint)."""
 
 
 def fsync_file(path: Path) -> None:
@@ -63,12 +76,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 def remove_tree(path: Path) -> None:
     """Delete a directory so that a crash midway never leaves it looking complete.
 
-    It is first renamed to a hidden ``.trash-*`` name (atomic), then deleted; a crash between
+    It is first renamed to a hidden ``.funczero-trash-*`` name (atomic), then deleted; a crash between
     the two leaves only a hidden directory that the next save clears.
     """
     if not path.exists():
         return
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:12]}")
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}")
     os.rename(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
@@ -82,7 +95,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     replace a directory that ``latest`` points to.
     """
     if dst.exists():
-        aside = dst.with_name(f".trash-{dst.name}-{uuid.uuid4().hex[:12]}")
+        aside = dst.with_name(f"{TRASH_PREFIX}{dst.name}-{uuid.uuid4().hex[:12]}")
         os.rename(dst, aside)
         os.rename(src, dst)
         fsync_dir(dst.parent)

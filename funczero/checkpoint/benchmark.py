@@ -4,6 +4,8 @@ Run ``python -m funczero.checkpoint.benchmark --dir /tmp/ckbench --params-mb 128
 hand-made fp32 stage-0 state (params aliased to master, plus Adam's two moments: about
 3x ``--params-mb`` on disk), then:
 
+* measures the disk itself (a plain 256 MiB write with fsync, and a cold read), before and
+  after, because on a shared machine it varies from minute to minute;
 * times ``save`` (fsync included) and ``load`` at world size 1 in this process, and at world
   size 2 with two gloo ranks writing and reading concurrently; before each load the files are
   evicted from the page cache (``posix_fadvise(DONTNEED)``), so loads read the disk;
@@ -59,18 +61,43 @@ def _evict(directory: Path) -> None:
             os.close(fd)
 
 
+def _raw_disk(scratch: Path, nbytes: int = 256 << 20) -> dict[str, float]:
+    """Baseline: one plain file written (with fsync) and read back cold, in 16 MiB blocks."""
+    block = os.urandom(16 << 20)
+    path = scratch / "raw.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        f.writelines(block for _ in range(nbytes // len(block)))
+        os.fsync(f.fileno())
+    write = time.perf_counter() - t0
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(len(block)):
+            pass
+    read = time.perf_counter() - t0
+    path.unlink()
+    return {"write_fsync_GBps": nbytes / write / 1e9, "read_cold_GBps": nbytes / read / 1e9}
+
+
 def _disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
 
 
-def _save_load(root: Path, shapes: dict[str, tuple[int, ...]], world: int, rank: int) -> dict[str, float]:
+def _save_load(
+    root: Path, shapes: dict[str, tuple[int, ...]], world: int, rank: int
+) -> dict[str, float]:
     import torch.distributed as dist
 
     from funczero import checkpoint
     from funczero.checkpoint.testing import toy_state
 
     state = toy_state(world_size=world, rank=rank, stage=0 if world == 1 else 2, shapes=shapes)
-    like = toy_state(world_size=world, rank=rank, stage=0 if world == 1 else 2, shapes=shapes, seed=1)
+    like = toy_state(
+        world_size=world, rank=rank, stage=0 if world == 1 else 2, shapes=shapes, seed=1
+    )
     barrier = dist.barrier if world > 1 else (lambda: None)
     barrier()
     t0 = time.perf_counter()
@@ -117,7 +144,9 @@ def _child(kind: str, src: str, dst: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dir", required=True, help="scratch directory (deleted and recreated)")
     ap.add_argument("--params-mb", type=int, default=128, help="fp32 parameter megabytes")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -134,10 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     model = sum(torch.Size(s).numel() for s in shapes.values()) * 4
     results: dict[str, Any] = {"model_bytes_fp32": model, "largest_tensor_bytes": largest}
 
+    results["raw_disk_before"] = _raw_disk(scratch)
     w1 = _save_load(scratch / "w1", shapes, 1, 0)
     size = _disk_bytes(scratch / "w1")
     results["checkpoint_bytes"] = size
-    results["w1"] = {**w1, "save_GBps": size / w1["save_s"] / 1e9, "load_GBps": size / w1["load_s"] / 1e9}
+    results["w1"] = {
+        **w1,
+        "save_GBps": size / w1["save_s"] / 1e9,
+        "load_GBps": size / w1["load_s"] / 1e9,
+    }
 
     from funczero.testing import run_distributed
 
@@ -145,17 +179,35 @@ def main(argv: list[str] | None = None) -> None:
     run_distributed(_dist_worker, 2, str(scratch / "w2"), shapes, str(out), timeout=600)
     w2 = json.loads(out.read_text())
     size2 = _disk_bytes(scratch / "w2")
-    results["w2"] = {**w2, "save_GBps": size2 / w2["save_s"] / 1e9, "load_GBps": size2 / w2["load_s"] / 1e9}
+    results["w2"] = {
+        **w2,
+        "save_GBps": size2 / w2["save_s"] / 1e9,
+        "load_GBps": size2 / w2["load_s"] / 1e9,
+    }
 
     for kind, dst in (("reshard", scratch / "resharded"), ("consolidate", scratch / "hf")):
         _evict(scratch / "w1")
         proc = subprocess.run(
-            [sys.executable, "-m", "funczero.checkpoint.benchmark", "--dir", str(scratch),
-             "--child", kind, str(scratch / "w1"), str(dst)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "funczero.checkpoint.benchmark",
+                "--dir",
+                str(scratch),
+                "--child",
+                kind,
+                str(scratch / "w1"),
+                str(dst),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
-        results[kind]["peak_minus_imports"] = results[kind]["peak_rss"] - results[kind]["rss_after_imports"]
+        results[kind]["peak_minus_imports"] = (
+            results[kind]["peak_rss"] - results[kind]["rss_after_imports"]
+        )
+    results["raw_disk_after"] = _raw_disk(scratch)
     print(json.dumps(results, indent=2))
 
 

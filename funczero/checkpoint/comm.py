@@ -71,6 +71,5 @@ def all_gather_json(obj: Any, world_size: int) -> list[Any]:
     bufs = [torch.empty_like(buf) for _ in range(world_size)]
     dist.all_gather(bufs, buf)
     return [
-        json.loads(bytes(b[: int(s.item())].cpu().numpy().tobytes()))
-        for b, s in zip(bufs, sizes)
+        json.loads(bytes(b[: int(s.item())].cpu().numpy().tobytes())) for b, s in zip(bufs, sizes)
     ]

@@ -48,8 +48,16 @@ __all__ = ["consolidate", "parse_size"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _UNITS = {
-    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 
 
@@ -100,7 +108,9 @@ def consolidate(
     for name in shapes:
         source = tensors.get(f"master/{name}") or tensors.get(f"params/{name}")
         if source is None:
-            raise CorruptCheckpointError(f"parameter {name} has neither master/ nor params/ tensor", where=str(tag_dir))
+            raise CorruptCheckpointError(
+                f"parameter {name} has neither master/ nor params/ tensor", where=str(tag_dir)
+            )
         out_dtype = target if source.torch_dtype.is_floating_point else source.torch_dtype
         for key in [name] + sorted(a for a, c in aliases.items() if c == name and a != name):
             plan.append((key, source, out_dtype))
@@ -121,13 +131,22 @@ def consolidate(
         groups[-1].append(item)
         size += nbytes
     n = len(groups)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = [out_dir / name for name in names] + ([out_dir / "model.safetensors.index.json"] if n > 1 else [])
+    final = [out_dir / name for name in names] + (
+        [out_dir / "model.safetensors.index.json"] if n > 1 else []
+    )
     clash = [p.name for p in final if p.exists()]
     if clash and not overwrite:
-        raise CheckpointExistsError(f"{out_dir} already holds {', '.join(clash)}; pass overwrite=True (--overwrite) or choose another directory")
+        raise CheckpointExistsError(
+            f"{out_dir} already holds {', '.join(clash)}; pass overwrite=True (--overwrite) "
+            "or choose another directory"
+        )
 
     meta = {
         "format": "pt",
@@ -158,7 +177,9 @@ def consolidate(
         if n > 1:
             weight_map = {k: name for name, group in zip(names, groups) for k, _, _ in group}
             total = sum(e.numel * d.itemsize for group in groups for _, e, d in group)
-            text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            text = json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
+            )
             (out_dir / "model.safetensors.index.json").write_text(text + "\n", encoding="utf-8")
             written.append(out_dir / "model.safetensors.index.json")
         fsync_dir(out_dir)

@@ -111,11 +111,16 @@ def diff(
                     )
                 )
                 continue
-            common = dict(shape_a=ea.shape, shape_b=eb.shape, dtype_a=ea.dtype, dtype_b=eb.dtype)
+            common: dict[str, Any] = {
+                "shape_a": ea.shape,
+                "shape_b": eb.shape,
+                "dtype_a": ea.dtype,
+                "dtype_b": eb.dtype,
+            }
             if ea.shape != eb.shape:
-                out.append(TensorDiff(path, "shape", **common))  # type: ignore[arg-type]
+                out.append(TensorDiff(path, "shape", **common))
                 continue
             max_abs, max_rel = _compare(ra, ia, ea, rb, ib, eb)
             status = "equal" if max_abs == 0.0 else "different"
-            out.append(TensorDiff(path, status, max_abs, max_rel, **common))  # type: ignore[arg-type]
+            out.append(TensorDiff(path, status, max_abs, max_rel, **common))
     return out

@@ -311,14 +311,18 @@ def _fail(where: str, msg: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"malformed {INDEX_NAME}: {msg}", where=where)
 
 
-def _get(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str, ctx: str) -> Any:
+def _get(
+    obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str, ctx: str
+) -> Any:
     if key not in obj:
         raise _fail(where, f"{ctx}: required key {key!r} is missing")
     value = obj[key]
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise _fail(where, f"{ctx}.{key} must be {types}, got {value!r}")
     if not isinstance(value, types):
-        raise _fail(where, f"{ctx}.{key} must be {getattr(types, '__name__', types)}, got {value!r}")
+        raise _fail(
+            where, f"{ctx}.{key} must be {getattr(types, '__name__', types)}, got {value!r}"
+        )
     return value
 
 
@@ -502,7 +506,9 @@ def _parse_tensor(
                 )
             pos = c.stop
         if pos != numel:
-            raise _fail(where, f"{ctx}: chunks cover [0, {pos}) but the tensor has {numel} elements")
+            raise _fail(
+                where, f"{ctx}: chunks cover [0, {pos}) but the tensor has {numel} elements"
+            )
     return TensorEntry(path, group, kind, layout, param, tuple(shape), dtype, tuple(chunks))
 
 
@@ -519,5 +525,7 @@ def read_index(tag_dir: Path) -> Index:
     try:
         raw = loads_json(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"{INDEX_NAME} is not valid JSON: {e}", where=str(tag_dir)) from e
+        raise CorruptCheckpointError(
+            f"{INDEX_NAME} is not valid JSON: {e}", where=str(tag_dir)
+        ) from e
     return parse_index(raw, tag_dir)

@@ -82,10 +82,8 @@ def chunk_bounds(numel: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + per, numel)
 
 
-def overlaps(
-    ranges: Sequence[tuple[int, int]], a: int, b: int
-) -> Iterator[tuple[int, int, int]]:
-    """For sorted ``ranges``, yield ``(i, lo, hi)``: the part ``[lo, hi)`` of ``[a, b)`` in range i."""
+def overlaps(ranges: Sequence[tuple[int, int]], a: int, b: int) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(i, lo, hi)`` for each sorted range ``i`` overlapping ``[a, b)`` in ``[lo, hi)``."""
     for i, (s, e) in enumerate(ranges):
         lo, hi = max(a, s), min(b, e)
         if lo < hi:

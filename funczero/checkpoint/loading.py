@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,9 @@ from funczero.state import TrainState
 __all__ = ["load"]
 
 
-def _check(index: Index, like: TrainState, plans: list[tuple[LeafPlan, torch.Tensor]], where: str) -> None:
+def _check(
+    index: Index, like: TrainState, plans: list[tuple[LeafPlan, torch.Tensor]], where: str
+) -> None:
     lay = like.layout
     saved = index.tensors
     paths = {p.path for p, _ in plans}
@@ -52,7 +53,10 @@ def _check(index: Index, like: TrainState, plans: list[tuple[LeafPlan, torch.Ten
         if plan.kind == "rng":
             continue  # any shape: restored exactly when it fits, else re-derived
         if tuple(e.shape) != plan.shape:
-            bad.append(f"{plan.path}: shape {list(e.shape)} in the checkpoint, {list(plan.shape)} in the state")
+            bad.append(
+                f"{plan.path}: shape {list(e.shape)} in the checkpoint, "
+                f"{list(plan.shape)} in the state"
+            )
             continue
         dtypes = {e.torch_dtype, leaf.dtype}
         if leaf.dtype != e.torch_dtype and not (
@@ -67,7 +71,9 @@ def _check(index: Index, like: TrainState, plans: list[tuple[LeafPlan, torch.Ten
                 f"resharded to {lay.world_size} ranks"
             )
     if missing or unexpected or bad:
-        raise StateMismatchError(missing=missing, unexpected=unexpected, mismatched=bad, where=where)
+        raise StateMismatchError(
+            missing=missing, unexpected=unexpected, mismatched=bad, where=where
+        )
 
 
 def _materialise(
@@ -83,7 +89,11 @@ def _materialise(
         reader.read_range(entry, a, b, out[: b - a])
     elif plan.layout == "replicated" or entry.layout != "per_rank":
         out = reader.read_full(entry, leaf.dtype).reshape(plan.shape)
-    elif reader.index.world_size == world and entry.shape == plan.shape and entry.dtype == dtype_name(leaf.dtype):
+    elif (
+        reader.index.world_size == world
+        and entry.shape == plan.shape
+        and entry.dtype == dtype_name(leaf.dtype)
+    ):
         out = reader.read_rank(entry, rank)
     else:  # the RNG at a new world size (other per-rank leaves were refused in _check)
         out = derive_rng(reader.read_rank(entry, 0), rank, leaf)
@@ -142,6 +152,10 @@ def load(
     leaves = [values[alias_of.get(p.path, p.path)] for p, _ in plans]
     state = tree.unflatten(tree.structure(like), leaves)
     per_rank: Mapping[str, Any] | None = index.raw.get("client_state_per_rank")
-    if isinstance(per_rank, list) and index.world_size == lay.world_size and len(per_rank) > lay.rank:
+    if (
+        isinstance(per_rank, list)
+        and index.world_size == lay.world_size
+        and len(per_rank) > lay.rank
+    ):
         return state, per_rank[lay.rank]
     return state, index.client_state

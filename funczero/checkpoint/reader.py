@@ -17,16 +17,21 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from funczero.checkpoint.errors import CorruptCheckpointError, StateMismatchError
 from funczero.checkpoint.format import Chunk, Index, TensorEntry, safe_child
 from funczero.checkpoint.layout import overlaps
-from funczero.checkpoint.tensorfile import TensorFile, _as_bytes
+from funczero.checkpoint.tensorfile import TensorFile, _as_bytes, _hasher
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; only for annotations
 
 __all__ = ["BLOCK_ELEMS", "ShardReader", "derive_rng"]
 
@@ -48,6 +53,7 @@ class ShardReader:
         self.index = index
         self.verify = verify
         self._files: dict[str, TensorFile] = {}
+        self._pending: list[tuple[concurrent.futures.Future[str], TensorEntry, Chunk]] = []
         self.bytes_read = 0
 
     def file(self, name: str) -> TensorFile:
@@ -83,7 +89,10 @@ class ShardReader:
     def read_range(self, entry: TensorEntry, a: int, b: int, dst: torch.Tensor) -> None:
         """Fill the contiguous 1-D CPU tensor ``dst`` with elements ``[a, b)`` of ``entry``.
 
-        ``dst`` may have another dtype than the saved one (values are cast).
+        ``dst`` may have another dtype than the saved one (values are cast). Checksums of
+        chunks read whole are computed on a helper thread while the next ranges are read;
+        :meth:`finish` (called on leaving the ``with`` block) waits for them and raises on a
+        mismatch.
         """
         entry = self.index.resolve(entry)
         saved = entry.torch_dtype
@@ -100,8 +109,9 @@ class ShardReader:
                 part.copy_(raw)
             self.bytes_read += raw.numel() * saved.itemsize
             if self.verify and lo == c.start and hi == c.stop:
-                if hashlib.sha256(_as_bytes(raw)).hexdigest() != c.sha256:
-                    raise self._checksum_error(entry, c)
+                data = _as_bytes(raw)
+                digest = _hasher().submit(lambda d=data: hashlib.sha256(d).hexdigest())
+                self._pending.append((digest, entry, c))
 
     def iter_range(
         self, entry: TensorEntry, a: int, b: int, block_elems: int = BLOCK_ELEMS
@@ -163,16 +173,30 @@ class ShardReader:
             )
         return out.view(entry.shape)
 
+    def finish(self) -> None:
+        """Wait for the pending checksums of :meth:`read_range`; raise on the first mismatch."""
+        pending, self._pending = self._pending, []
+        bad = [(e, c) for digest, e, c in pending if digest.result() != c.sha256]
+        if bad:
+            raise self._checksum_error(*bad[0])
+
     def close(self) -> None:
+        for digest, _, _ in self._pending:
+            digest.result()  # never leave the helper thread reading freed memory
+        self._pending.clear()
         for f in self._files.values():
             f.close()
         self._files.clear()
 
-    def __enter__(self) -> ShardReader:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            self.close()
 
 
 def derive_rng(saved: torch.Tensor, rank: int, like: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from funczero.checkpoint.atomic import atomic_write_text, fsync_dir, replace_dir
+from funczero.checkpoint.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, replace_dir
 from funczero.checkpoint.errors import CheckpointExistsError, StateMismatchError
 from funczero.checkpoint.format import (
     FORMAT_NAME,
@@ -109,7 +107,9 @@ def reshard(
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     if (root / new_tag).exists():
-        raise CheckpointExistsError(f"{root / new_tag} already exists; choose another OUT or --out-tag")
+        raise CheckpointExistsError(
+            f"{root / new_tag} already exists; choose another OUT or --out-tag"
+        )
     new_stage = reader_index.stage if stage is None else stage
     names = list(reader_index.param_shapes)
     if stage is None or stage == reader_index.stage:
@@ -117,21 +117,27 @@ def reshard(
     else:
         sharded = set(names) if new_stage == 3 else set()
     per_rank_bad = [
-        e.path for e in reader_index.tensors.values()
+        e.path
+        for e in reader_index.tensors.values()
         if e.layout == "per_rank" and e.kind != "rng" and world_size != reader_index.world_size
     ]
     if per_rank_bad:
         raise StateMismatchError(
-            mismatched=[f"{p}: saved per rank; it cannot be resharded to {world_size} ranks" for p in per_rank_bad],
+            mismatched=[
+                f"{p}: saved per rank; it cannot be resharded to {world_size} ranks"
+                for p in per_rank_bad
+            ],
             where=str(src),
         )
 
     ckpt_id = uuid.uuid4().hex
-    tmp = root / f".tmp-{new_tag}"
+    tmp = root / f"{TMP_PREFIX}{new_tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files, tensors = _write(src, reader_index, tmp, world_size, ckpt_id, new_tag, new_stage, sharded)
+        files, tensors = _write(
+            src, reader_index, tmp, world_size, ckpt_id, new_tag, new_stage, sharded
+        )
         raw = copy.deepcopy(dict(reader_index.raw))
         now = time.time_ns()
         raw.update(
@@ -198,7 +204,9 @@ def _write(
                     "world_size": str(world),
                     "group": group,
                 }
-                writers.append(TensorFileWriter(tmp / shard_file_name(group, r, world), entries, meta))
+                writers.append(
+                    TensorFileWriter(tmp / shard_file_name(group, r, world), entries, meta)
+                )
             try:
                 for e in stored:
                     _stream_tensor(reader, index, e, world, writers)
@@ -208,24 +216,41 @@ def _write(
                     w.abort()
                 raise
             for r, rec in enumerate(records):
-                files[rec.path.name] = {"group": group, "rank": r, "bytes": rec.bytes, "sha256": rec.sha256}
+                files[rec.path.name] = {
+                    "group": group,
+                    "rank": r,
+                    "bytes": rec.bytes,
+                    "sha256": rec.sha256,
+                }
             for e in stored:
                 chunks = [
-                    Chunk(shard_file_name(group, r, world), e.path, start, stop,
-                          records[r].digests[e.path], r if e.layout == "per_rank" else None)
+                    Chunk(
+                        shard_file_name(group, r, world),
+                        e.path,
+                        start,
+                        stop,
+                        records[r].digests[e.path],
+                        r if e.layout == "per_rank" else None,
+                    )
                     for r, start, stop in _pieces(e, world)
                 ]
                 layout, param = _relabel(e, stage, sharded)
-                tensors[e.path] = TensorEntry(e.path, e.group, e.kind, layout, param, e.shape, e.dtype, tuple(chunks)).to_json()
+                tensors[e.path] = TensorEntry(
+                    e.path, e.group, e.kind, layout, param, e.shape, e.dtype, tuple(chunks)
+                ).to_json()
     for e in index.tensors.values():
         if e.alias_of is not None:
             layout, param = _relabel(e, stage, sharded)
-            tensors[e.path] = TensorEntry(e.path, e.group, e.kind, layout, param, e.shape, e.dtype, alias_of=e.alias_of).to_json()
+            tensors[e.path] = TensorEntry(
+                e.path, e.group, e.kind, layout, param, e.shape, e.dtype, alias_of=e.alias_of
+            ).to_json()
     tensors = {p: tensors[p] for p in index.tensors}  # keep the source order
     return dict(sorted(files.items())), tensors
 
 
-def _stream_tensor(reader: ShardReader, index: Index, e: TensorEntry, world: int, writers: list[TensorFileWriter]) -> None:
+def _stream_tensor(
+    reader: ShardReader, index: Index, e: TensorEntry, world: int, writers: list[TensorFileWriter]
+) -> None:
     if e.layout == "per_rank":
         if world == index.world_size:
             for r in range(world):

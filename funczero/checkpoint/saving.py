@@ -2,7 +2,7 @@
 
 Protocol (``W`` ranks, all calling :func:`save`):
 
-1. Rank 0 creates ``<root>/.tmp-<tag>/`` (clearing leftovers of interrupted saves) and picks a
+1. Rank 0 creates ``<root>/.funczero-tmp-<tag>/`` (clearing leftovers of interrupted saves) and picks a
    checkpoint id; the ranks agree on it (one small all-gather).
 2. Every rank streams its chunks into its two files there, fsyncs them, and reports their
    checksums (second all-gather). Any failure on any rank: the temp directory is removed and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 import time
@@ -31,7 +32,13 @@ from torch import nn
 
 import funczero
 from funczero.checkpoint import comm
-from funczero.checkpoint.atomic import atomic_write_text, fsync_dir, replace_dir
+from funczero.checkpoint.atomic import (
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    atomic_write_text,
+    fsync_dir,
+    replace_dir,
+)
 from funczero.checkpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -49,8 +56,14 @@ from funczero.checkpoint.format import (
     shard_file_name,
     validate_tag,
 )
-from funczero.checkpoint.layout import LeafPlan, chunk_bounds, local_chunk, optimizer_name, plan_state
-from funczero.checkpoint.tags import apply_retention, latest_tag, write_latest
+from funczero.checkpoint.layout import (
+    LeafPlan,
+    chunk_bounds,
+    local_chunk,
+    optimizer_name,
+    plan_state,
+)
+from funczero.checkpoint.tags import apply_retention, latest_tag, list_tags, write_latest
 from funczero.checkpoint.tensorfile import TensorFileWriter
 from funczero.state import TrainState
 
@@ -64,7 +77,7 @@ def check_json(value: Any, what: str) -> Any:
         if x is None or isinstance(x, (bool, int, str)):
             return None
         if isinstance(x, float):
-            return None if x == x and abs(x) != float("inf") else f"{path} = {x!r} (not finite)"
+            return None if math.isfinite(x) else f"{path} = {x!r} (not finite)"
         if isinstance(x, (list, tuple)):
             return next((p for i, v in enumerate(x) if (p := find(v, f"{path}[{i}]"))), None)
         if isinstance(x, dict):
@@ -113,7 +126,9 @@ def _find_aliases(plans: list[tuple[LeafPlan, torch.Tensor]]) -> dict[str, str]:
     return out
 
 
-def _tied(state: TrainState, aliases: Mapping[str, str] | None, module: nn.Module | None) -> dict[str, str]:
+def _tied(
+    state: TrainState, aliases: Mapping[str, str] | None, module: nn.Module | None
+) -> dict[str, str]:
     tied: dict[str, str] = dict(getattr(state.layout, "aliases", None) or {})
     if module is not None:
         first: dict[int, str] = {}
@@ -179,9 +194,14 @@ def _prepare(root: Path, tag: str, tmp: Path) -> None:
             f"{root / tag} exists and {root}/latest points to it; overwriting the checkpoint "
             "'latest' names cannot be made atomic. Save under another tag, or delete it first"
         )
+    if (root / tag).exists() and tag not in list_tags(root):
+        raise CheckpointExistsError(
+            f"{root / tag} exists and is not a funczero checkpoint; refusing to replace it. "
+            "Save under another tag or into another directory"
+        )
     # One writer per root: anything hidden and temporary here is a leftover of a killed save.
     for child in root.iterdir():
-        if child.name.startswith((".tmp-", ".trash-", ".latest.tmp-")):
+        if child.name.startswith((TMP_PREFIX, TRASH_PREFIX, ".latest.tmp-")):
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
             else:
@@ -194,7 +214,9 @@ def _collect(results: list[dict[str, Any]], what: str) -> None:
     failed = [(i, r["error"]) for i, r in enumerate(results) if r.get("error")]
     if failed:
         lines = "; ".join(f"rank {i}: {msg}" for i, msg in failed)
-        raise SaveError(f"{what} failed ({lines}); the previous checkpoint and 'latest' are untouched")
+        raise SaveError(
+            f"{what} failed ({lines}); the previous checkpoint and 'latest' are untouched"
+        )
 
 
 def save(
@@ -250,7 +272,7 @@ def save(
     plans = plan_state(state)
     alias_of = _find_aliases(plans)
     tied = _tied(state, aliases, module)
-    tmp = root / f".tmp-{tag}"
+    tmp = root / f"{TMP_PREFIX}{tag}"
 
     status: dict[str, Any] = {}
     local: Exception | None = None
@@ -258,7 +280,7 @@ def save(
         try:
             _prepare(root, tag, tmp)
             status["id"] = uuid.uuid4().hex
-        except Exception as e:  # reported to every rank below, re-raised here with its type
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or they hang
             status["error"] = f"{type(e).__name__}: {e}"
             local = e
     results = comm.all_gather_json(status, world)
@@ -283,7 +305,7 @@ def save(
         for group in GROUPS:
             items = [(p, x) for p, x in plans if p.group == group and p.path not in alias_of]
             report["files"].append(_write_group(tmp, group, items, world, rank, meta))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
         error = e
         report = {"error": f"{type(e).__name__}: {e}"}
     results = comm.all_gather_json(report, world)
@@ -299,12 +321,14 @@ def save(
     status = {}
     if rank == 0:
         try:
-            index = _build_index(state, plans, alias_of, tied, results, tag, ckpt_id, config, module)
+            index = _build_index(
+                state, plans, alias_of, tied, results, tag, ckpt_id, config, module
+            )
             atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1) + "\n")
             fsync_dir(tmp)
             replace_dir(tmp, root / tag)
             write_latest(root, tag)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
             shutil.rmtree(tmp, ignore_errors=True)
             status["error"] = f"{type(e).__name__}: {e}"
             error = e
@@ -317,7 +341,10 @@ def save(
         try:
             apply_retention(root, keep_last, protect=[tag])
         except OSError as e:  # the new checkpoint is committed; old ones just linger
-            warnings.warn(f"keep_last={keep_last}: could not delete old checkpoints in {root}: {e}", stacklevel=2)
+            warnings.warn(
+                f"keep_last={keep_last}: could not delete old checkpoints in {root}: {e}",
+                stacklevel=2,
+            )
     return root / tag
 
 
@@ -339,13 +366,24 @@ def _build_index(
     for rank, res in enumerate(results):
         for f in res["files"]:
             digests[(f["name"], rank)] = f["digests"]
-            files[f["name"]] = {"group": f["name"].split("-")[0], "rank": rank, "bytes": f["bytes"], "sha256": f["sha256"]}
+            files[f["name"]] = {
+                "group": f["name"].split("-")[0],
+                "rank": rank,
+                "bytes": f["bytes"],
+                "sha256": f["sha256"],
+            }
     tensors: dict[str, Any] = {}
     for plan, _ in plans:
         if plan.path in alias_of:
             entry = TensorEntry(
-                plan.path, plan.group, plan.kind, plan.layout, plan.param, plan.shape,
-                dtype_name(plan.dtype), alias_of=alias_of[plan.path],
+                plan.path,
+                plan.group,
+                plan.kind,
+                plan.layout,
+                plan.param,
+                plan.shape,
+                dtype_name(plan.dtype),
+                alias_of=alias_of[plan.path],
             )
             tensors[plan.path] = entry.to_json()
             continue
@@ -366,11 +404,24 @@ def _build_index(
                     continue
             sha = digests[(name, rank)].get(plan.path)
             if sha is None:
-                raise SaveError(f"rank {rank} did not write {plan.path}: ranks disagree on the state's structure")
-            chunks.append(Chunk(name, plan.path, start, stop, sha, rank if plan.layout == "per_rank" else None))
+                raise SaveError(
+                    f"rank {rank} did not write {plan.path}: "
+                    "ranks disagree on the state's structure"
+                )
+            chunks.append(
+                Chunk(
+                    name, plan.path, start, stop, sha, rank if plan.layout == "per_rank" else None
+                )
+            )
         entry = TensorEntry(
-            plan.path, plan.group, plan.kind, plan.layout, plan.param, plan.shape,
-            dtype_name(plan.dtype), tuple(chunks),
+            plan.path,
+            plan.group,
+            plan.kind,
+            plan.layout,
+            plan.param,
+            plan.shape,
+            dtype_name(plan.dtype),
+            tuple(chunks),
         )
         tensors[plan.path] = entry.to_json()
     clients = [r["client_state"] for r in results]

@@ -41,7 +41,9 @@ def latest_tag(root: str | os.PathLike[str]) -> str | None:
     try:
         return validate_tag(text.strip())
     except InvalidTagError as e:
-        raise CorruptCheckpointError(f"{path} does not hold a valid tag: {e}", where=str(root)) from e
+        raise CorruptCheckpointError(
+            f"{path} does not hold a valid tag: {e}", where=str(root)
+        ) from e
 
 
 def write_latest(root: Path, tag: str) -> None:
@@ -104,7 +106,9 @@ def resolve(path: str | os.PathLike[str], tag: str | None = None) -> Path:
         tag = latest_tag(path)
         if tag is None:
             tags = list_tags(path)
-            hint = f"; tags present: {', '.join(tags[-5:])}" if tags else " and holds no checkpoints"
+            hint = (
+                f"; tags present: {', '.join(tags[-5:])}" if tags else " and holds no checkpoints"
+            )
             raise CheckpointNotFoundError(
                 f"{path} has no '{LATEST_NAME}' file{hint}; pass tag= to choose one"
             )

@@ -30,11 +30,14 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from funczero.checkpoint.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; only for annotations
 
 __all__ = ["FileRecord", "TensorFile", "TensorFileWriter", "file_digest", "st_dtype"]
 
@@ -188,7 +191,9 @@ class TensorFileWriter:
         """Check every entry is complete, fsync and close; return the file's record."""
         try:
             if self._index != len(self._sizes):
-                raise ValueError(f"{self.path}: entry {self._sizes[self._index][0]!r} is incomplete")
+                raise ValueError(
+                    f"{self.path}: entry {self._sizes[self._index][0]!r} is incomplete"
+                )
             if fsync:
                 os.fsync(self._file.fileno())
         finally:
@@ -266,7 +271,8 @@ class TensorFile:
         self.data_start = 8 + n
         if self.data_start + pos != size:
             raise self._bad(
-                f"truncated or padded: header describes {self.data_start + pos} bytes, file has {size}"
+                f"truncated or padded: header describes {self.data_start + pos} bytes, "
+                f"file has {size}"
             )
         self.entries = infos
         self.size = size
@@ -334,7 +340,7 @@ class TensorFile:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> TensorFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

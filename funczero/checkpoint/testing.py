@@ -35,7 +35,9 @@ SHAPES: dict[str, tuple[int, ...]] = {
 TIED = {"head.weight": "emb"}
 
 
-def full_values(seed: int = 0, shapes: Mapping[str, tuple[int, ...]] = SHAPES) -> dict[str, torch.Tensor]:
+def full_values(
+    seed: int = 0, shapes: Mapping[str, tuple[int, ...]] = SHAPES
+) -> dict[str, torch.Tensor]:
     """The global fp32 values of every parameter for ``seed`` (the same on every rank)."""
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=g) for n, s in shapes.items()}

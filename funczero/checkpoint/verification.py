@@ -103,13 +103,20 @@ def _check_file(tag_dir: Path, index: Index, name: str, report: VerifyReport) ->
             report.problems.append(Problem(name, f"{f.size} bytes, the index says {entry.bytes}"))
         meta_id = f.metadata.get("checkpoint_id")
         if meta_id != index.checkpoint_id:
-            lost(f"belongs to another checkpoint (checkpoint_id {meta_id!r}, expected {index.checkpoint_id!r})")
+            lost(
+                f"belongs to another checkpoint (checkpoint_id {meta_id!r}, "
+                f"expected {index.checkpoint_id!r})"
+            )
             return
         if f.metadata.get("rank") != str(entry.rank):
-            report.problems.append(Problem(name, f"written by rank {f.metadata.get('rank')}, expected {entry.rank}"))
+            report.problems.append(
+                Problem(name, f"written by rank {f.metadata.get('rank')}, expected {entry.rank}")
+            )
         for key in f.entries:
             if key not in expected:
-                report.problems.append(Problem(name, f"holds tensor {key!r}, which the index does not list"))
+                report.problems.append(
+                    Problem(name, f"holds tensor {key!r}, which the index does not list")
+                )
         digests = []
         for key, info in sorted(f.entries.items(), key=lambda kv: kv[1].begin):
             digest = f.entry_digest(key)
@@ -121,7 +128,11 @@ def _check_file(tag_dir: Path, index: Index, name: str, report: VerifyReport) ->
             dtype = index.tensors[tpath].torch_dtype
             if info.dtype != dtype or info.shape != (c.numel,):
                 report.problems.append(
-                    Problem(tpath, f"{name}[{key!r}] is {info.dtype} {list(info.shape)}, expected {dtype} [{c.numel}]")
+                    Problem(
+                        tpath,
+                        f"{name}[{key!r}] is {info.dtype} {list(info.shape)}, "
+                        f"expected {dtype} [{c.numel}]",
+                    )
                 )
             elif digest != c.sha256:
                 report.problems.append(
@@ -129,7 +140,9 @@ def _check_file(tag_dir: Path, index: Index, name: str, report: VerifyReport) ->
                 )
         for key, (tpath, c) in expected.items():
             if key not in f.entries:
-                report.problems.append(Problem(tpath, f"elements [{c.start}, {c.stop}) are missing from {name}"))
+                report.problems.append(
+                    Problem(tpath, f"elements [{c.start}, {c.stop}) are missing from {name}")
+                )
         if file_digest(f.header, digests) != entry.sha256:
             report.problems.append(Problem(name, "file checksum mismatch"))
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -30,8 +30,10 @@ ckpt_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DirArg = Annotated[Path, typer.Argument(help="Checkpoint root (holding 'latest') or a tag directory.")]
-TagOpt = Annotated[Optional[str], typer.Option("--tag", "-t", help="Tag to use (default: 'latest').")]
+DirArg = Annotated[
+    Path, typer.Argument(help="Checkpoint root (holding 'latest') or a tag directory.")
+]
+TagOpt = Annotated[str | None, typer.Option("--tag", "-t", help="Tag to use (default: 'latest').")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")]
 
 
@@ -69,7 +71,12 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]], justify: Callable[[str], str] | None = None) -> Any:
+def _table(
+    title: str,
+    columns: list[str],
+    rows: list[list[str]],
+    justify: Callable[[str], str] | None = None,
+) -> Any:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -103,7 +110,10 @@ def list_cmd(directory: DirArg, as_json: JsonOpt = False) -> None:
 def inspect_cmd(
     directory: DirArg,
     tag: TagOpt = None,
-    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor with shape, dtype and shard layout.")] = False,
+    tensors: Annotated[
+        bool,
+        typer.Option("--tensors", help="List every tensor with shape, dtype and shard layout."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show step, world size, stage, precision, optimizer, parameter count, bytes and files."""
@@ -131,7 +141,14 @@ def inspect_cmd(
         con.print(f"  {k:<13} {v}")
     groups = [[g, _bytes(n)] for g, n in s.bytes_by_group.items() if n]
     groups.append(["total", _bytes(sum(s.bytes_by_group.values()))])
-    con.print(_table("bytes by group", ["group", "bytes"], groups, lambda c: "right" if c == "bytes" else "left"))
+    con.print(
+        _table(
+            "bytes by group",
+            ["group", "bytes"],
+            groups,
+            lambda c: "right" if c == "bytes" else "left",
+        )
+    )
     con.print(
         _table(
             "files",
@@ -145,7 +162,9 @@ def inspect_cmd(
             if t["alias_of"]:
                 where = f"alias of {t['alias_of']}"
             else:
-                where = ", ".join(f"r{c['rank']}[{c['start']}:{c['stop']}]" for c in t["chunks"][:4])
+                where = ", ".join(
+                    f"r{c['rank']}[{c['start']}:{c['stop']}]" for c in t["chunks"][:4]
+                )
                 if len(t["chunks"]) > 4:
                     where += f", ... ({len(t['chunks'])} chunks)"
             rows.append([t["path"], str(tuple(t["shape"])), t["dtype"], t["layout"], where])
@@ -170,7 +189,9 @@ def verify_cmd(directory: DirArg, tag: TagOpt = None, as_json: JsonOpt = False) 
                 style="green",
             )
         else:
-            con.print(f"DAMAGED {report.tag_dir}: {len(report.problems)} problems", style="bold red")
+            con.print(
+                f"DAMAGED {report.tag_dir}: {len(report.problems)} problems", style="bold red"
+            )
             for p in report.problems:
                 con.print(f"  {p.where}: {p.message}")
         for note in report.notes:
@@ -183,10 +204,17 @@ def verify_cmd(directory: DirArg, tag: TagOpt = None, as_json: JsonOpt = False) 
 def reshard_cmd(
     directory: DirArg,
     out: Annotated[Path, typer.Argument(help="Output checkpoint root (OUT/<tag> is written).")],
-    world_size: Annotated[int, typer.Option("--world-size", "-w", min=1, help="New number of ranks.")],
-    stage: Annotated[Optional[int], typer.Option("--stage", "-s", min=0, max=3, help="New ZeRO stage (default: unchanged).")] = None,
+    world_size: Annotated[
+        int, typer.Option("--world-size", "-w", min=1, help="New number of ranks.")
+    ],
+    stage: Annotated[
+        int | None,
+        typer.Option("--stage", "-s", min=0, max=3, help="New ZeRO stage (default: unchanged)."),
+    ] = None,
     tag: TagOpt = None,
-    out_tag: Annotated[Optional[str], typer.Option("--out-tag", help="Tag of the output (default: the source tag).")] = None,
+    out_tag: Annotated[
+        str | None, typer.Option("--out-tag", help="Tag of the output (default: the source tag).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Rewrite a checkpoint for another world size (and stage), streaming, offline."""
@@ -197,24 +225,35 @@ def reshard_cmd(
     if as_json:
         _emit_json({"ok": True, "checkpoint": str(path), "world_size": world_size, "stage": stage})
     else:
-        _console().print(f"wrote {path} (world size {world_size}{'' if stage is None else f', stage {stage}'})")
+        _console().print(
+            f"wrote {path} (world size {world_size}{'' if stage is None else f', stage {stage}'})"
+        )
 
 
 @ckpt_app.command("consolidate")
 def consolidate_cmd(
     directory: DirArg,
     out: Annotated[Path, typer.Argument(help="Output directory for model.safetensors.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 for floating-point weights.")] = "fp32",
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Split into files of at most this size, e.g. 5GB.")] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="fp32, bf16 or fp16 for floating-point weights.")
+    ] = "fp32",
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option("--max-shard-size", help="Split into files of at most this size, e.g. 5GB."),
+    ] = None,
     tag: TagOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing output files.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the model weights as Hugging Face-style safetensors keyed by module FQN."""
     with _errors("consolidate", as_json):
         from funczero.checkpoint import consolidate
 
-        files = consolidate(directory, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+        files = consolidate(
+            directory, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite
+        )
     if as_json:
         _emit_json({"ok": True, "files": [str(f) for f in files]})
     else:
@@ -227,8 +266,8 @@ def consolidate_cmd(
 def diff_cmd(
     a: Annotated[Path, typer.Argument(help="First checkpoint (root or tag directory).")],
     b: Annotated[Path, typer.Argument(help="Second checkpoint (root or tag directory).")],
-    tag_a: Annotated[Optional[str], typer.Option("--tag-a", help="Tag in A.")] = None,
-    tag_b: Annotated[Optional[str], typer.Option("--tag-b", help="Tag in B.")] = None,
+    tag_a: Annotated[str | None, typer.Option("--tag-a", help="Tag in A.")] = None,
+    tag_b: Annotated[str | None, typer.Option("--tag-b", help="Tag in B.")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Also list equal tensors.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -243,13 +282,24 @@ def diff_cmd(
     else:
         shown = diffs if show_all else differ
         rows = [
-            [d.path, d.status, f"{d.max_abs:.3e}", f"{d.max_rel:.3e}",
-             f"{d.dtype_a or '-'} / {d.dtype_b or '-'}"]
+            [
+                d.path,
+                d.status,
+                f"{d.max_abs:.3e}",
+                f"{d.max_rel:.3e}",
+                f"{d.dtype_a or '-'} / {d.dtype_b or '-'}",
+            ]
             for d in shown
         ]
         con = _console()
         if rows:
-            con.print(_table("differences" if not show_all else "tensors", ["path", "status", "max abs", "max rel", "dtype a / b"], rows))
+            con.print(
+                _table(
+                    "differences" if not show_all else "tensors",
+                    ["path", "status", "max abs", "max rel", "dtype a / b"],
+                    rows,
+                )
+            )
         con.print(f"{len(differ)} of {len(diffs)} tensors differ")
     if differ:
         raise typer.Exit(1)

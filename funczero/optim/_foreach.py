@@ -1,9 +1,10 @@
 """In-place ``torch._foreach_*`` steps for optimizers without a usable fused kernel.
 
 Used by Lion, LAMB, and Adam/AdamW when the fused kernel cannot run (scheduled ``b1``, bf16
-parameters with fp32 moments, a device without the kernel). Each step mirrors the pure transforms
-op for op, in the same order, so on CPU it agrees with ``update`` + ``apply_updates`` bit for bit;
-it differs by updating buffers in place instead of allocating new ones every step.
+parameters with fp32 moments, a device without the kernel). Each step computes what the pure
+transforms compute, with the moments updated in place, one scratch buffer per parameter for the
+direction, and the decay and learning rate folded into ``alpha`` of in-place adds; it agrees with
+``update`` + ``apply_updates`` to rounding (a few ulp).
 
 These paths assume ``found_inf is None``; a step that may be skipped takes the exact generic path
 (:func:`funczero.optim.fused.inplace_update`), which selects old values with ``torch.where``.
@@ -38,20 +39,25 @@ def _lerp_(starts: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> 
         torch._foreach_lerp_(starts, ends, weight)
 
 
-def _add_decay_(updates: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
-    """``u + wd * p`` as :func:`~funczero.optim.add_decayed_weights` computes it."""
-    if weight_decay == 0.0:
-        return updates
-    return torch._foreach_add(updates, torch._foreach_mul(params, weight_decay))
+def _add_decay_(updates: list[Tensor], params: list[Tensor], weight_decay: float) -> None:
+    """``u += wd * p`` in place (``add_decayed_weights`` without its temporaries)."""
+    if weight_decay != 0.0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
 
 
-def _apply_(params: list[Tensor], updates: list[Tensor], lr: float | Tensor) -> None:
-    """``p += u * -lr`` (scale_by_learning_rate, then apply_updates)."""
-    if isinstance(lr, Tensor):
+def _apply_(
+    params: list[Tensor], updates: list[Tensor], lr: float | Tensor, scale: Tensor | None = None
+) -> None:
+    """``p += u * -lr`` (times a per-parameter ``scale``, LAMB's trust ratio), in one pass for a
+    float rate; ``updates`` is a scratch buffer."""
+    if scale is not None:
+        torch._foreach_mul_(updates, list((scale * -lr).unbind()))
+        torch._foreach_add_(params, updates)
+    elif isinstance(lr, Tensor):
         torch._foreach_mul_(updates, _like(-lr, updates))
+        torch._foreach_add_(params, updates)
     else:
-        torch._foreach_mul_(updates, -lr)
-    torch._foreach_add_(params, updates)
+        torch._foreach_add_(params, updates, alpha=-lr)
 
 
 def adam_direction_(
@@ -105,8 +111,8 @@ def adam_step_(
     keys = sorted(grads)
     ps = keys_of(params, keys)
     gs = keys_of(grads, keys)
-    if not decoupled:
-        gs = _add_decay_(gs, ps, weight_decay)
+    if not decoupled and weight_decay != 0.0:
+        gs = torch._foreach_add(gs, ps, alpha=weight_decay)  # grads are not ours to mutate
     count = adam_state.count
     direction = adam_direction_(
         gs,
@@ -119,13 +125,13 @@ def adam_step_(
         count=count,
     )
     if decoupled:
-        direction = _add_decay_(direction, ps, weight_decay)
+        _add_decay_(direction, ps, weight_decay)
+    ratios = None
     if trust_ratio is not None:
         ratios = trust_ratios(
             ps, direction, min_coeff=trust_ratio[0], max_coeff=trust_ratio[1], reduce_fn=reduce_fn
         )
-        torch._foreach_mul_(direction, list(ratios.unbind()))
-    _apply_(ps, direction, learning_rate)
+    _apply_(ps, direction, learning_rate, ratios)
 
 
 def lion_step_(
@@ -149,6 +155,6 @@ def lion_step_(
     else:
         direction = torch._foreach_lerp(mu, gs, 1 - b1)
     torch._foreach_sign_(direction)
-    direction = _add_decay_(direction, ps, weight_decay)
+    _add_decay_(direction, ps, weight_decay)
     _apply_(ps, direction, learning_rate)
     _lerp_(mu, gs, 1 - b2)

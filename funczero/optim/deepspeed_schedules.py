@@ -22,7 +22,7 @@ Deliberate differences, each an error where DeepSpeed is silent:
 
 * OneCycle also overwrites Adam's ``beta2`` with 0.99 (``betas = (mom, 0.99)``). We do **not**: the
   momentum schedule drives ``b1`` only and ``b2`` stays what you configured. Pass ``b2=0.99`` to
-  reproduce DeepSpeed bit for bit.
+  reproduce DeepSpeed exactly.
 * An unknown ``warmup_type`` raises ``ValueError`` (DeepSpeed logs a warning and uses ``"log"``).
 * Per-parameter-group lists of values are rejected (funczero has no param groups).
 

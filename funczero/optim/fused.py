@@ -14,7 +14,7 @@ Dispatch, per alias:
   (``b1`` not scheduled; SGD without dampening).
 * Lion, LAMB, and Adam/AdamW that cannot use the kernel (scheduled ``b1``, bf16 parameters with
   fp32 moments, other devices, torch without the op) run in-place ``torch._foreach_*`` steps
-  (:mod:`funczero.optim._foreach`), bit-identical to the pure path on CPU.
+  (:mod:`funczero.optim._foreach`), equal to the pure path up to rounding.
 * Anything else, and any step given ``found_inf`` that has no kernel, runs
   :func:`~funczero.optim.inplace_update`: the pure update, then a copy into the donated buffers.
 

@@ -186,6 +186,14 @@ class Prefetcher:
         if comm not in self._pending:
             self._pending[comm] = comm.gather_async()
 
+    def start(self, roots: Sequence[UnitComm]) -> None:
+        """Issue the root's gathers and the first unit's together: the first unit's then runs
+        during the root's copy-out and the embedding instead of after them."""
+        for root in roots:
+            self.issue(root)
+        if self.planned:
+            self.issue(self.planned[0])
+
     def take(self, comm: UnitComm) -> dict[str, torch.Tensor]:
         pending = self._pending.pop(comm, None)
         full = (pending if pending is not None else comm.gather_async()).wait()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,8 +35,6 @@ import torch.distributed as dist
 from torch import nn
 
 from funczero.functional import ModuleSpec, apply_module, module_spec
-import weakref
-
 from funczero.parallel.collectives import (
     all_gather_unit,
     all_gather_unit_async,
@@ -361,20 +360,22 @@ def forward_backward(
             else:
                 anchors = {n: master[n].detach().requires_grad_() for n in trainable}
                 regather = Regather() if plan.stage == 3 else None
-                all_units = plan.units + ((plan.persistent,) if plan.persistent else ())
+                roots = _root_parts(plan)
+                blocks = [u for u in plan.units if u.name != ""]
+                persistent = (plan.persistent,) if plan.persistent else ()
                 # An anchor in two units (a weight tied across stage-3 units) gets its gradient
                 # summed by autograd on the compute stream: those units wait for their reduction.
                 seen: set[str] = set()
                 shared: set[str] = set()
-                for unit in all_units:
+                for unit in (*roots, *blocks, *persistent):
                     names = set(plan.grad_unit(unit).params)
                     shared |= seen & names
                     seen |= names
-                comms: dict[str, UnitComm] = {}
-                for unit in all_units:
+
+                def comm_of(unit: Unit, *, keep: bool = False) -> UnitComm:
                     replicated = plan.stage <= 2 or unit is plan.persistent
                     gu = plan.grad_unit(unit)
-                    comms[unit.name] = UnitComm(
+                    return UnitComm(
                         unit=unit,
                         trainable=gu.params,
                         grad_unit=gu,
@@ -385,25 +386,30 @@ def forward_backward(
                         compute_dtype=plan.precision.compute_dtype,
                         reduce_dtype=plan.precision.reduce_dtype,
                         use_all_reduce=plan.use_all_reduce,
-                        # The root stays gathered through backward (FSDP2 keeps its root too):
-                        # backward starts with it, so a re-gather could not overlap anything.
-                        regather=None if replicated or unit.name == "" else regather,
+                        regather=None if replicated or keep else regather,
                         mode="all_reduce" if plan.stage == 0 else "reduce_scatter",
                         queue=queue,
                         wait_now=bool(shared & set(gu.params)),
                     )
+
+                # The root stays gathered through backward (FSDP2 keeps its root too): backward
+                # starts with it, so a re-gather could not overlap anything.
+                root_comms = [comm_of(u, keep=True) for u in roots]
+                comms = {u.name: comm_of(u) for u in blocks}
                 tensors: Tensors = {}
+                for unit in persistent:
+                    tensors.update(materialize_unit(comm_of(unit), anchors))
                 if plan.stage <= 2:
-                    for comm in comms.values():
+                    for comm in (*root_comms, *comms.values()):
                         tensors.update(materialize_unit(comm, anchors))
                     loss, aux = run(tensors)
                 else:
                     assert regather is not None
-                    if plan.persistent:
-                        tensors.update(materialize_unit(comms.pop("<persistent>"), anchors))
-                    prefetch = _stage3_prefetcher(plan, comms)
+                    prefetch = _stage3_prefetcher(plan, comms, root_comms)
                     with regather.hooks(), _stage3_units(plan, comms, anchors):
-                        root = materialize_unit(comms[""], anchors) if "" in comms else {}
+                        root: Tensors = {}
+                        for comm in root_comms:
+                            root.update(materialize_unit(comm, anchors))
                         try:
                             loss, aux = run({**tensors, **root})
                         finally:
@@ -425,16 +431,43 @@ def forward_backward(
     return loss.detach(), aux, grads, out_buffers.get("b", dict(buffers))
 
 
-def _stage3_prefetcher(plan: ZeroPlan, comms: dict[str, UnitComm]) -> Prefetcher:
-    """Attach a prefetcher to the stage-3 units, planned in the last forward's order."""
-    units = [c for name, c in comms.items() if name != ""]
+def _stage3_prefetcher(
+    plan: ZeroPlan, comms: Mapping[str, UnitComm], roots: Sequence[UnitComm]
+) -> Prefetcher:
+    """Attach a prefetcher to the stage-3 units, planned in the last forward's order, and issue
+    the root's gathers with the first unit's."""
+    units = list(comms.values())
     seen = _FORWARD_ORDER.get(plan)
-    if seen is not None and set(seen) == {c.unit.name for c in units}:
+    if seen is not None and set(seen) == set(comms):
         units = [comms[name] for name in dict.fromkeys(seen)]
     prefetch = Prefetcher(units)
-    for comm in comms.values():
+    for comm in (*roots, *units):
         comm.prefetch = prefetch
+    prefetch.start(roots)
     return prefetch
+
+
+def _root_parts(plan: ZeroPlan) -> tuple[Unit, ...]:
+    """The root unit split by top-level submodule (``wte``, ``wpe``, ``head``, ...).
+
+    Each part gets its own boundary, so its gradients are reduced as soon as they are complete:
+    an output head's while the blocks' backward runs, not with the embedding's at the very end,
+    where nothing is left to overlap. At stage 3 each part also has its own gathered buffer, so
+    backward keeps only the parts it reads (the head), not the embedding. With more than 8 such
+    submodules the root stays whole (one collective each way).
+    """
+    root = next((u for u in plan.units if u.name == ""), None)
+    if root is None:
+        return ()
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(root.params):
+        groups.setdefault(name.split(".")[0] if "." in name else "", []).append(i)
+    if len(groups) > 8:
+        return (root,)
+    return tuple(
+        Unit("", tuple(root.params[i] for i in idx), tuple(root.specs[i] for i in idx))
+        for idx in groups.values()
+    )
 
 
 def reduce_grads(plan: ZeroPlan, grads: Tensors) -> Tensors:
