@@ -109,12 +109,11 @@ def main() -> None:
         )
     every = args.log_every or config.steps_per_print or 50
     tokens_per_step = config.train_batch_size * args.seq_len
-    batches = iter(loader)
     start = int(state.step)
     t0, last = time.perf_counter(), start
     metrics: dict[str, torch.Tensor] = {}
     for step in range(start, steps):
-        state, metrics = train_step(state, next(batches))
+        state, metrics = train_step(state, loader.next_batch())  # across epochs
         done = step + 1
         if done % every == 0 or done == steps:
             # The only host sync: once per steps_per_print (skipped steps are counted in state).

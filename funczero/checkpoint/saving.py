@@ -2,8 +2,8 @@
 
 Protocol (``W`` ranks, all calling :func:`save`):
 
-1. Rank 0 creates ``<root>/.funczero-tmp-<tag>/`` (clearing leftovers of interrupted saves) and picks a
-   checkpoint id; the ranks agree on it (one small all-gather).
+1. Rank 0 creates ``<root>/.funczero-tmp-<tag>/`` (clearing leftovers of interrupted saves)
+   and picks a checkpoint id; the ranks agree on it (one small all-gather).
 2. Every rank streams its chunks into its two files there, fsyncs them, and reports their
    checksums (second all-gather). Any failure on any rank: the temp directory is removed and
    every rank raises :class:`SaveError`; nothing else on disk changed.
