@@ -196,7 +196,10 @@ def make_train_step(
                     # Stage 1-3 reduce straight from the first gradients when nothing accumulates;
                     # stage 0 all-reduces in place, so it needs fp32 tensors of its own.
                     pass_through = grad_accum == 1 and (plan.stage != 0 or reduced)
-                    acc = grads if pass_through else {n: g.float() for n, g in grads.items()}
+                    # Converting one gradient at a time and dropping each compute-dtype original
+                    # as it goes keeps the bf16 and fp32 copies of all gradients from coexisting
+                    # (2 bytes per parameter less at the step's peak).
+                    acc = grads if pass_through else {n: grads.pop(n).float() for n in list(grads)}
                 else:
                     torch._foreach_add_(list(acc.values()), [grads[n] for n in acc])
         assert acc is not None
@@ -243,7 +246,18 @@ def make_train_step(
             opt_state = _where_tree(found_inf, state.opt_state, opt_state)
             # keep the params/master aliasing of init_params (stage 0 fp32)
             params = {n: new_master[n] if p is master.get(n) else p for n, p in params.items()}
-        new_params = zero.gather_params_after_update(plan, params, new_master)
+        # The gradients are spent: free them before the parameters are rebuilt, which allocates
+        # new compute-dtype parameters at stages 1-2 (the two need not coexist).
+        del grads, glist, acc
+        if in_place and plan.stage == 0:
+            # Donated: cast the updated master weights into the old compute-dtype parameters in
+            # place instead of allocating new ones (first touches of fresh memory are slow).
+            casts = [n for n in trainable if params[n] is not new_master[n]]
+            if casts:
+                torch._foreach_copy_([params[n] for n in casts], [new_master[n] for n in casts])
+            new_params = dict(params)
+        else:
+            new_params = zero.gather_params_after_update(plan, params, new_master)
         buffers = zero.sync_buffers(plan, dict(buffers))
         skipped = found_inf.to(torch.int64)
         new_state = state.replace(

@@ -59,10 +59,19 @@ def structure(tree: Any) -> optree.PyTreeSpec:
     return optree.tree_structure(tree, namespace=NAMESPACE)
 
 
+def _entry_name(entry: Any) -> str:
+    # NamedTuple and dataclass entries carry a field name; sequences and dicts an index or key.
+    field = getattr(entry, "field", None)
+    if isinstance(field, str):
+        return field
+    name = getattr(entry, "name", None)
+    return name if isinstance(name, str) else str(entry.entry)
+
+
 def leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
-    """Return ``[(path, leaf), ...]`` with paths joined by ``/``."""
-    paths, leaves_, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    return [(path_str(p), leaf) for p, leaf in zip(paths, leaves_)]
+    """Return ``[(path, leaf), ...]`` with paths joined by ``/`` (NamedTuple fields by name)."""
+    accessors, leaves_, _ = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
+    return [("/".join(_entry_name(e) for e in acc), leaf) for acc, leaf in zip(accessors, leaves_)]
 
 
 def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:  # noqa: A001 - mirrors optree/jax

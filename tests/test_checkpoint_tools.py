@@ -190,3 +190,13 @@ def test_weights_only_reads_never_open_the_optimizer_files(tmp_path: Path, monke
     monkeypatch.setattr(reader_module.TensorFile, "__init__", spy)
     checkpoint.consolidate(path, tmp_path / "hf")
     assert opened and all(name.startswith("model-") for name in opened)
+
+
+def test_cli_usage_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["ckpt", "reshard", str(tmp_path), str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "funczero ckpt reshard: error: Missing option '--world-size'" in res.output
+    res = runner.invoke(
+        app, ["ckpt", "consolidate", str(tmp_path), str(tmp_path / "o"), "--dtype", "fp8"]
+    )
+    assert res.exit_code == 2 and "error:" in res.output

@@ -31,7 +31,7 @@ from funczero.checkpoint.errors import InvalidTagError as InvalidTagError
 from funczero.checkpoint.errors import SaveError as SaveError
 from funczero.checkpoint.errors import StateMismatchError as StateMismatchError
 from funczero.checkpoint.errors import UnsafePathError as UnsafePathError
-from funczero.checkpoint.format import read_index as read_index
+from funczero.checkpoint.index import read_index as read_index
 from funczero.checkpoint.inspection import Summary as Summary
 from funczero.checkpoint.inspection import inspect as inspect
 from funczero.checkpoint.loading import load as load

@@ -77,8 +77,7 @@ def remove_tree(path: Path) -> None:
     """Delete a directory so that a crash midway never leaves it looking complete.
 
     It is first renamed to a hidden ``.funczero-trash-*`` name (atomic), then deleted; a crash
-    between
-    the two leaves only a hidden directory that the next save clears.
+    between the two leaves only a hidden directory that the next save clears.
     """
     if not path.exists():
         return

@@ -39,7 +39,7 @@ import torch
 
 from funczero.checkpoint.atomic import fsync_dir
 from funczero.checkpoint.errors import CheckpointExistsError, CorruptCheckpointError
-from funczero.checkpoint.format import TensorEntry, read_index
+from funczero.checkpoint.index import TensorEntry, read_index
 from funczero.checkpoint.reader import BLOCK_ELEMS, ShardReader
 from funczero.checkpoint.tags import resolve
 from funczero.checkpoint.tensorfile import TensorFileWriter

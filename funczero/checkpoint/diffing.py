@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from funczero.checkpoint.format import Index, TensorEntry, read_index
+from funczero.checkpoint.index import Index, TensorEntry, read_index
 from funczero.checkpoint.reader import BLOCK_ELEMS, ShardReader
 from funczero.checkpoint.tags import resolve
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from funczero.checkpoint.format import read_index
+from funczero.checkpoint.index import read_index
 from funczero.checkpoint.tags import resolve
 
 __all__ = ["GROUP_OF_KIND", "Summary", "inspect"]

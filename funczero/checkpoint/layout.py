@@ -36,6 +36,7 @@ from funczero.state import StateLayout, TrainState
 __all__ = [
     "LeafPlan",
     "chunk_bounds",
+    "find_aliases",
     "local_chunk",
     "named_leaves",
     "overlaps",
@@ -180,6 +181,34 @@ def local_chunk(plan: LeafPlan, leaf: torch.Tensor, world_size: int, rank: int) 
     if plan.layout == "shard":
         return flat[: stop - start]
     return flat[start:stop]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    if t.numel() == 0:
+        return None
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def find_aliases(plans: list[tuple[LeafPlan, torch.Tensor]]) -> dict[str, str]:
+    """Leaves that are the same tensor as another leaf: path -> stored path (master preferred)."""
+    groups: dict[Any, list[str]] = {}
+    for plan, leaf in plans:
+        key = _storage_key(leaf)
+        if key is not None:
+            groups.setdefault(key, []).append(plan.path)
+    out: dict[str, str] = {}
+    for paths in groups.values():
+        if len(paths) > 1:
+            owner = next((p for p in paths if p.startswith("master/")), paths[0])
+            out.update({p: owner for p in paths if p != owner})
+    return out
 
 
 def optimizer_name(opt_state: Any) -> str:

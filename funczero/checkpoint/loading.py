@@ -10,7 +10,6 @@ optimizer's state (leaves are matched by path, not by optimizer type).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,10 +17,10 @@ import torch
 from funczero import tree
 from funczero.checkpoint import comm
 from funczero.checkpoint.errors import StateMismatchError
-from funczero.checkpoint.format import Index, TensorEntry, dtype_name, read_index
-from funczero.checkpoint.layout import LeafPlan, plan_state
+from funczero.checkpoint.format import dtype_name
+from funczero.checkpoint.index import Index, TensorEntry, read_index
+from funczero.checkpoint.layout import LeafPlan, find_aliases, plan_state
 from funczero.checkpoint.reader import ShardReader, derive_rng
-from funczero.checkpoint.saving import _find_aliases
 from funczero.checkpoint.tags import resolve
 from funczero.parallel.layout import ShardSpec
 from funczero.precision import Precision
@@ -125,7 +124,8 @@ def load(
     Returns:
         ``(state, client_state)``. At the saved world size each rank gets the client state it
         saved; otherwise rank 0's. The RNG is restored exactly at the saved world size, and
-        otherwise re-derived deterministically per rank (:func:`derive_rng`).
+        otherwise re-derived deterministically per rank
+        (:func:`~funczero.checkpoint.reader.derive_rng`).
 
     Example:
         >>> import tempfile
@@ -143,7 +143,7 @@ def load(
     index = read_index(tag_dir)
     plans = plan_state(like)
     _check(index, like, plans, str(tag_dir))
-    alias_of = _find_aliases(plans)
+    alias_of = find_aliases(plans)
     values: dict[str, torch.Tensor] = {}
     with ShardReader(tag_dir, index, verify=verify) as reader:
         for plan, leaf in plans:
@@ -151,7 +151,7 @@ def load(
                 values[plan.path] = _materialise(reader, plan, leaf, index.tensors[plan.path], like)
     leaves = [values[alias_of.get(p.path, p.path)] for p, _ in plans]
     state = tree.unflatten(tree.structure(like), leaves)
-    per_rank: Mapping[str, Any] | None = index.raw.get("client_state_per_rank")
+    per_rank: Any = index.raw.get("client_state_per_rank")
     if (
         isinstance(per_rank, list)
         and index.world_size == lay.world_size

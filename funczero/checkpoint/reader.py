@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from funczero.checkpoint.errors import CorruptCheckpointError, StateMismatchError
-from funczero.checkpoint.format import Chunk, Index, TensorEntry, safe_child
+from funczero.checkpoint.format import safe_child
+from funczero.checkpoint.index import Chunk, Index, TensorEntry
 from funczero.checkpoint.layout import overlaps
 from funczero.checkpoint.tensorfile import TensorFile, _as_bytes, _hasher
 

@@ -45,13 +45,10 @@ from funczero.checkpoint.format import (
     FORMAT_VERSION,
     GROUPS,
     INDEX_NAME,
-    Chunk,
-    Index,
-    TensorEntry,
-    read_index,
     shard_file_name,
     validate_tag,
 )
+from funczero.checkpoint.index import Chunk, Index, TensorEntry, read_index
 from funczero.checkpoint.layout import chunk_bounds
 from funczero.checkpoint.reader import BLOCK_ELEMS, ShardReader, derive_rng
 from funczero.checkpoint.tags import latest_tag, resolve, write_latest

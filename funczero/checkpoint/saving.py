@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shutil
 import time
@@ -42,7 +41,6 @@ from funczero.checkpoint.atomic import (
 from funczero.checkpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
-    ClientStateError,
     SaveError,
 )
 from funczero.checkpoint.format import (
@@ -50,15 +48,16 @@ from funczero.checkpoint.format import (
     FORMAT_VERSION,
     GROUPS,
     INDEX_NAME,
-    Chunk,
-    TensorEntry,
+    check_json,
     dtype_name,
     shard_file_name,
     validate_tag,
 )
+from funczero.checkpoint.index import Chunk, TensorEntry
 from funczero.checkpoint.layout import (
     LeafPlan,
     chunk_bounds,
+    find_aliases,
     local_chunk,
     optimizer_name,
     plan_state,
@@ -67,63 +66,7 @@ from funczero.checkpoint.tags import apply_retention, latest_tag, list_tags, wri
 from funczero.checkpoint.tensorfile import TensorFileWriter
 from funczero.state import TrainState
 
-__all__ = ["check_json", "save"]
-
-
-def check_json(value: Any, what: str) -> Any:
-    """Return ``value`` round-tripped through JSON, or raise naming the offending entry."""
-
-    def find(x: Any, path: str) -> str | None:
-        if x is None or isinstance(x, (bool, int, str)):
-            return None
-        if isinstance(x, float):
-            return None if math.isfinite(x) else f"{path} = {x!r} (not finite)"
-        if isinstance(x, (list, tuple)):
-            return next((p for i, v in enumerate(x) if (p := find(v, f"{path}[{i}]"))), None)
-        if isinstance(x, dict):
-            for k, v in x.items():
-                if not isinstance(k, str):
-                    return f"{path} has a key {k!r} of type {type(k).__name__} (keys must be str)"
-                if p := find(v, f"{path}[{k!r}]"):
-                    return p
-            return None
-        return f"{path} is a {type(x).__name__}"
-
-    bad = find(value, what)
-    if bad:
-        raise ClientStateError(
-            f"{what} must be JSON-serialisable (dict/list/str/int/float/bool/None): {bad}; "
-            "convert it (tensors with .tolist(), numbers with int()/float()) before saving"
-        )
-    return json.loads(json.dumps(value, allow_nan=False))
-
-
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
-    if t.numel() == 0:
-        return None
-    return (
-        t.device,
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        tuple(t.shape),
-        tuple(t.stride()),
-        t.dtype,
-    )
-
-
-def _find_aliases(plans: list[tuple[LeafPlan, torch.Tensor]]) -> dict[str, str]:
-    """Leaves that are the same tensor as another leaf: path -> stored path (master preferred)."""
-    groups: dict[Any, list[str]] = {}
-    for plan, leaf in plans:
-        key = _storage_key(leaf)
-        if key is not None:
-            groups.setdefault(key, []).append(plan.path)
-    out: dict[str, str] = {}
-    for paths in groups.values():
-        if len(paths) > 1:
-            owner = next((p for p in paths if p.startswith("master/")), paths[0])
-            out.update({p: owner for p in paths if p != owner})
-    return out
+__all__ = ["save"]
 
 
 def _tied(
@@ -270,7 +213,7 @@ def save(
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} must be a positive int or None")
     plans = plan_state(state)
-    alias_of = _find_aliases(plans)
+    alias_of = find_aliases(plans)
     tied = _tied(state, aliases, module)
     tmp = root / f"{TMP_PREFIX}{tag}"
 

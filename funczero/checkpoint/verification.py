@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from funczero.checkpoint.errors import CorruptCheckpointError
-from funczero.checkpoint.format import INDEX_NAME, Chunk, Index, read_index, safe_child
+from funczero.checkpoint.format import INDEX_NAME, safe_child
+from funczero.checkpoint.index import Chunk, Index, read_index
 from funczero.checkpoint.tags import resolve
 from funczero.checkpoint.tensorfile import TensorFile, file_digest
 

@@ -17,8 +17,30 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
-__all__ = ["ckpt_app"]
+try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import UsageError  # type: ignore[no-redef]
+
+__all__ = ["CkptCommand", "ckpt_app"]
+
+
+class CkptCommand(TyperCommand):
+    """A command whose usage errors are one line (``funczero ckpt X: error: ...``, exit 2)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:
+            typer.echo(
+                f"funczero ckpt {self.name}: error: {exc.format_message()} "
+                f"(see 'funczero ckpt {self.name} --help')",
+                err=True,
+            )
+            ctx.exit(2)
+
 
 ckpt_app = typer.Typer(
     name="ckpt",
@@ -31,7 +53,8 @@ ckpt_app = typer.Typer(
 )
 
 DirArg = Annotated[
-    Path, typer.Argument(help="Checkpoint root (holding 'latest') or a tag directory.")
+    Path,
+    typer.Argument(metavar="DIR", help="Checkpoint root (holding 'latest') or a tag directory."),
 ]
 TagOpt = Annotated[str | None, typer.Option("--tag", "-t", help="Tag to use (default: 'latest').")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")]
@@ -87,7 +110,7 @@ def _table(
     return table
 
 
-@ckpt_app.command("list")
+@ckpt_app.command("list", cls=CkptCommand)
 def list_cmd(directory: DirArg, as_json: JsonOpt = False) -> None:
     """List the committed checkpoints under DIR, oldest first, and which one 'latest' names."""
     with _errors("list", as_json):
@@ -106,7 +129,7 @@ def list_cmd(directory: DirArg, as_json: JsonOpt = False) -> None:
         con.print(f"no checkpoints in {directory}")
 
 
-@ckpt_app.command("inspect")
+@ckpt_app.command("inspect", cls=CkptCommand)
 def inspect_cmd(
     directory: DirArg,
     tag: TagOpt = None,
@@ -171,7 +194,7 @@ def inspect_cmd(
         con.print(_table("tensors", ["path", "shape", "dtype", "layout", "stored as"], rows))
 
 
-@ckpt_app.command("verify")
+@ckpt_app.command("verify", cls=CkptCommand)
 def verify_cmd(directory: DirArg, tag: TagOpt = None, as_json: JsonOpt = False) -> None:
     """Check index.json, every file and every checksum; exit 1 naming each bad file or tensor."""
     with _errors("verify", as_json):
@@ -200,10 +223,12 @@ def verify_cmd(directory: DirArg, tag: TagOpt = None, as_json: JsonOpt = False) 
         raise typer.Exit(1)
 
 
-@ckpt_app.command("reshard")
+@ckpt_app.command("reshard", cls=CkptCommand)
 def reshard_cmd(
     directory: DirArg,
-    out: Annotated[Path, typer.Argument(help="Output checkpoint root (OUT/<tag> is written).")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output checkpoint root (OUT/<tag> is written).")
+    ],
     world_size: Annotated[
         int, typer.Option("--world-size", "-w", min=1, help="New number of ranks.")
     ],
@@ -230,10 +255,12 @@ def reshard_cmd(
         )
 
 
-@ckpt_app.command("consolidate")
+@ckpt_app.command("consolidate", cls=CkptCommand)
 def consolidate_cmd(
     directory: DirArg,
-    out: Annotated[Path, typer.Argument(help="Output directory for model.safetensors.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output directory for model.safetensors.")
+    ],
     dtype: Annotated[
         str, typer.Option("--dtype", help="fp32, bf16 or fp16 for floating-point weights.")
     ] = "fp32",
@@ -262,10 +289,14 @@ def consolidate_cmd(
             con.print(f"wrote {f} ({_bytes(f.stat().st_size)})")
 
 
-@ckpt_app.command("diff")
+@ckpt_app.command("diff", cls=CkptCommand)
 def diff_cmd(
-    a: Annotated[Path, typer.Argument(help="First checkpoint (root or tag directory).")],
-    b: Annotated[Path, typer.Argument(help="Second checkpoint (root or tag directory).")],
+    a: Annotated[
+        Path, typer.Argument(metavar="A", help="First checkpoint (root or tag directory).")
+    ],
+    b: Annotated[
+        Path, typer.Argument(metavar="B", help="Second checkpoint (root or tag directory).")
+    ],
     tag_a: Annotated[str | None, typer.Option("--tag-a", help="Tag in A.")] = None,
     tag_b: Annotated[str | None, typer.Option("--tag-b", help="Tag in B.")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Also list equal tensors.")] = False,

@@ -5,8 +5,8 @@ Precision rules that every transform follows (they are why these helpers exist):
 * Optimizer math runs in at least fp32 (:func:`moment_dtype`): moments and ``eps`` never live in
   bf16/fp16, and float64 parameters keep float64 moments.
 * Python-float hyperparameters stay Python floats in tensor math, so they are exact in float64.
-  Schedules return float32 0-d tensors; bias corrections are computed in float64 and rounded once
-  by type promotion when they meet the (fp32 or fp64) moments.
+  Schedules return float32 0-d tensors; step-dependent scalars (bias corrections, schedule
+  internals) are computed in float64 (:func:`scalar_dtype`) and cast once to the moment dtype.
 """
 
 from __future__ import annotations
@@ -60,11 +60,16 @@ def resolve(hparam: ScalarOrSchedule, count: Tensor | None) -> float | Tensor:
     return hparam
 
 
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """float64 for step-dependent scalars, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def bias_correction(decay: float | Tensor, count: Tensor) -> Tensor:
     """``1 - decay ** (count + 1)`` as a float64 0-d tensor (exact enough for float64 parity)."""
-    t = (count + 1).to(torch.float64)
+    t = (count + 1).to(scalar_dtype(count.device))
     if isinstance(decay, Tensor):
-        decay = decay.to(device=t.device, dtype=torch.float64)
+        decay = decay.to(device=t.device, dtype=t.dtype)
     return 1.0 - torch.pow(decay, t)
 
 

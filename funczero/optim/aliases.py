@@ -22,7 +22,7 @@ import optree
 import torch
 from torch import Tensor
 
-from funczero.optim._common import check_float, check_hparam
+from funczero.optim._common import check_float, check_hparam, scalar_dtype
 from funczero.optim.base import (
     GradientTransformation,
     InPlaceUpdateFn,
@@ -384,7 +384,7 @@ def adagrad(
             b = base(count) if callable(base) else base
             if isinstance(b, Tensor):
                 b = b.to(count.device)
-            return b / (1.0 + count.to(torch.float64) * lr_decay)
+            return b / (1.0 + count.to(scalar_dtype(count.device)) * lr_decay)
 
     tx = chain(add_decayed_weights(wd), scale_by_rss(iav, eps), scale_by_learning_rate(effective))
     update_ = adagrad_update_(tx, learning_rate=lr, lr_decay=lr_decay, weight_decay=wd, eps=eps)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from funczero.optim._common import check_float
+from funczero.optim._common import check_float, scalar_dtype
 from funczero.optim.base import Schedule
 
 __all__ = [
@@ -58,7 +58,8 @@ _WARMUP_TYPES = ("log", "linear")
 
 def _iteration(count: Tensor | int) -> Tensor:
     """DeepSpeed's ``last_batch_iteration`` for the update that sees ``count`` (float64)."""
-    return torch.as_tensor(count).to(torch.float64) - 1.0
+    count = torch.as_tensor(count)
+    return count.to(scalar_dtype(count.device)) - 1.0
 
 
 def _out(x: Tensor) -> Tensor:

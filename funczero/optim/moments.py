@@ -25,6 +25,7 @@ from funczero.optim._common import (
     check_hparam,
     check_keys,
     resolve,
+    scalar_dtype,
     zero_count,
     zeros_moment,
 )
@@ -241,7 +242,7 @@ def trace(
         # ``decay * 0 + 1 * g``, so only the gradient's coefficient depends on the step.
         coef: float | Tensor = 1.0
         if damped:
-            coef = 1.0 - dampening * (state.count > 0).to(torch.float64)
+            coef = 1.0 - dampening * (state.count > 0).to(scalar_dtype(state.count.device))
         new_trace, out = {}, {}
         for k, g in updates.items():
             b0 = state.trace[k]

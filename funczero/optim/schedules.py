@@ -4,7 +4,7 @@ A schedule maps the int64 ``count`` tensor (the number of *applied* updates so f
 update sees ``count == 0``, a step skipped for overflow does not advance it) to a float32 0-d tensor
 on the count's device. Schedules are plain tensor math (``torch.where``, no ``.item()``, no Python
 branch on a tensor value), so changing the rate never forces a host sync or a recompile. Internally
-they compute in float64 and round once to float32.
+they compute in float64 (float32 on MPS) and round once to float32.
 
 The generic schedules follow optax's semantics. DeepSpeed's (``warmup_lr``, ``warmup_decay_lr``,
 ``warmup_cosine_lr``, ``one_cycle``, ``lr_range_test``; :func:`from_deepspeed` reads a config's
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from funczero.optim._common import check_float
+from funczero.optim._common import check_float, scalar_dtype
 from funczero.optim.base import Schedule
 from funczero.optim.deepspeed_schedules import (
     DEEPSPEED_SCHEDULES,
@@ -55,7 +55,8 @@ __all__ = [
 
 
 def _f64(count: Tensor | int) -> Tensor:
-    return torch.as_tensor(count).to(torch.float64)
+    count = torch.as_tensor(count)
+    return count.to(scalar_dtype(count.device))
 
 
 def _steps(who: str, name: str, value: int, *, low: int = 0) -> int:

@@ -124,9 +124,20 @@ class ZeroPlan:
 
     def grad_unit(self, unit: Unit) -> Unit:
         """``unit`` restricted to trainable parameters (what gradients are reduced over)."""
-        t = set(self.trainable)
-        keep = [(n, s) for n, s in zip(unit.params, unit.specs) if n in t]
-        return Unit(unit.name, tuple(n for n, _ in keep), tuple(s for _, s in keep))
+        # Cached: the step asks for every unit's each time, and the host must stay ahead of
+        # the GPU.
+        cache = self._cache.setdefault("grad_unit", {})
+        key = (unit.name, unit.params)
+        if key not in cache:
+            t = set(self.trainable)
+            keep = [(n, s) for n, s in zip(unit.params, unit.specs) if n in t]
+            cache[key] = Unit(unit.name, tuple(n for n, _ in keep), tuple(s for _, s in keep))
+        return cache[key]
+
+    @property
+    def _cache(self) -> dict[str, Any]:
+        """Derived, per-plan values (the plan itself is frozen)."""
+        return _PLAN_CACHE.setdefault(self, {})
 
     def reduce_fn(self, x: torch.Tensor) -> torch.Tensor:
         """Sum partial reductions over shards (identity when nothing is sharded)."""
@@ -135,6 +146,9 @@ class ZeroPlan:
         y = x.clone()
         dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
         return y
+
+
+_PLAN_CACHE: weakref.WeakKeyDictionary[ZeroPlan, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def default_wrap_policy(module: nn.Module) -> list[str]:
@@ -301,10 +315,6 @@ def _stage3_units(
             del mod.forward
 
 
-# Stage 3: each plan's unit execution order seen in the last forward (prefetch order).
-_FORWARD_ORDER: weakref.WeakKeyDictionary[ZeroPlan, tuple[str, ...]] = weakref.WeakKeyDictionary()
-
-
 def reduces_in_backward(plan: ZeroPlan, reduce: bool) -> bool:
     """Whether :func:`forward_backward` returns gradients already reduced over ranks.
 
@@ -360,17 +370,7 @@ def forward_backward(
             else:
                 anchors = {n: master[n].detach().requires_grad_() for n in trainable}
                 regather = Regather() if plan.stage == 3 else None
-                roots = _root_parts(plan)
-                blocks = [u for u in plan.units if u.name != ""]
-                persistent = (plan.persistent,) if plan.persistent else ()
-                # An anchor in two units (a weight tied across stage-3 units) gets its gradient
-                # summed by autograd on the compute stream: those units wait for their reduction.
-                seen: set[str] = set()
-                shared: set[str] = set()
-                for unit in (*roots, *blocks, *persistent):
-                    names = set(plan.grad_unit(unit).params)
-                    shared |= seen & names
-                    seen |= names
+                roots, blocks, persistent, shared = _step_units(plan)
 
                 def comm_of(unit: Unit, *, keep: bool = False) -> UnitComm:
                     replicated = plan.stage <= 2 or unit is plan.persistent
@@ -415,7 +415,8 @@ def forward_backward(
                         finally:
                             del root
                             prefetch.end_forward()
-                    _FORWARD_ORDER[plan] = tuple(c.unit.name for c in prefetch.order)
+                    # The order this forward ran the units in: the next step prefetches in it.
+                    plan._cache["forward_order"] = tuple(c.unit.name for c in prefetch.order)
                 inputs = [anchors[n] for n in trainable]
             grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
     finally:
@@ -437,7 +438,7 @@ def _stage3_prefetcher(
     """Attach a prefetcher to the stage-3 units, planned in the last forward's order, and issue
     the root's gathers with the first unit's."""
     units = list(comms.values())
-    seen = _FORWARD_ORDER.get(plan)
+    seen = plan._cache.get("forward_order")
     if seen is not None and set(seen) == set(comms):
         units = [comms[name] for name in dict.fromkeys(seen)]
     prefetch = Prefetcher(units)
@@ -445,6 +446,29 @@ def _stage3_prefetcher(
         comm.prefetch = prefetch
     prefetch.start(roots)
     return prefetch
+
+
+def _step_units(
+    plan: ZeroPlan,
+) -> tuple[tuple[Unit, ...], tuple[Unit, ...], tuple[Unit, ...], frozenset[str]]:
+    """``(root parts, block units, persistent unit, shared anchors)`` of a plan (cached).
+
+    An anchor in two units (a weight tied across stage-3 units) gets its gradient summed by
+    autograd on the compute stream, so those units wait for their reduction (``wait_now``).
+    """
+    cached = plan._cache.get("step_units")
+    if cached is None:
+        roots = _root_parts(plan)
+        blocks = tuple(u for u in plan.units if u.name != "")
+        persistent = (plan.persistent,) if plan.persistent else ()
+        seen: set[str] = set()
+        shared: set[str] = set()
+        for unit in (*roots, *blocks, *persistent):
+            names = set(plan.grad_unit(unit).params)
+            shared |= seen & names
+            seen |= names
+        cached = plan._cache["step_units"] = (roots, blocks, persistent, frozenset(shared))
+    return cached
 
 
 def _root_parts(plan: ZeroPlan) -> tuple[Unit, ...]:
