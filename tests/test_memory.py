@@ -18,10 +18,12 @@ the bf16 local gradients at the update: ``2Ψ + 4s`` of gradients. ``docs/zero.m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,7 +34,8 @@ from funczero.functional import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.parallel import zero
 from funczero.parallel.memory import memory_breakdown, peak_allocated_bytes
-from funczero.step import init_state, make_train_step
+from funczero.state import TrainState
+from funczero.step import TrainStep, init_state, make_train_step
 from funczero.testing import run_distributed
 
 # vocab 251 and d_model 66: most parameters need padding at world sizes 2 and 4.
@@ -41,7 +44,9 @@ MEDIUM = GPTConfig(vocab_size=251, seq_len=16, d_model=66, n_layers=2, n_heads=3
 BIG = GPTConfig(vocab_size=256, seq_len=32, d_model=768, n_layers=8, n_heads=12)
 
 
-def _build(cfg: GPTConfig, stage: int) -> tuple[zero.ZeroPlan, dict[str, torch.Tensor], dict]:
+def _build(
+    cfg: GPTConfig, stage: int
+) -> tuple[zero.ZeroPlan, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = GPT(cfg)
     plan = zero.build_plan(model, stage=stage, precision="bf16")
@@ -56,7 +61,9 @@ def _batch(cfg: GPTConfig, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.roll(x, -1, dims=1)
 
 
-def _live_bytes_at_update(step, state, batch) -> tuple[object, int]:
+def _live_bytes_at_update(
+    step: TrainStep, state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[TrainState, int]:
     """Run ``step`` and return (new state, bytes it had allocated and not freed at the update)."""
     with torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         state, _ = step(state, batch)
@@ -81,7 +88,7 @@ UPDATE_MARK = "test_memory.optimizer_update"
 
 
 def _marked(opt: optim.Optimizer) -> optim.Optimizer:
-    def update_(*args, **kwargs):
+    def update_(*args: Any, **kwargs: Any) -> Any:
         with torch.profiler.record_function(UPDATE_MARK):
             return opt.update_(*args, **kwargs)
 
@@ -129,7 +136,9 @@ def _expected(stage: int, psi: int, s: int, n: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_breakdown_matches_the_bf16_adamw_formula_at_every_stage(tmp_path: Path, world: int) -> None:
+def test_breakdown_matches_the_bf16_adamw_formula_at_every_stage(
+    tmp_path: Path, world: int
+) -> None:
     run_distributed(_breakdown_worker, world, str(tmp_path), timeout=120)
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -162,6 +171,21 @@ def test_breakdown_counts_storage_shared_by_params_and_master_once() -> None:
         assert (mem["params"], mem["master"], mem["grads"]) == (params_bytes, 440, 440)
 
 
+def _build_and_step(
+    plan: zero.ZeroPlan,
+    opt: optim.Optimizer,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    step: TrainStep,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, int]:
+    # Run inside the profiled call so the state is counted and the frees of the tensors a step
+    # replaces are credited (see peak_allocated_bytes).
+    state = init_state(plan, opt, params, buffers)
+    state, _ = step(state, batch)
+    return memory_breakdown(state, plan)
+
+
 def _peak_worker(rank: int, world: int, out_dir: str) -> None:
     batch = _batch(BIG, 2)
     peaks = {}
@@ -169,17 +193,11 @@ def _peak_worker(rank: int, world: int, out_dir: str) -> None:
         plan, params, buffers = _build(BIG, stage)
         opt = optim.adamw(1e-4, weight_decay=0.1)
         step = make_train_step(cross_entropy_loss, opt, plan, gradient_clipping=1.0)
-
-        def run() -> dict[str, int]:
-            # Built inside the profiled call so the state is counted and the frees of the
-            # tensors a step replaces are credited (see peak_allocated_bytes).
-            state = init_state(plan, opt, params, buffers)
-            state, _ = step(state, batch)
-            return memory_breakdown(state, plan)
-
+        run = functools.partial(_build_and_step, plan, opt, params, buffers, step, batch)
         mem, peak = peak_allocated_bytes(run)
-        peaks[stage] = {"peak": peak, "state": mem["total"] - mem["grads"], "psi": plan.spec.numel()}
-        del params, plan, step
+        held = mem["total"] - mem["grads"]
+        peaks[stage] = {"peak": peak, "state": held, "psi": plan.spec.numel()}
+        del params, plan, step, run
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(peaks))
 
 

@@ -353,12 +353,14 @@ def test_schedules_work_on_meta_counts() -> None:
         assert out.device.type == "meta" and out.dtype == torch.float32
 
 
-def test_fused_step_with_schedule_and_found_inf_does_not_sync(forbid_host_sync) -> None:
+def test_inplace_steps_with_schedules_do_not_read_tensors_on_the_host(forbid_host_sync) -> None:
     lr, mom = optim.one_cycle(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=3)
     params = {"w": torch.ones(4), "b": torch.zeros(2)}
-    for opt in (optim.adamw(lr, mom), optim.adamw(lr), optim.sgd(lr, 0.9), optim.lamb(lr, mom)):
+    opts = (optim.adamw(lr, mom), optim.adamw(lr), optim.sgd(lr, 0.9), optim.lamb(lr, mom),
+            optim.lion(lr, mom), optim.adagrad(lr, lr_decay=0.1))  # fmt: skip
+    for opt in opts:
         state = opt.init(params)
-        for found in (0.0, 1.0):
+        for found in (None, torch.tensor(0.0), torch.tensor(1.0)):  # foreach/fused and generic
             grads = {"w": torch.ones(4), "b": torch.ones(2)}
-            state = opt.update_(grads, state, params, found_inf=torch.tensor(found))
+            state = opt.update_(grads, state, params, found_inf=found, reduce_fn=lambda x: x)
             opt.learning_rate(state)

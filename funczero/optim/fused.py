@@ -89,7 +89,7 @@ def _groups(
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list, list[list]]] = {}
     for k, g in grads.items():
         p = params[k]
-        moments = keys_of_each(states, k)
+        moments = _keys_of_each(states, k)
         dtype, device = p.dtype, p.device
         if (
             device.type not in devices
@@ -110,7 +110,7 @@ def _groups(
     return list(groups.values())
 
 
-def keys_of_each(states: Sequence[Params], key: str) -> list[Tensor]:
+def _keys_of_each(states: Sequence[Params], key: str) -> list[Tensor]:
     """``[s[key] for s in states]`` with the error of :func:`keys_of` for a missing key."""
     try:
         return [s[key] for s in states]
