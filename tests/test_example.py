@@ -50,3 +50,22 @@ def test_example_trains_under_zero3_with_torchrun_on_two_ranks() -> None:
     assert "ZeRO stage 3" in proc.stdout
     losses = _losses(proc.stdout)
     assert len(losses) == 2 and losses[1] < losses[0], proc.stdout
+
+
+def _run(args: list[str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--d-model", "32", "--layers", "1", "--log-every", "2", *args],
+        capture_output=True, text=True, timeout=240, env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_example_resume_continues_exactly(tmp_path) -> None:
+    full = _losses(_run(["--steps", "8"]))
+    ckpt = str(tmp_path / "ckpt")
+    _run(["--steps", "4", "--save-dir", ckpt, "--save-every", "4"])
+    # Same total schedule: the resumed run must log exactly the uninterrupted run's last losses.
+    out = _run(["--steps", "8", "--save-dir", ckpt, "--save-every", "4", "--resume"])
+    assert "resumed from step 4" in out
+    assert _losses(out) == full[2:], (full, out)
