@@ -201,14 +201,15 @@ class Prefetcher:
         return full
 
     def _ahead(self, comm: UnitComm) -> None:
+        """``comm`` was just gathered for use: issue the gather of the unit needed after it."""
         if not self.backward:
             if comm in self._pos:
                 self.order.append(comm)
-            nxt = self._pos.get(comm, -1) + 1
-            if comm.unit.name == "" or comm in self._pos:
+            if comm.unit.name == "" or comm in self._pos:  # a root part is followed by unit 0
+                nxt = self._pos.get(comm, -1) + 1
                 if nxt < len(self.planned):
                     self.issue(self.planned[nxt])
-        elif comm in self.order:
+        elif comm in self.order:  # backward runs the recorded forward order in reverse
             i = self.order.index(comm)
             if i > 0:
                 self.issue(self.order[i - 1])
