@@ -18,10 +18,11 @@ result is (padding aside; each parameter is padded to a multiple of ``N`` when s
     3      (= master)  4Ψ/N      4Ψ/N     8Ψ/N                16Ψ/N
 
 (stage 1 holds ``2Ψ + 4Ψ/N`` of gradients at ``N = 1`` and ``4Ψ + 4Ψ/N`` with accumulation;
-see :func:`gradient_bytes`), against DeepSpeed's mixed-precision Adam figures 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N
-(``docs/zero.md`` explains each difference). :func:`peak_allocated_bytes` measures what a call
-allocates on top of that (activations, gathered units, temporaries) with the profiler's memory
-events, which work on the CPU where ``torch.cuda.max_memory_allocated`` has no counterpart.
+see :func:`gradient_bytes`), against DeepSpeed's mixed-precision Adam figures 16Ψ,
+4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N (``docs/zero.md`` explains each difference).
+:func:`peak_allocated_bytes` measures what a call allocates on top of that (activations,
+gathered units, temporaries) with the profiler's memory records, which work on the CPU where
+``torch.cuda.max_memory_allocated`` has no counterpart.
 
 Example:
     >>> import torch
