@@ -510,8 +510,10 @@ def test_dataclass_defaults_come_from_the_key_table() -> None:
                 if p.startswith(prefix) and "." not in p[len(prefix):]
                 and k.status is Status.USED and not p.endswith(("offload_param",
                                                                 "offload_optimizer"))}
+        accepted = {p[len(prefix):] for p, k in KEYS.items() if p.startswith(prefix)}
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
-        assert set(fields) == used, prefix
+        # Every used key is a field; ignored DeepSpeed keys may stay readable as fields.
+        assert used <= set(fields) <= accepted, prefix
         for name, value in fields.items():
             assert value == KEYS[prefix + name].default, prefix + name
 

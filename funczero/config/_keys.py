@@ -234,38 +234,48 @@ ZERO: dict[str, Key] = _ds_block({
         integer(ge=0, le=3), 0,
         "0: plain data parallel; 1: shard optimizer state; 2: and gradients; 3: and parameters",
     ),
-    "contiguous_gradients": Key(boolean(), True, "copy reduced gradients into contiguous buckets"),
+    "contiguous_gradients": Key(
+        boolean(), True, "gradients are always reduced from one contiguous buffer per unit",
+        IGNORED,
+    ),
     "reduce_scatter": Key(boolean(), True, "reduce-scatter gradients instead of all-reducing"),
     "reduce_bucket_size": Key(_BIG, 500_000_000, "elements per gradient-reduction bucket"),
     "allgather_partitions": Key(
-        boolean(), True, "all-gather updated shards (false: a series of broadcasts)"
+        boolean(), True, "updated shards are always all-gathered, one unit at a time", IGNORED
     ),
-    "allgather_bucket_size": Key(_BIG, 500_000_000, "elements per parameter all-gather bucket"),
+    "allgather_bucket_size": Key(
+        _BIG, 500_000_000, "all-gathers are per unit (a transformer block), not size buckets",
+        IGNORED,
+    ),
     "overlap_comm": Key(
         optional(boolean()), None,
-        "overlap gradient reduction with backward; null: true for stage 3, false otherwise",
-        ds="null (same rule; DeepSpeed's docs say false)",
+        "communication always overlaps compute (per-unit reductions during backward, "
+        "prefetched all-gathers)",
+        IGNORED,
+        ds="null (true for stage 3, false otherwise; DeepSpeed's docs say false)",
     ),
-    "sub_group_size": Key(_BIG, 1_000_000_000, "elements per optimizer-step tile (stage 3)"),
+    "sub_group_size": Key(
+        _BIG, 1_000_000_000, "the optimizer updates every shard in one fused call", IGNORED
+    ),
     "stage3_prefetch_bucket_size": Key(
-        _BIG, 50_000_000, "elements of parameters fetched ahead of use (stage 3)",
-        ds="5e7 (DeepSpeed's docs say 5e8)", alias="prefetch_bucket_size",
+        _BIG, 50_000_000, "stage 3 prefetches exactly one unit ahead, forward and backward",
+        IGNORED, ds="5e7 (DeepSpeed's docs say 5e8)", alias="prefetch_bucket_size",
     ),
     "stage3_param_persistence_threshold": Key(
         _BIG, 100_000, "parameters smaller than this stay unpartitioned (stage 3)",
         alias="param_persistence_threshold",
     ),
     "stage3_max_live_parameters": Key(
-        _BIG, 1_000_000_000, "parameter elements kept gathered at once (stage 3)",
-        alias="max_live_parameters",
+        _BIG, 1_000_000_000, "at most the running and the prefetched unit are gathered",
+        IGNORED, alias="max_live_parameters",
     ),
     "stage3_max_reuse_distance": Key(
-        _BIG, 1_000_000_000, "keep a gathered parameter if it is reused within this distance",
-        alias="max_reuse_distance",
+        _BIG, 1_000_000_000, "a unit is freed after its forward and re-gathered for backward",
+        IGNORED, alias="max_reuse_distance",
     ),
     "stage3_gather_16bit_weights_on_model_save": Key(
-        boolean(), False, "gather full 16-bit weights when saving a model under stage 3",
-        alias="gather_16bit_weights_on_model_save",
+        boolean(), False, "write full weights with `funczero ckpt consolidate` instead",
+        IGNORED, alias="gather_16bit_weights_on_model_save",
     ),
     "offload_param": Key(optional(mapping()), None, "parameter offload (device \"none\" only)"),
     "offload_optimizer": Key(

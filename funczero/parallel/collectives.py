@@ -143,9 +143,10 @@ def reduce_scatter_unit_async(
         work = _reduce_scatter_flat(
             shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group, async_op=True
         )
-    if shard.dtype == out_dtype:
+    if shard.dtype == out_dtype and not (use_all_reduce and world > 1):
         return unit.split_shard(shard), Pending(work, lambda: None)
-    # The cast must wait for the data: hand out the output buffer now, fill it at wait().
+    # The cast (or, after an all-reduce, the copy that lets the [W, S] buffer go: a view would
+    # keep W times the shard alive) must wait for the data: hand out the output buffer now.
     out = torch.empty(unit.shard_numel, dtype=out_dtype, device=shard.device)
     return unit.split_shard(out), Pending(work, lambda: out.copy_(shard))
 

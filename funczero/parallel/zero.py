@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from funczero import tree
 from funczero.functional import apply_module
 from funczero.parallel.collectives import (
     all_gather_unit_async,
@@ -148,6 +149,8 @@ def forward_backward(
 
         out = loss_fn(model, batch)
         loss, aux = out if isinstance(out, tuple) else (out, None)
+        # A detached aux cannot keep the autograd graph (and its activations) alive.
+        aux = tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError(f"loss_fn must return a 0-d loss tensor (or (loss, aux)); got {type(loss)}")
         return loss, aux
