@@ -54,11 +54,11 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a
 
 import funczero  # noqa: E402
 from funczero import optim  # noqa: E402
-from funczero.functional import extract_tensors, release_module_tensors  # noqa: E402
+from funczero.module import extract_tensors, release_module_tensors  # noqa: E402
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
 from funczero.parallel import zero  # noqa: E402
-from funczero.precision import Precision  # noqa: E402
-from funczero.step import init_state, make_train_step  # noqa: E402
+from funczero.parallel.precision import Precision  # noqa: E402
+from funczero.train.step import init_state, make_train_step  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 ALL_SYSTEMS = ("funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "ddp", "fsdp2", "ds1", "ds2", "ds3")

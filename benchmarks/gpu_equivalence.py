@@ -35,10 +35,10 @@ import torch.distributed as dist
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from funczero import optim  # noqa: E402
-from funczero.functional import extract_tensors, release_module_tensors  # noqa: E402
+from funczero.module import extract_tensors, release_module_tensors  # noqa: E402
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
 from funczero.parallel import zero  # noqa: E402
-from funczero.step import init_state, make_train_step  # noqa: E402
+from funczero.train.step import init_state, make_train_step  # noqa: E402
 
 CONFIGS = {
     "padded": GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3),

@@ -20,7 +20,7 @@ Timing follows the protocol of ``shared/reference/torch-func-feasibility.md`` fo
 after warm-up steps, each round times ``--steps`` steps of each side *interleaved* (eager,
 funczero, eager, ...; the side that goes first alternates by round) and takes each side's
 median; the reported time is the best (lowest) median over ``--rounds`` rounds. Peak memory is
-measured with :func:`funczero.parallel.memory.peak_allocated_bytes` around building the
+measured with :func:`funczero.train.memory.peak_allocated_bytes` around building the
 trainable state (eager: a copy of the model and the optimizer; funczero: ``init_state``) and two
 steps (``torch.optim`` creates its moments in the first), so it covers the weights, optimizer
 state, gradients and activations of a steady-state step.
@@ -51,11 +51,11 @@ from typing import Any
 import torch
 
 from funczero import optim
-from funczero.functional import extract_tensors, release_module_tensors
+from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel.memory import peak_allocated_bytes
+from funczero.train.memory import peak_allocated_bytes
 from funczero.parallel.zero import build_plan
-from funczero.step import init_state, make_train_step
+from funczero.train.step import init_state, make_train_step
 
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 2e-3, (0.9, 0.99), 1e-8, 0.1, 1.0
 

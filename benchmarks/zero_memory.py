@@ -1,9 +1,9 @@
 """Per-rank memory of ZeRO stages 0-3 at world sizes 1, 2 and 4 (gloo, CPU), as in docs/zero.md.
 
 For each model, stage and world size it builds the state on every rank, runs one bf16 AdamW step
-(clipping 1.0) and reports rank 0's :func:`funczero.parallel.memory.memory_breakdown` (held
+(clipping 1.0) and reports rank 0's :func:`funczero.train.memory.memory_breakdown` (held
 bytes by category, after the step), the measured peak of building the state plus one step
-(:func:`funczero.parallel.memory.peak_allocated_bytes`, so the peak includes the state,
+(:func:`funczero.train.memory.peak_allocated_bytes`, so the peak includes the state,
 gradients, activations and communication buffers) and DeepSpeed's model-state formula for the
 same parameter count.
 
@@ -29,16 +29,16 @@ from pathlib import Path
 import torch
 
 from funczero import optim
-from funczero.functional import extract_tensors, release_module_tensors
+from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.parallel import zero
-from funczero.parallel.memory import (
+from funczero.train.memory import (
     deepspeed_model_state_bytes,
     memory_breakdown,
     peak_allocated_bytes,
 )
-from funczero.step import TrainStep, init_state, make_train_step
-from funczero.testing import run_distributed
+from funczero.train.step import TrainStep, init_state, make_train_step
+from funczero.testing.distributed import run_distributed
 
 MODELS: dict[str, tuple[GPTConfig, int]] = {
     "example": (GPTConfig(vocab_size=65, seq_len=128, d_model=128, n_layers=4, n_heads=4), 16),

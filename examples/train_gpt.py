@@ -25,7 +25,7 @@ import torch
 import funczero
 from funczero.config import Config
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.monitor import read_metrics
+from funczero.train.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
 

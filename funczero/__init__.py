@@ -19,22 +19,23 @@ __version__ = "0.1.0"
 # public name -> (module, attribute or None for the module itself)
 _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Config": ("funczero.config", "Config"),
-    "DonatedStateError": ("funczero.state", "DonatedStateError"),
+    "DonatedStateError": ("funczero.train.state", "DonatedStateError"),
     "Initialized": ("funczero.initialization", "Initialized"),
-    "Precision": ("funczero.precision", "Precision"),
-    "TrainState": ("funczero.state", "TrainState"),
+    "Precision": ("funczero.parallel.precision", "Precision"),
+    "TrainState": ("funczero.train.state", "TrainState"),
     "ZeroPlan": ("funczero.parallel.plan", "ZeroPlan"),
     "build_plan": ("funczero.parallel.plan", "build_plan"),
     "checkpoint": ("funczero.checkpoint", None),
-    "functional": ("funczero.functional", None),
+    "functional": ("funczero.module", None),  # the old name of funczero.module
+    "module": ("funczero.module", None),
     "init_distributed": ("funczero.parallel.env", "init_distributed"),
-    "init_state": ("funczero.step", "init_state"),
+    "init_state": ("funczero.train.step", "init_state"),
     "initialize": ("funczero.initialization", "initialize"),
-    "make_train_step": ("funczero.step", "make_train_step"),
+    "make_train_step": ("funczero.train.step", "make_train_step"),
     "optim": ("funczero.optim", None),
-    "read_metrics": ("funczero.monitor", "read_metrics"),
+    "read_metrics": ("funczero.train.metrics", "read_metrics"),
     "tree": ("funczero.tree", None),
-    "value_and_grad": ("funczero.grad", "value_and_grad"),
+    "value_and_grad": ("funczero.train.grad", "value_and_grad"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,11 +23,11 @@ from torch import nn
 
 from funczero.config import Config
 from funczero.data import DistributedBatchLoader
-from funczero.functional import extract_tensors, release_module_tensors
+from funczero.module import extract_tensors, release_module_tensors
 from funczero.parallel.env import init_distributed
 from funczero.parallel.zero import ZeroPlan, build_plan
-from funczero.state import TrainState
-from funczero.step import TrainStep, init_state, make_train_step
+from funczero.train.state import TrainState
+from funczero.train.step import TrainStep, init_state, make_train_step
 
 __all__ = ["Initialized", "initialize"]
 

@@ -17,8 +17,8 @@ import torch
 from funczero import checkpoint
 from funczero.checkpoint.layout import named_leaves
 from funczero.checkpoint.tensorfile import TensorFile, TensorFileWriter
-from funczero.checkpoint.testing import toy_state
-from funczero.testing import run_distributed
+from funczero.testing.states import toy_state
+from funczero.testing.distributed import run_distributed
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from funczero import checkpoint
-from funczero.checkpoint.testing import toy_state
+from funczero.testing.states import toy_state
 
 KILLS = 40
 SHAPES = {"emb": (64, 96), "w": (96, 96), "b": (97,), "frozen": (33,)}  # ~190 KB per checkpoint
@@ -31,7 +31,7 @@ import json, os, sys, tempfile, time
 import torch
 torch.set_num_threads(1)
 from funczero import checkpoint
-from funczero.checkpoint.testing import toy_state
+from funczero.testing.states import toy_state
 root = sys.argv[1]
 shapes = {k: tuple(v) for k, v in json.loads(sys.argv[2]).items()}
 states = {s: toy_state(step=s, seed=s, shapes=shapes) for s in range(1, 400)}

@@ -16,7 +16,7 @@ import torch
 import funczero
 from funczero import checkpoint
 from funczero.checkpoint.tensorfile import TensorFile, TensorFileWriter
-from funczero.checkpoint.testing import toy_state
+from funczero.testing.states import toy_state
 
 MODEL = "model-shard-00000-of-00001.safetensors"
 OPTIM = "optim-shard-00000-of-00001.safetensors"

@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from funczero import checkpoint, optim
-from funczero.functional import extract_tensors, release_module_tensors
-from funczero.loss_scale import LossScaleConfig
+from funczero.module import extract_tensors, release_module_tensors
+from funczero.train.loss_scale import LossScaleConfig
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.parallel import zero
-from funczero.step import init_state, make_train_step
-from funczero.testing import run_distributed
+from funczero.train.step import init_state, make_train_step
+from funczero.testing.distributed import run_distributed
 
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3)
 GLOBAL_BATCH = 8

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from funczero import checkpoint
 from funczero.checkpoint.layout import named_leaves
-from funczero.checkpoint.testing import toy_state
+from funczero.testing.states import toy_state
 
 
 def assert_state_equal(got, want, *, rounded_from: torch.dtype | None = None) -> None:
@@ -188,7 +188,7 @@ def test_load_accepts_a_tag_directory_directly(tmp_path: Path) -> None:
 
 
 def test_inspect_reports_layout_counts_and_bytes_by_group(tmp_path: Path) -> None:
-    from funczero.checkpoint.testing import SHAPES
+    from funczero.testing.states import SHAPES
 
     path = checkpoint.save(tmp_path, toy_state(stage=0, precision="bf16"))
     s = checkpoint.inspect(path)

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from funczero import checkpoint, optim
 from funczero.checkpoint import reader as reader_module
 from funczero.checkpoint.layout import named_leaves
-from funczero.checkpoint.testing import toy_state
+from funczero.testing.states import toy_state
 from funczero.cli.app import app
-from funczero.functional import extract_tensors, release_module_tensors
+from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig
 from funczero.parallel import zero
-from funczero.step import init_state
+from funczero.train.step import init_state
 
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3, batch_norm=True)
 runner = CliRunner()

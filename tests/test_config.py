@@ -27,7 +27,7 @@ from funczero.config import (
     ZeroConfig,
 )
 from funczero.config._docs import render
-from funczero.loss_scale import LossScaleConfig
+from funczero.train.loss_scale import LossScaleConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

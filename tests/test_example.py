@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from funczero.testing import free_port
+from funczero.testing.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_gpt.py"

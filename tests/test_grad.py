@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from funczero import value_and_grad
-from funczero.functional import apply_module, extract_tensors, module_spec
+from funczero.module import apply_module, extract_tensors, module_spec
 from funczero.models.gpt import GPT, GPTConfig
 
 

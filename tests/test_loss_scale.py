@@ -1,4 +1,4 @@
-"""funczero.loss_scale against an independent plain-Python model of DeepSpeed's scaler."""
+"""funczero.train.loss_scale against an independent plain-Python model of DeepSpeed's scaler."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import tokenize
 import pytest
 import torch
 
-import funczero.loss_scale as ls
+import funczero.train.loss_scale as ls
 from funczero.config import FP16Config
-from funczero.loss_scale import (
+from funczero.train.loss_scale import (
     MAX_SCALE,
     LossScaleConfig,
     at_min_scale,

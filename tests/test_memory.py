@@ -30,13 +30,13 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from funczero import optim, tree
-from funczero.functional import extract_tensors, release_module_tensors
+from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.parallel import zero
-from funczero.parallel.memory import memory_breakdown, peak_allocated_bytes
-from funczero.state import TrainState
-from funczero.step import TrainStep, init_state, make_train_step
-from funczero.testing import run_distributed
+from funczero.train.memory import memory_breakdown, peak_allocated_bytes
+from funczero.train.state import TrainState
+from funczero.train.step import TrainStep, init_state, make_train_step
+from funczero.testing.distributed import run_distributed
 
 # vocab 251 and d_model 66: most parameters need padding at world sizes 2 and 4.
 MEDIUM = GPTConfig(vocab_size=251, seq_len=16, d_model=66, n_layers=2, n_heads=3)

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from funczero import optim
-from funczero.functional import extract_tensors, release_module_tensors
+from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.parallel import zero
-from funczero.step import init_state, make_train_step
-from funczero.testing import run_distributed
+from funczero.train.step import init_state, make_train_step
+from funczero.testing.distributed import run_distributed
 
 # Sizes chosen so most parameters need padding at world size 4 (vocab 61, d_model 30).
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3)

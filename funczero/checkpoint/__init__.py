@@ -7,7 +7,7 @@ for the command-line tools.
 Example:
     >>> import tempfile
     >>> from funczero import checkpoint
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> root = tempfile.mkdtemp()
     >>> _ = checkpoint.save(root, toy_state(), client_state={"epoch": 1}, keep_last=2)
     >>> checkpoint.list_tags(root)

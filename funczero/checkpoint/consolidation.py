@@ -19,7 +19,7 @@ Example:
     >>> from pathlib import Path
     >>> from safetensors.torch import load_file
     >>> from funczero.checkpoint import save
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> src = save(tempfile.mkdtemp(), toy_state(), aliases={"head.weight": "emb"})
     >>> out = Path(tempfile.mkdtemp()) / "hf"
     >>> files = consolidate(src, out)

@@ -6,7 +6,7 @@ world sizes and stages compare directly. Values stream in blocks (bounded memory
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> a = save(tempfile.mkdtemp(), toy_state())
     >>> all(d.status == "equal" for d in diff(a, a))
     True

@@ -8,7 +8,7 @@ that chunks tile each tensor exactly, and that aliases point at stored tensors.
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> index = read_index(save(tempfile.mkdtemp(), toy_state()))
     >>> index.tensors["master/w"].shape, index.world_size
     ((4, 4), 1)

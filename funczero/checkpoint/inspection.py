@@ -3,7 +3,7 @@
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> s = inspect(save(tempfile.mkdtemp(), toy_state()))
     >>> s.step, s.world_size, s.param_count
     (3, 1, 41)

@@ -1,4 +1,4 @@
-"""How each leaf of a :class:`~funczero.state.TrainState` is laid out, and the resharding math.
+"""How each leaf of a :class:`~funczero.train.state.TrainState` is laid out, and the resharding math.
 
 Every leaf is one of three layouts in the *state*:
 
@@ -31,7 +31,7 @@ import torch
 
 from funczero import tree
 from funczero.parallel.layout import ShardSpec
-from funczero.state import StateLayout, TrainState
+from funczero.train.state import StateLayout, TrainState
 
 __all__ = [
     "LeafPlan",

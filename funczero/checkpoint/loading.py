@@ -23,8 +23,8 @@ from funczero.checkpoint.layout import LeafPlan, find_aliases, plan_state
 from funczero.checkpoint.reader import ShardReader, derive_rng
 from funczero.checkpoint.tags import resolve
 from funczero.parallel.layout import ShardSpec
-from funczero.precision import Precision
-from funczero.state import TrainState
+from funczero.parallel.precision import Precision
+from funczero.train.state import TrainState
 
 __all__ = ["load"]
 
@@ -130,7 +130,7 @@ def load(
     Example:
         >>> import tempfile
         >>> from funczero.checkpoint import save, load
-        >>> from funczero.checkpoint.testing import toy_state
+        >>> from funczero.testing.states import toy_state
         >>> root = tempfile.mkdtemp()
         >>> _ = save(root, toy_state(stage=0))
         >>> state, _ = load(root, like=toy_state(stage=3, seed=5))

@@ -7,7 +7,7 @@ destination tensors, and checks the SHA-256 of every chunk it reads whole.
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save, read_index
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> path = save(tempfile.mkdtemp(), toy_state())
     >>> index = read_index(path)
     >>> with ShardReader(path, index) as reader:

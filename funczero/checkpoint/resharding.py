@@ -19,7 +19,7 @@ conversion with ``funczero ckpt verify``/``diff``.
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save, inspect
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> src = save(tempfile.mkdtemp(), toy_state())
     >>> out = reshard(src, tempfile.mkdtemp(), world_size=4, stage=3)
     >>> inspect(out).world_size, inspect(out).stage

@@ -64,7 +64,7 @@ from funczero.checkpoint.layout import (
 )
 from funczero.checkpoint.tags import apply_retention, latest_tag, list_tags, write_latest
 from funczero.checkpoint.tensorfile import TensorFileWriter
-from funczero.state import TrainState
+from funczero.train.state import TrainState
 
 __all__ = ["save"]
 
@@ -194,7 +194,7 @@ def save(
     Example:
         >>> import tempfile, torch
         >>> from funczero.checkpoint import save, load
-        >>> from funczero.checkpoint.testing import toy_state
+        >>> from funczero.testing.states import toy_state
         >>> root = tempfile.mkdtemp()
         >>> path = save(root, toy_state(), client_state={"batch": 7})
         >>> path.name

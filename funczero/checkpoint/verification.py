@@ -3,7 +3,7 @@
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save
-    >>> from funczero.checkpoint.testing import toy_state
+    >>> from funczero.testing.states import toy_state
     >>> root = tempfile.mkdtemp()
     >>> _ = save(root, toy_state())
     >>> verify(root).ok

@@ -30,10 +30,10 @@ from funczero.config._schema import AUTO, parse_block
 from funczero.config._sections import BF16Config, FP16Config, FunczeroConfig, ZeroConfig
 
 if TYPE_CHECKING:
-    from funczero.loss_scale import LossScaleConfig
+    from funczero.train.loss_scale import LossScaleConfig
     from funczero.optim import Optimizer
     from funczero.optim.schedules import Schedule
-    from funczero.precision import Precision
+    from funczero.parallel.precision import Precision
 
 __all__ = ["Config"]
 
@@ -156,14 +156,14 @@ class Config:
         return self.funczero.seed
 
     def precision_policy(self) -> Precision:
-        """The :class:`funczero.precision.Precision` for this config."""
-        from funczero.precision import Precision
+        """The :class:`funczero.parallel.precision.Precision` for this config."""
+        from funczero.parallel.precision import Precision
 
         return Precision.from_name(self.precision, reduce_dtype=self.communication_data_type)
 
     def loss_scale_config(self) -> LossScaleConfig:
         """The loss scaler settings: fp16's, or a constant scale of 1 for bf16/fp32."""
-        from funczero.loss_scale import LossScaleConfig
+        from funczero.train.loss_scale import LossScaleConfig
 
         if not self.fp16.enabled:
             return LossScaleConfig.disabled()

@@ -88,7 +88,7 @@ TOP: dict[str, Key] = {
     ),
     "communication_data_type": Key(
         choice(None, "fp32", "fp16", "bf16"), None,
-        "dtype gradients are reduced in; null: funczero.precision's choice (fp32)",
+        "dtype gradients are reduced in; null: funczero.parallel.precision's choice (fp32)",
         ds="null: the precision regime's dtype",
     ),
     "prescale_gradients": Key(
@@ -389,7 +389,7 @@ OFFLOAD_OPTIMIZER: dict[str, Key] = _ds_block({
 DATA_TYPES: dict[str, Key] = _ds_block({
     "grad_accum_dtype": Key(
         choice(None, "fp32", "fp16", "bf16"), None,
-        "the accumulation dtype is chosen by funczero's train step (see funczero.precision)",
+        "the accumulation dtype is chosen by funczero's train step (see funczero.parallel.precision)",
         IGNORED,
     ),
 })

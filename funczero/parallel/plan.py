@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from funczero.functional import ModuleSpec, module_spec
+from funczero.module import ModuleSpec, module_spec
 from funczero.parallel.layout import ShardSpec, Unit
-from funczero.precision import Precision
+from funczero.parallel.precision import Precision
 
 __all__ = ["ZeroPlan", "build_plan", "default_wrap_policy"]
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from funczero import tree
-from funczero.functional import apply_module
+from funczero.module import apply_module
 from funczero.parallel.collectives import (
     all_gather_unit_async,
     all_reduce_mean_,

@@ -1,6 +1,6 @@
 """Time one AdamW step: fused ``update_``, pure ``update`` + ``apply_updates``, torch.optim.
 
-Run: ``python -m funczero.optim._bench --numel 20e6 --tensors 48``. Protocol (this VM is noisy):
+Run: ``python benchmarks/optim_fused.py --numel 20e6 --tensors 48``. Protocol (this VM is noisy):
 warm up, then interleave the variants, take the median of ``--steps`` steps per round and the best
 of ``--rounds`` rounds.
 """

@@ -1,7 +1,7 @@
 """Hand-built training states for checkpoint tests and examples (no model, no training step).
 
 :func:`toy_state` lays out the same global values (a function of ``seed``) for any world size,
-rank, ZeRO stage and precision, following the rules of :mod:`funczero.state`, so a checkpoint
+rank, ZeRO stage and precision, following the rules of :mod:`funczero.train.state`, so a checkpoint
 saved from one layout can be compared with a state built directly in another.
 
 Example:
@@ -19,9 +19,9 @@ import torch
 from funczero.optim.base import EmptyState
 from funczero.optim.moments import ScaleByAdamState, TraceState
 from funczero.parallel.layout import ShardSpec
-from funczero.precision import Precision
-from funczero.rng import init_rng
-from funczero.state import StateLayout, TrainState
+from funczero.parallel.precision import Precision
+from funczero.train.rng import init_rng
+from funczero.train.state import StateLayout, TrainState
 
 __all__ = ["SHAPES", "full_values", "toy_state"]
 

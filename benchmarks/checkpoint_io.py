@@ -1,6 +1,6 @@
 """Measure checkpoint I/O: save/load throughput and the peak memory of reshard and consolidate.
 
-Run ``python -m funczero.checkpoint.benchmark --dir /tmp/ckbench --params-mb 128``. It builds a
+Run ``python benchmarks/checkpoint_io.py --dir /tmp/ckbench --params-mb 128``. It builds a
 hand-made fp32 stage-0 state (params aliased to master, plus Adam's two moments: about
 3x ``--params-mb`` on disk), then:
 
@@ -92,7 +92,7 @@ def _save_load(
     import torch.distributed as dist
 
     from funczero import checkpoint
-    from funczero.checkpoint.testing import toy_state
+    from funczero.testing.states import toy_state
 
     state = toy_state(world_size=world, rank=rank, stage=0 if world == 1 else 2, shapes=shapes)
     like = toy_state(
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_GBps": size / w1["load_s"] / 1e9,
     }
 
-    from funczero.testing import run_distributed
+    from funczero.testing.distributed import run_distributed
 
     out = scratch / "w2.json"
     run_distributed(_dist_worker, 2, str(scratch / "w2"), shapes, str(out), timeout=600)
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         proc = subprocess.run(
             [
                 sys.executable,
-                "-m",
-                "funczero.checkpoint.benchmark",
+                str(Path(__file__).resolve()),
                 "--dir",
                 str(scratch),
                 "--child",

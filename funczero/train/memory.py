@@ -27,9 +27,9 @@ gathered units, temporaries) with the profiler's memory records, which work on t
 Example:
     >>> import torch
     >>> from funczero import optim
-    >>> from funczero.functional import extract_tensors
+    >>> from funczero.module import extract_tensors
     >>> from funczero.parallel.zero import build_plan
-    >>> from funczero.step import init_state
+    >>> from funczero.train.step import init_state
     >>> model = torch.nn.Linear(10, 10)  # 110 parameters
     >>> plan = build_plan(model, stage=0)
     >>> params, buffers = extract_tensors(model, plan.spec)
@@ -52,7 +52,7 @@ import torch
 from funczero import tree
 from funczero.parallel.layout import Unit
 from funczero.parallel.zero import ZeroPlan, reduces_in_backward
-from funczero.state import TrainState
+from funczero.train.state import TrainState
 
 __all__ = [
     "CATEGORIES",
@@ -168,9 +168,9 @@ def memory_breakdown(state: TrainState, plan: ZeroPlan, *, grad_accum: int = 1) 
     Example:
         >>> import torch
         >>> from funczero import optim
-        >>> from funczero.functional import extract_tensors
+        >>> from funczero.module import extract_tensors
         >>> from funczero.parallel.zero import build_plan
-        >>> from funczero.step import init_state
+        >>> from funczero.train.step import init_state
         >>> model = torch.nn.Linear(10, 10)
         >>> plan = build_plan(model, stage=3, precision="bf16")
         >>> params, buffers = extract_tensors(model, plan.spec)

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from funczero import tree
-from funczero.loss_scale import LossScaleConfig, at_min_scale, init_loss_scale, update_loss_scale
+from funczero.train.loss_scale import LossScaleConfig, at_min_scale, init_loss_scale, update_loss_scale
 from funczero.parallel import zero
 from funczero.parallel.zero import ZeroPlan
-from funczero.rng import init_rng, rng_scope
-from funczero.state import DonatedStateError, StateLayout, TrainState
+from funczero.train.rng import init_rng, rng_scope
+from funczero.train.state import DonatedStateError, StateLayout, TrainState
 
 __all__ = ["init_state", "make_train_step", "split_micro_batches"]
 
@@ -140,7 +140,7 @@ def make_train_step(
         The step function. Metrics are 0-d tensors: ``loss`` (mean over the global batch),
         ``grad_norm`` (before clipping), ``lr``, ``loss_scale`` (used for this step) and
         ``skipped`` (1 when gradients were not finite and nothing was updated); with dynamic
-        loss scaling also ``overflow_at_min_scale`` (read by :func:`funczero.monitor.read_metrics`,
+        loss scaling also ``overflow_at_min_scale`` (read by :func:`funczero.train.metrics.read_metrics`,
         which warns or raises, since the step itself never syncs).
 
     Example:
@@ -148,7 +148,7 @@ def make_train_step(
         >>> from funczero.parallel.zero import build_plan
         >>> model = torch.nn.Linear(3, 1)
         >>> plan = build_plan(model, stage=0)
-        >>> params, buffers = funczero.functional.extract_tensors(model, plan.spec)
+        >>> params, buffers = funczero.module.extract_tensors(model, plan.spec)
         >>> opt = funczero.optim.sgd(0.1)
         >>> state = init_state(plan, opt, params, buffers)
         >>> loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()

@@ -1,0 +1,1 @@
+"""The training wing: state, step, loss scaling, RNG, metrics and memory accounting."""
