@@ -30,7 +30,7 @@ import optree
 import torch
 
 from funczero import tree
-from funczero.parallel.layout import ShardSpec
+from funczero.parallel.sharding import ShardSpec
 from funczero.train.state import StateLayout, TrainState
 
 __all__ = [
@@ -160,7 +160,8 @@ def named_leaves(obj: Any) -> list[tuple[str, Any]]:
 
 
 def plan_state(state: TrainState) -> list[tuple[LeafPlan, torch.Tensor]]:
-    """Classify every leaf of ``state``, in flatten order."""
+    """Describe every leaf of ``state`` from its recorded layout, in flatten order."""
+    recorded = state.layout.leaf_map()
     out = []
     for path, leaf in named_leaves(state):
         if not isinstance(leaf, torch.Tensor):
@@ -168,7 +169,13 @@ def plan_state(state: TrainState) -> list[tuple[LeafPlan, torch.Tensor]]:
                 f"state leaf {path!r} is a {type(leaf).__name__}, not a tensor; a TrainState "
                 "holds only tensors (numbers that change belong in 0-d tensors)"
             )
-        out.append((plan_leaf(path, leaf, state.layout), leaf))
+        lay = recorded.get(path)
+        if lay is None:
+            raise KeyError(
+                f"state leaf {path!r} has no recorded layout: the state's structure differs from "
+                "the one it was built with (build states with init_state or TrainState.create)"
+            )
+        out.append((LeafPlan(path, lay.group, lay.kind, lay.placement, lay.param, lay.shape, leaf.dtype), leaf))
     return out
 
 

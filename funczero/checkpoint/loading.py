@@ -22,7 +22,7 @@ from funczero.checkpoint.index import Index, TensorEntry, read_index
 from funczero.checkpoint.layout import LeafPlan, find_aliases, plan_state
 from funczero.checkpoint.reader import ShardReader, derive_rng
 from funczero.checkpoint.tags import resolve
-from funczero.parallel.layout import ShardSpec
+from funczero.parallel.sharding import ShardSpec
 from funczero.parallel.precision import Precision
 from funczero.train.state import TrainState
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from funczero.parallel.layout import Unit
+from funczero.parallel.sharding import Unit
 
 # torch 2.13 renamed the flat-tensor collectives; keep working on torch >= 2.5.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

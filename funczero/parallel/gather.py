@@ -38,7 +38,7 @@ from funczero.parallel.collectives import (
     all_reduce_unit_async,
     reduce_scatter_unit_async,
 )
-from funczero.parallel.layout import Unit
+from funczero.parallel.sharding import Unit
 
 __all__ = [
     "Prefetcher",

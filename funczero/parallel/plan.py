@@ -2,7 +2,7 @@
 
 :func:`build_plan` reads the module once (names, shapes, ties, frozen flags), groups parameters
 into units (one per transformer block by default, plus the root) and records every parameter's
-:class:`~funczero.parallel.layout.ShardSpec`. The stage functions in
+:class:`~funczero.parallel.sharding.ShardSpec`. The stage functions in
 :mod:`funczero.parallel.zero` only read the plan.
 
 Example:
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from funczero.module import ModuleSpec, module_spec
-from funczero.parallel.layout import ShardSpec, Unit
+from funczero.parallel.sharding import ShardSpec, Unit
 from funczero.parallel.precision import Precision
 
 __all__ = ["ZeroPlan", "build_plan", "default_wrap_policy"]

@@ -16,7 +16,7 @@ stage     params at rest        gradients                optimizer state  after 
 ========  ====================  =======================  ===============  =====================
 
 A :class:`~funczero.parallel.plan.ZeroPlan` (built by :func:`build_plan`) is the frozen description of one run: the module, the stage, the precision,
-the units and every parameter's :class:`~funczero.parallel.layout.ShardSpec`. The functions below
+the units and every parameter's :class:`~funczero.parallel.sharding.ShardSpec`. The functions below
 (``forward_backward``, ``reduce_grads``, ``gather_params_after_update``) are what
 :func:`funczero.make_train_step` composes; each is a few lines over the collectives in
 :mod:`funczero.parallel.collectives` and :mod:`funczero.parallel.gather`.
@@ -46,7 +46,7 @@ from funczero.parallel.gather import (
     materialize_unit,
     wrap_unit_forward,
 )
-from funczero.parallel.layout import Unit
+from funczero.parallel.sharding import Unit
 from funczero.parallel.plan import ZeroPlan, build_plan, default_wrap_policy
 
 __all__ = [

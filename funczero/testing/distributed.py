@@ -4,9 +4,15 @@ A hung collective is the usual failure of a distributed bug, so every run has a 
 which all ranks are killed (by PID, only the processes started here) and the call raises.
 
 Example:
-    >>> def hello(rank: int, world_size: int) -> None:
-    ...     assert torch.distributed.get_world_size() == world_size
-    >>> # run_distributed(hello, world_size=2)   # doctest: +SKIP (needs an importable function)
+    In a test module (spawned ranks import ``fn`` by its qualified name, so it must be defined at
+    the top level of an importable module; that is why the call below is not run here):
+
+    >>> import torch
+    >>> def all_reduce_ones(rank: int, world_size: int) -> None:
+    ...     ones = torch.ones(1)
+    ...     torch.distributed.all_reduce(ones)
+    ...     assert ones.item() == world_size
+    >>> run_distributed(all_reduce_ones, 2, timeout=60.0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ __all__ = ["free_port", "run_distributed"]
 
 
 def free_port() -> int:
-    """Return a TCP port that was free a moment ago on 127.0.0.1."""
+    """Return a TCP port that was free a moment ago on 127.0.0.1.
+
+    Another process may take it before you bind it, so use it at once (for ``MASTER_PORT``).
+
+    Example:
+        >>> 0 < free_port() < 65536
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

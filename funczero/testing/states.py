@@ -18,10 +18,10 @@ import torch
 
 from funczero.optim.base import EmptyState
 from funczero.optim.moments import ScaleByAdamState, TraceState
-from funczero.parallel.layout import ShardSpec
+from funczero.parallel.sharding import ShardSpec
 from funczero.parallel.precision import Precision
 from funczero.train.rng import init_rng
-from funczero.train.state import StateLayout, TrainState
+from funczero.train.state import TrainState
 
 __all__ = ["SHAPES", "full_values", "toy_state"]
 
@@ -94,16 +94,14 @@ def toy_state(
         moments = TraceState(trace={n: lay(full[n] * -0.5, n) for n in trainable})  # type: ignore[assignment]
     else:
         raise ValueError(f"optimizer={optimizer!r} must be 'adam' or 'sgd'")
-    layout = StateLayout(
+    return TrainState.create(
         stage=stage,
         world_size=world_size,
         rank=rank,
         precision=precision,
-        shapes=tuple((n, tuple(s)) for n, s in shapes.items()),
-        sharded_params=sharded,
+        shapes=shapes,
         trainable=trainable,
-    )
-    return TrainState(
+        sharded_params=sharded,
         step=torch.tensor(step, dtype=torch.int64),
         params=params,
         master=master,
@@ -115,5 +113,4 @@ def toy_state(
         },
         rng=init_rng(seed + 1000, device=torch.device("cpu"), rank=rank),
         skipped=torch.tensor(1, dtype=torch.int64),
-        layout=layout,
     )

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from funczero import tree
-from funczero.parallel.layout import Unit
+from funczero.parallel.sharding import Unit
 from funczero.parallel.zero import ZeroPlan, reduces_in_backward
 from funczero.train.state import TrainState
 

@@ -26,18 +26,66 @@ donated and any use of it raises :class:`DonatedStateError`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from funczero import struct
-from funczero.parallel.layout import ShardSpec
+from funczero import struct, tree
+from funczero.parallel.sharding import ShardSpec
 
-__all__ = ["DonatedStateError", "StateLayout", "TrainState"]
+__all__ = [
+    "DonatedStateError",
+    "LeafLayout",
+    "Placement",
+    "StateLayout",
+    "TrainState",
+    "describe_leaves",
+]
 
 _FIELDS = frozenset(
     {"step", "params", "master", "opt_state", "loss_scale", "buffers", "rng", "skipped", "layout"}
 )
+
+
+Placement = Literal["shard", "replicated", "per_rank"]
+"""Where a leaf's values live: ``shard`` (rank ``r`` holds the flat zero-padded chunk
+``ShardSpec(param, shape, W).bounds(r)``), ``replicated`` (every rank holds the whole, identical
+tensor) or ``per_rank`` (every rank holds its own, different tensor: the RNG state)."""
+
+LeafKind = Literal["param", "master", "moment", "optim", "buffer", "scalar", "rng"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """How one leaf of a :class:`TrainState` is laid out across ranks.
+
+    Recorded once, when the state is built (:func:`describe_leaves`), and read by checkpoints,
+    resharding and memory accounting instead of being guessed from paths and shapes again.
+
+    Attributes:
+        kind: what the leaf is (``param``, ``master``, ``moment``, ``optim``, ``buffer``,
+            ``scalar`` or ``rng``).
+        placement: ``shard``, ``replicated`` or ``per_rank`` (see :data:`Placement`).
+        param: the parameter whose :class:`~funczero.parallel.sharding.ShardSpec` a ``shard``
+            leaf follows, else None.
+        shape: global shape (``per_rank``: this rank's shape).
+    """
+
+    kind: LeafKind
+    placement: Placement
+    param: str | None
+    shape: tuple[int, ...]
+
+    @property
+    def group(self) -> str:
+        """Checkpoint file group: ``model`` (params, master, buffers) or ``optim`` (the rest)."""
+        return "model" if self.kind in ("param", "master", "buffer") else "optim"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +98,10 @@ class StateLayout:
         rank: this rank.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         shapes: ``(name, global shape)`` of every parameter (canonical FQNs, module order).
-        sharded_params: parameters whose ``state.params`` entry is a shard (stage 3).
         trainable: parameters that have master weights and optimizer state.
         aliases: ``(alias FQN, canonical FQN)`` for tied weights (the canonical name is the key
             in ``params``; consolidated checkpoints write every alias).
+        leaves: ``(path, LeafLayout)`` of every tensor leaf, in flatten order.
     """
 
     stage: int
@@ -61,18 +109,120 @@ class StateLayout:
     rank: int
     precision: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
-    sharded_params: frozenset[str]
     trainable: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = ()
+    leaves: tuple[tuple[str, LeafLayout], ...] = ()
+
+    def leaf(self, path: str) -> LeafLayout:
+        """The recorded layout of leaf ``path`` (e.g. ``opt_state/0/mu/w``).
+
+        Raises:
+            KeyError: the state was not built with such a leaf (its structure changed after
+                :func:`funczero.init_state`).
+        """
+        for p, layout in self.leaves:
+            if p == path:
+                return layout
+        raise KeyError(
+            f"state leaf {path!r} has no recorded layout: the state's structure differs from "
+            "the one init_state built (build states with init_state, or describe_leaves)"
+        )
+
+    def leaf_map(self) -> dict[str, LeafLayout]:
+        """``{path: LeafLayout}`` of every leaf (a new dict; build it once per operation)."""
+        return dict(self.leaves)
 
     @property
-    def master_sharded(self) -> bool:
-        """Master weights and per-parameter optimizer state are shards from stage 1."""
-        return self.stage >= 1
+    def sharded_params(self) -> frozenset[str]:
+        """Parameters whose ``state.params`` entry is a shard (stage 3, not persistent)."""
+        return frozenset(
+            lay.param for p, lay in self.leaves
+            if lay.kind == "param" and lay.placement == "shard" and lay.param is not None
+        )  # fmt: skip
 
-    def shard_spec(self, name: str) -> ShardSpec:
-        """The flat padded shard layout of parameter ``name`` at this world size."""
-        return ShardSpec(name, torch.Size(dict(self.shapes)[name]), self.world_size)
+
+def describe_leaves(
+    tensors: Mapping[str, Any],
+    *,
+    shapes: Mapping[str, tuple[int, ...]],
+    trainable: Iterable[str],
+    sharded_params: Iterable[str],
+    master_sharded: bool,
+    world_size: int,
+) -> tuple[tuple[str, LeafLayout], ...]:
+    """Record the layout of every leaf of a state's fields.
+
+    Args:
+        tensors: the state's fields by name (``params``, ``master``, ``opt_state``, ...); paths
+            are the same as the :class:`TrainState`'s (``params/w``, ``opt_state/0/mu/w``).
+        shapes: global shape of every parameter.
+        trainable: parameters that have master weights and optimizer state.
+        sharded_params: parameters whose ``params`` entry is a shard.
+        master_sharded: whether master weights and per-parameter optimizer state are shards.
+        world_size: ranks the shards are cut for.
+
+    An optimizer leaf follows its parameter's layout when its path ends in a trainable
+    parameter's name and it has that parameter's (shard) shape, as every elementwise optimizer
+    state does; anything else under ``opt_state`` is replicated, except a per-parameter leaf of
+    another shape under ZeRO (a factored moment), which is kept exactly per rank.
+    """
+    facts = _Facts(shapes, frozenset(trainable), frozenset(sharded_params), master_sharded, world_size)
+    out = []
+    for path, leaf in tree.leaves_with_path(dict(tensors)):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"state leaf {path!r} is a {type(leaf).__name__}, not a tensor; a TrainState "
+                "holds only tensors (numbers that change belong in 0-d tensors)"
+            )
+        out.append((path, _describe_leaf(path, tuple(leaf.shape), facts)))
+    return tuple(out)
+
+
+class _Facts(NamedTuple):
+    shapes: Mapping[str, tuple[int, ...]]
+    trainable: frozenset[str]
+    sharded: frozenset[str]
+    master_sharded: bool
+    world_size: int
+
+
+def _describe_leaf(path: str, shape: tuple[int, ...], facts: _Facts) -> LeafLayout:
+    head, _, rest = path.partition("/")
+    last = path.rsplit("/", 1)[-1]
+
+    def per_param(name: str, is_shard: bool, kind: LeafKind) -> LeafLayout | None:
+        if name not in facts.shapes:
+            return None
+        full = tuple(facts.shapes[name])
+        if is_shard and shape == (ShardSpec(name, torch.Size(full), facts.world_size).shard_numel,):
+            return LeafLayout(kind, "shard", name, full)
+        if not is_shard and shape == full:
+            return LeafLayout(kind, "replicated", None, full)
+        return None
+
+    layout: LeafLayout | None = None
+    if head == "params" and rest:
+        layout = per_param(rest, rest in facts.sharded, "param")
+    elif head == "master" and rest:
+        layout = per_param(rest, facts.master_sharded, "master")
+    elif head == "opt_state":
+        if last in facts.trainable:
+            layout = per_param(last, facts.master_sharded, "moment")
+        if layout is None and (last not in facts.trainable or not facts.master_sharded):
+            layout = LeafLayout("optim", "replicated", None, shape)
+    elif head == "buffers":
+        layout = LeafLayout("buffer", "replicated", None, shape)
+    elif head == "rng":
+        layout = LeafLayout("rng", "per_rank", None, shape)
+    elif head in ("step", "skipped", "loss_scale"):
+        layout = LeafLayout("scalar", "replicated", None, shape)
+    if layout is None:
+        # A per-parameter leaf whose shape is neither the parameter's nor its shard (a factored
+        # second moment under ZeRO): kept exactly per rank; it cannot be resharded.
+        kinds: dict[str, LeafKind] = {"params": "param", "master": "master", "opt_state": "moment"}
+        kind = kinds.get(head, "optim")
+        layout = LeafLayout(kind, "per_rank", None, shape)
+    return layout
 
 
 class DonatedStateError(RuntimeError):
@@ -105,6 +255,46 @@ class TrainState:
     rng: torch.Tensor
     skipped: torch.Tensor
     layout: StateLayout = struct.field(static=True)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        stage: int,
+        world_size: int,
+        rank: int,
+        precision: str,
+        shapes: Mapping[str, tuple[int, ...]],
+        trainable: tuple[str, ...],
+        sharded_params: Iterable[str],
+        aliases: tuple[tuple[str, str], ...] = (),
+        **fields: Any,
+    ) -> TrainState:
+        """Build a state from its tensor fields, recording every leaf's :class:`LeafLayout`.
+
+        ``fields`` are the tensor fields (``step``, ``params``, ``master``, ``opt_state``,
+        ``loss_scale``, ``buffers``, ``rng``, ``skipped``); the rest describes the layout.
+        Master weights and optimizer state are shards from stage 1.
+        """
+        shapes = {n: tuple(s) for n, s in shapes.items()}
+        layout = StateLayout(
+            stage=stage,
+            world_size=world_size,
+            rank=rank,
+            precision=precision,
+            shapes=tuple(shapes.items()),
+            trainable=tuple(trainable),
+            aliases=tuple(aliases),
+            leaves=describe_leaves(
+                fields,
+                shapes=shapes,
+                trainable=trainable,
+                sharded_params=sharded_params,
+                master_sharded=stage >= 1,
+                world_size=world_size,
+            ),
+        )
+        return cls(**fields, layout=layout)
 
     def __getattribute__(self, name: str) -> Any:
         if name in _FIELDS and object.__getattribute__(self, "__dict__").get("_donated"):

@@ -28,7 +28,7 @@ from funczero.train.loss_scale import LossScaleConfig, at_min_scale, init_loss_s
 from funczero.parallel import zero
 from funczero.parallel.zero import ZeroPlan
 from funczero.train.rng import init_rng, rng_scope
-from funczero.train.state import DonatedStateError, StateLayout, TrainState
+from funczero.train.state import DonatedStateError, TrainState
 
 __all__ = ["init_state", "make_train_step", "split_micro_batches"]
 
@@ -69,17 +69,15 @@ def init_state(
     params, master = zero.init_params(plan, full)
     opt_state = optimizer.init({n: master[n] for n in plan.trainable})
     ls_cfg = loss_scale or LossScaleConfig.disabled()
-    layout = StateLayout(
+    return TrainState.create(
         stage=plan.stage,
         world_size=plan.world_size,
         rank=plan.rank,
         precision=plan.precision.name,
-        shapes=tuple((n, tuple(plan.spec.shapes[n])) for n in plan.spec.params),
-        sharded_params=frozenset(n for n in plan.spec.params if plan.is_sharded(n)),
+        shapes={n: tuple(plan.spec.shapes[n]) for n in plan.spec.params},
         trainable=plan.trainable,
+        sharded_params=[n for n in plan.spec.params if plan.is_sharded(n)],
         aliases=tuple((a, c) for a, c in plan.spec.aliases.items() if a != c),
-    )
-    return TrainState(
         step=torch.zeros((), dtype=torch.int64, device=device),
         params=params,
         master=master,
@@ -88,7 +86,6 @@ def init_state(
         buffers={n: b.detach().to(device).clone() for n, b in buffers.items()},
         rng=init_rng(seed, device=device, rank=plan.rank),
         skipped=torch.zeros((), dtype=torch.int64, device=device),
-        layout=layout,
     )
 
 
