@@ -23,6 +23,11 @@ from torch import nn
 
 from funczero.config import Config
 from funczero.data import DistributedBatchLoader
+from funczero.from_config import (
+    loss_scale_from_config,
+    optimizer_from_config,
+    precision_from_config,
+)
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.parallel.env import init_distributed
 from funczero.parallel.zero import ZeroPlan, build_plan
@@ -89,11 +94,11 @@ def initialize(
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    opt = optimizer if optimizer is not None else cfg.build_optimizer()
+    opt = optimizer if optimizer is not None else optimizer_from_config(cfg)
     plan = build_plan(
         model,
         stage=cfg.zero.stage,
-        precision=cfg.precision_policy(),
+        precision=precision_from_config(cfg),
         wrap=wrap,
         param_persistence_threshold=cfg.zero.stage3_param_persistence_threshold,
         reduce_scatter=cfg.zero.reduce_scatter,
@@ -102,7 +107,7 @@ def initialize(
     )
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
-    loss_scale = cfg.loss_scale_config()
+    loss_scale = loss_scale_from_config(cfg)
     state = init_state(
         plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
     )

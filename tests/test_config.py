@@ -26,7 +26,7 @@ from funczero.config import (
     Status,
     ZeroConfig,
 )
-from funczero.config._docs import render
+from funczero.config.reference import render
 from funczero.train.loss_scale import LossScaleConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -101,7 +101,7 @@ def test_deepspeed_zero3_file_with_comments_loads_unchanged(tmp_path: Path) -> N
 
 
 def test_comment_markers_inside_strings_are_kept() -> None:
-    from funczero.config._jsonc import loads
+    from funczero.config.jsonc import loads
 
     text = '{"a": "http://x/*y*/ # z", "b": "\\"//", // c\n "c": [1, 2,], /* d */ }'
     assert loads(text) == {"a": "http://x/*y*/ # z", "b": '"//', "c": [1, 2]}

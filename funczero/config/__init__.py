@@ -3,7 +3,7 @@
 A DeepSpeed user's JSON works unchanged; what DeepSpeed would silently ignore or misread
 (misspelled keys, non-divisible batch sizes, ``"auto"`` outside the HF Trainer) is an error that
 names the key path and the fix. ``docs/config.md`` lists every key; it is generated from the
-table in ``funczero/config/_keys.py`` by ``python -m funczero.config``.
+table in ``funczero/config/keys.py`` by ``python -m funczero.config``.
 
 Example:
     >>> from funczero.config import Config
@@ -17,19 +17,19 @@ Example:
 
 from __future__ import annotations
 
-from funczero.config._config import Config as Config
-from funczero.config._errors import ConfigError as ConfigError
-from funczero.config._errors import ConfigWarning as ConfigWarning
-from funczero.config._keys import KEYS as KEYS
-from funczero.config._keys import OPTIMIZER_PARAMS as OPTIMIZER_PARAMS
-from funczero.config._optimizer import OptimizerConfig as OptimizerConfig
-from funczero.config._optimizer import SchedulerConfig as SchedulerConfig
-from funczero.config._schema import Key as Key
-from funczero.config._schema import Status as Status
-from funczero.config._sections import BF16Config as BF16Config
-from funczero.config._sections import FP16Config as FP16Config
-from funczero.config._sections import FunczeroConfig as FunczeroConfig
-from funczero.config._sections import ZeroConfig as ZeroConfig
+from funczero.config.load import Config as Config
+from funczero.config.errors import ConfigError as ConfigError
+from funczero.config.errors import ConfigWarning as ConfigWarning
+from funczero.config.keys import KEYS as KEYS
+from funczero.config.keys import OPTIMIZER_PARAMS as OPTIMIZER_PARAMS
+from funczero.config.optimizer import OptimizerConfig as OptimizerConfig
+from funczero.config.optimizer import SchedulerConfig as SchedulerConfig
+from funczero.config.schema import Key as Key
+from funczero.config.schema import Status as Status
+from funczero.config.sections import BF16Config as BF16Config
+from funczero.config.sections import FP16Config as FP16Config
+from funczero.config.sections import FunczeroConfig as FunczeroConfig
+from funczero.config.sections import ZeroConfig as ZeroConfig
 
 __all__ = [
     "KEYS",

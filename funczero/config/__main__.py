@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from funczero.config._docs import render, update_file
+from funczero.config.reference import render, update_file
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:

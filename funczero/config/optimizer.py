@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from funczero.config._errors import ConfigError, closest, did_you_mean, show, warn
-from funczero.config._keys import (
+from funczero.config.errors import ConfigError, closest, did_you_mean, show, warn
+from funczero.config.keys import (
     OPTIMIZER_BLOCK,
     OPTIMIZER_PARAMS,
     OPTIMIZER_TYPES,
     SCHEDULER_BLOCK,
     UNSUPPORTED_OPTIMIZERS,
 )
-from funczero.config._schema import parse_block, unknown_key
+from funczero.config.schema import parse_block, unknown_key
 
 if TYPE_CHECKING:
     from funczero.optim import Optimizer

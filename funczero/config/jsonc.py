@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from funczero.config._errors import ConfigError
+from funczero.config.errors import ConfigError
 
 __all__ = ["loads", "strip_comments"]
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from funczero.config._batch import resolve_batch
-from funczero.config._errors import ConfigError
-from funczero.config._keys import (
+from funczero.config.batch import resolve_batch
+from funczero.config.errors import ConfigError
+from funczero.config.keys import (
     BF16,
     DATA_TYPES,
     FP16,
@@ -19,15 +19,15 @@ from funczero.config._keys import (
     UNSUPPORTED_FEATURES,
     default,
 )
-from funczero.config._load import ELSEWHERE, parse_zero, read_source, world_size_from
-from funczero.config._optimizer import (
+from funczero.config.source import ELSEWHERE, parse_zero, read_source, world_size_from
+from funczero.config.optimizer import (
     OptimizerConfig,
     SchedulerConfig,
     parse_optimizer,
     parse_scheduler,
 )
-from funczero.config._schema import AUTO, parse_block
-from funczero.config._sections import BF16Config, FP16Config, FunczeroConfig, ZeroConfig
+from funczero.config.schema import AUTO, parse_block
+from funczero.config.sections import BF16Config, FP16Config, FunczeroConfig, ZeroConfig
 
 if TYPE_CHECKING:
     from funczero.train.loss_scale import LossScaleConfig

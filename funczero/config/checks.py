@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from funczero.config._errors import ConfigError, show
+from funczero.config.errors import ConfigError, show
 
 __all__ = [
     "Check", "betas", "boolean", "choice", "integer", "mapping", "number", "optional", "string",

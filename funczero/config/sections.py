@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from funczero.config._keys import default
+from funczero.config.keys import default
 
 __all__ = ["BF16Config", "FP16Config", "FunczeroConfig", "ZeroConfig"]
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from funczero.config._keys import OPTIMIZER_PARAMS, SECTIONS, UNSUPPORTED_FEATURES
-from funczero.config._schema import Auto, Key, Status
+from funczero.config.keys import OPTIMIZER_PARAMS, SECTIONS, UNSUPPORTED_FEATURES
+from funczero.config.schema import Auto, Key, Status
 
 __all__ = ["BEGIN", "END", "render", "update_file"]
 

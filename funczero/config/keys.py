@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from funczero.config._checks import (
+from funczero.config.checks import (
     betas,
     boolean,
     choice,
@@ -22,7 +22,7 @@ from funczero.config._checks import (
     optional,
     string,
 )
-from funczero.config._schema import Auto, Key, Status
+from funczero.config.schema import Auto, Key, Status
 
 __all__ = [
     "DEPRECATED_ZERO",

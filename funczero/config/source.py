@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from funczero.config._errors import ConfigError, show, warn
-from funczero.config._jsonc import loads
-from funczero.config._keys import (
+from funczero.config.errors import ConfigError, show, warn
+from funczero.config.jsonc import loads
+from funczero.config.keys import (
     DEPRECATED_ZERO,
     OFFLOAD_OPTIMIZER,
     OFFLOAD_PARAM,
@@ -21,7 +21,7 @@ from funczero.config._keys import (
     SECTIONS,
     ZERO,
 )
-from funczero.config._schema import parse_block
+from funczero.config.schema import parse_block
 
 __all__ = ["ELSEWHERE", "parse_zero", "read_source", "world_size_from"]
 

@@ -9,7 +9,7 @@ value that does not divide evenly is rejected up front with the arithmetic and t
 
 from __future__ import annotations
 
-from funczero.config._errors import ConfigError
+from funczero.config.errors import ConfigError
 
 __all__ = ["resolve_batch"]
 

@@ -1,6 +1,6 @@
 """The schema machinery: what one accepted key is (:class:`Key`) and how a block is parsed.
 
-The tables themselves live in :mod:`funczero.config._keys`; this module only knows how to
+The tables themselves live in :mod:`funczero.config.keys`; this module only knows how to
 apply one table to one JSON object: unknown keys, aliases, ``"auto"``, type checks, keys that
 are accepted only at their default, and keys that are accepted but have no effect.
 """
@@ -12,8 +12,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from funczero.config._checks import Check
-from funczero.config._errors import ConfigError, did_you_mean, join_path, show, warn
+from funczero.config.checks import Check
+from funczero.config.errors import ConfigError, did_you_mean, join_path, show, warn
 
 __all__ = ["AUTO", "Auto", "Key", "Status", "parse_block", "unknown_key"]
 

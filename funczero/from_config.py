@@ -1,0 +1,150 @@
+"""Runtime objects from a resolved :class:`~funczero.config.Config`.
+
+``Config`` is plain data and imports nothing of the runtime; these functions turn it into the
+objects a training run needs: the optimizer (driven by the configured schedule), the schedule
+alone (for a client optimizer), the precision policy and the loss-scaler settings.
+:func:`funczero.initialize` calls them; call them yourself when you assemble a run by hand.
+
+Example:
+    >>> from funczero.config import Config
+    >>> cfg = Config.load({"train_batch_size": 8, "fp16": {"enabled": True},
+    ...                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, world_size=1)
+    >>> opt = optimizer_from_config(cfg)
+    >>> precision_from_config(cfg).compute_dtype, loss_scale_from_config(cfg).init_scale
+    (torch.float16, 65536.0)
+"""
+
+from __future__ import annotations
+
+from funczero import optim
+from funczero.config import Config, ConfigError, OptimizerConfig
+from funczero.config.errors import warn
+from funczero.optim import Optimizer, Schedule
+from funczero.optim.schedules import from_deepspeed
+from funczero.parallel.precision import Precision
+from funczero.train.loss_scale import LossScaleConfig
+
+__all__ = [
+    "loss_scale_from_config",
+    "optimizer_from_config",
+    "precision_from_config",
+    "schedule_from_config",
+]
+
+
+def precision_from_config(cfg: Config) -> Precision:
+    """The precision policy: ``cfg.precision`` and ``communication_data_type``.
+
+    Example:
+        >>> cfg = Config.load({"train_batch_size": 8, "bf16": {"enabled": True}}, world_size=1)
+        >>> precision_from_config(cfg).compute_dtype
+        torch.bfloat16
+    """
+    return Precision.from_name(cfg.precision, reduce_dtype=cfg.communication_data_type)
+
+
+def loss_scale_from_config(cfg: Config) -> LossScaleConfig:
+    """The loss-scaler settings: the ``fp16`` block's, or a constant scale of 1 for bf16/fp32.
+
+    Example:
+        >>> loss_scale_from_config(Config.load({"train_batch_size": 8}, world_size=1)).dynamic
+        False
+    """
+    if not cfg.fp16.enabled:
+        return LossScaleConfig.disabled()
+    return LossScaleConfig.from_fp16(
+        cfg.fp16, raise_at_min_scale=cfg.funczero.raise_at_min_loss_scale
+    )
+
+
+def schedule_from_config(
+    cfg: Config, base_lr: float | None = None
+) -> tuple[Schedule | float, Schedule | None]:
+    """Return ``(learning rate or its schedule, momentum schedule or None)``.
+
+    Args:
+        cfg: the config.
+        base_lr: the base learning rate; defaults to ``optimizer.params.lr``. Needed when the
+            config has a scheduler but no optimizer block (a client optimizer).
+
+    Raises:
+        ConfigError: there is neither ``base_lr`` nor an optimizer block.
+
+    Example:
+        >>> import torch
+        >>> cfg = Config.load({"train_batch_size": 8, "scheduler": {"type": "WarmupLR",
+        ...     "params": {"warmup_num_steps": 2, "warmup_type": "linear"}}}, world_size=1)
+        >>> lr, momentum = schedule_from_config(cfg, base_lr=0.5)
+        >>> [float(lr(torch.tensor(c))) for c in range(4)], momentum
+        ([0.0, 0.0, 0.25, 0.5], None)
+    """
+    if base_lr is None:
+        if cfg.optimizer is None:
+            raise ConfigError(
+                "schedule_from_config: the config has no optimizer block, so pass base_lr= "
+                "(the learning rate of the optimizer the schedule drives)"
+            )
+        base_lr = cfg.optimizer.lr
+    if cfg.scheduler is None:
+        return base_lr, None
+    try:
+        return from_deepspeed(cfg.scheduler.type, dict(cfg.scheduler.params), base_lr=base_lr)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"scheduler.params ({cfg.scheduler.type}): {e}") from e
+
+
+def optimizer_from_config(cfg: Config) -> Optimizer:
+    """Build the configured optimizer, driven by the configured schedule if any.
+
+    Missing parameters take DeepSpeed's defaults (the config filled them in). OneCycle's momentum
+    schedule drives ``b1``; optimizers without betas (SGD, Adagrad) ignore it with a
+    :class:`~funczero.config.ConfigWarning`, as DeepSpeed does.
+
+    Raises:
+        ConfigError: there is no ``"optimizer"`` block.
+
+    Example:
+        >>> cfg = Config.load({"train_batch_size": 8, "optimizer": {
+        ...     "type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}, world_size=1)
+        >>> opt = optimizer_from_config(cfg)  # funczero.optim.adamw(1e-3, ..., weight_decay=0.1)
+    """
+    if cfg.optimizer is None:
+        raise ConfigError(
+            'optimizer_from_config: the config has no "optimizer" block. Add one, e.g. '
+            '"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}}, '
+            "or pass an optimizer to funczero.initialize(optimizer=...)"
+        )
+    lr, momentum = schedule_from_config(cfg)
+    return _build(cfg.optimizer, lr, momentum)
+
+
+def _build(block: OptimizerConfig, lr: float | Schedule, momentum: Schedule | None) -> Optimizer:
+    p = block.params
+    if momentum is not None and "betas" not in p:
+        warn(
+            f"{block.type} has no betas, so the scheduler's momentum cycling is ignored "
+            "(DeepSpeed disables it the same way); set cycle_momentum: false to silence this"
+        )
+    b1, b2 = p.get("betas", (0.0, 0.0))
+    b1 = b1 if momentum is None else momentum
+    algorithm = block.algorithm
+    if algorithm in ("adam", "adamw"):
+        factory = optim.adamw if algorithm == "adamw" else optim.adam
+        return factory(lr, b1, b2, p["eps"], weight_decay=p["weight_decay"])
+    if algorithm == "lamb":
+        return optim.lamb(
+            lr, b1, b2, p["eps"], weight_decay=p["weight_decay"],
+            bias_correction=p["bias_correction"], max_coeff=p["max_coeff"],
+            min_coeff=p["min_coeff"],
+        )
+    if algorithm == "lion":
+        return optim.lion(lr, b1, b2, weight_decay=p["weight_decay"])
+    if algorithm == "sgd":
+        return optim.sgd(
+            lr, p["momentum"], dampening=p["dampening"], nesterov=p["nesterov"],
+            weight_decay=p["weight_decay"],
+        )
+    return optim.adagrad(
+        lr, lr_decay=p["lr_decay"], initial_accumulator_value=p["initial_accumulator_value"],
+        eps=p["eps"], weight_decay=p["weight_decay"],
+    )
