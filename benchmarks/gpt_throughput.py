@@ -56,7 +56,7 @@ import funczero  # noqa: E402
 from funczero import optim  # noqa: E402
 from funczero.module import extract_tensors, release_module_tensors  # noqa: E402
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
-from funczero.parallel import zero  # noqa: E402
+from funczero.parallel.plan import ZeroPlan, build_plan  # noqa: E402
 from funczero.parallel.precision import Precision  # noqa: E402
 from funczero.train.step import init_state, make_train_step  # noqa: E402
 
@@ -127,7 +127,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
 def setup_funczero(stage: int, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
     model = build_model(args, device)
     precision = Precision.from_name("bf16", reduce_dtype=args.reduce_dtype)
-    plan = zero.build_plan(model, stage=stage, precision=precision, param_persistence_threshold=100_000)
+    plan = build_plan(model, stage=stage, precision=precision, param_persistence_threshold=100_000)
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
     opt = optim.adamw(args.lr, weight_decay=0.01)

@@ -37,7 +37,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 from funczero import optim  # noqa: E402
 from funczero.module import extract_tensors, release_module_tensors  # noqa: E402
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
-from funczero.parallel import zero  # noqa: E402
+from funczero.parallel.forward_backward import PrefetchOrder, forward_backward  # noqa: E402
+from funczero.parallel.plan import ZeroPlan, build_plan  # noqa: E402
+from funczero.parallel.stages import gather_full  # noqa: E402
 from funczero.train.step import init_state, make_train_step  # noqa: E402
 
 CONFIGS = {
@@ -76,7 +78,7 @@ def local(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch
 
 def setup(cfg: GPTConfig, stage: int, precision: str, opt: optim.GradientTransformation, device: torch.device):
     model = make_model(cfg, device)
-    plan = zero.build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
+    plan = build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
     return plan, init_state(plan, opt, params, buffers, device=device)
@@ -89,19 +91,21 @@ def run_stages(rank: int, world: int, device: torch.device) -> dict[str, torch.T
         for stage in (0, 1, 2, 3):
             key = f"{cname}/s{stage}"
             plan, state = setup(cfg, stage, "fp32", optim.sgd(0.1), device)
-            _, _, grads, _ = zero.forward_backward(
+            fb = forward_backward(
                 plan, cross_entropy_loss, state.params, state.master, state.buffers,
                 local(data[0], rank, world), torch.tensor(1.0, device=device),
+                single_micro_batch=False, order=PrefetchOrder(),
             )  # fmt: skip
-            grads = zero.reduce_grads(plan, {n: g.float() for n, g in grads.items()})
-            for n, g in zero.gather_full(plan, grads, sharded=plan.master_sharded).items():
+            grads = {n: g.float() for n, g in fb.grads.items()}
+            grads = grads if fb.reduced else plan.policy.reduce_grads(plan, grads)
+            for n, g in gather_full(plan, grads, sharded=plan.master_sharded).items():
                 res[f"{key}/grad/{n}"] = g.float().cpu()
             opt = optim.sgd(0.1, momentum=0.9)
             plan, state = setup(cfg, stage, "fp32", opt, device)
             step = make_train_step(cross_entropy_loss, opt, plan, grad_accum=2)
             for i in range(SGD_STEPS):
                 state, _ = step(state, local(data[i], rank, world))
-            for n, p in zero.gather_full(plan, state.master, sharded=plan.master_sharded).items():
+            for n, p in gather_full(plan, state.master, sharded=plan.master_sharded).items():
                 res[f"{key}/sgd/{n}"] = p.cpu()
             for precision in ("fp32", "bf16"):
                 opt = optim.adamw(1e-2, weight_decay=0.1)

@@ -54,7 +54,7 @@ from funczero import optim
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.train.memory import peak_allocated_bytes
-from funczero.parallel.zero import build_plan
+from funczero.parallel.plan import build_plan
 from funczero.train.step import init_state, make_train_step
 
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 2e-3, (0.9, 0.99), 1e-8, 0.1, 1.0

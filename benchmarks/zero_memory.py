@@ -31,7 +31,7 @@ import torch
 from funczero import optim
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel import zero
+from funczero.parallel.plan import ZeroPlan, build_plan
 from funczero.train.memory import (
     deepspeed_model_state_bytes,
     memory_breakdown,
@@ -47,7 +47,7 @@ MODELS: dict[str, tuple[GPTConfig, int]] = {
 
 
 def _build_and_step(
-    plan: zero.ZeroPlan,
+    plan: ZeroPlan,
     opt: optim.Optimizer,
     params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, model_name: str, precision: str, out_dir: str
     for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         model = GPT(cfg)
-        plan = zero.build_plan(model, stage=stage, precision=precision)
+        plan = build_plan(model, stage=stage, precision=precision)
         params, buffers = extract_tensors(model, plan.spec)
         release_module_tensors(model)
         opt = optim.adamw(2e-3, weight_decay=0.1)

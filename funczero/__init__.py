@@ -2,7 +2,7 @@
 
 The training state is an immutable pytree of tensors (:class:`TrainState`); a step is a pure
 function ``train_step(state, batch) -> (state, metrics)`` built by :func:`make_train_step`, with
-ZeRO stages 0-3 as explicit collective transforms (:mod:`funczero.parallel.zero`). A DeepSpeed
+ZeRO stages 0-3 as explicit collective transforms (:mod:`funczero.parallel.stages`). A DeepSpeed
 user starts with :func:`initialize`.
 
 Attributes are imported lazily, so ``import funczero`` (and the ``funczero`` CLI, whose launcher

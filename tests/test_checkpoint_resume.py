@@ -28,7 +28,7 @@ from funczero import checkpoint, optim
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.train.loss_scale import LossScaleConfig
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel import zero
+from funczero.parallel.plan import ZeroPlan, build_plan
 from funczero.train.step import init_state, make_train_step
 from funczero.testing.distributed import run_distributed
 
@@ -54,7 +54,7 @@ def _setup(run: Run, rank: int):
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(CFG, dropout=run.dropout))
     model.wpe.weight.requires_grad_(False)
-    plan = zero.build_plan(
+    plan = build_plan(
         model, stage=run.stage, precision=run.precision, param_persistence_threshold=40
     )
     params, buffers = extract_tensors(model, plan.spec)

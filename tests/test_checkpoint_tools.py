@@ -17,7 +17,7 @@ from funczero.testing.states import toy_state
 from funczero.cli.app import app
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig
-from funczero.parallel import zero
+from funczero.parallel.plan import ZeroPlan, build_plan
 from funczero.train.step import init_state
 
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3, batch_norm=True)
@@ -30,7 +30,7 @@ def gpt_checkpoint(root: Path, *, stage: int, precision: str = "fp32") -> dict[s
     model = GPT(CFG)
     model.wpe.weight.requires_grad_(False)  # frozen parameters come from params, not master
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    plan = zero.build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
+    plan = build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
     checkpoint.save(root, init_state(plan, optim.adamw(1e-3), params, buffers), module=model)

@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity
 from funczero import optim, tree
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel import zero
+from funczero.parallel.plan import ZeroPlan, build_plan
 from funczero.train.memory import memory_breakdown, peak_allocated_bytes
 from funczero.train.state import TrainState
 from funczero.train.step import TrainStep, init_state, make_train_step
@@ -46,10 +46,10 @@ BIG = GPTConfig(vocab_size=256, seq_len=32, d_model=768, n_layers=8, n_heads=12)
 
 def _build(
     cfg: GPTConfig, stage: int
-) -> tuple[zero.ZeroPlan, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[ZeroPlan, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = GPT(cfg)
-    plan = zero.build_plan(model, stage=stage, precision="bf16")
+    plan = build_plan(model, stage=stage, precision="bf16")
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
     return plan, params, buffers
@@ -168,7 +168,7 @@ def test_breakdown_matches_the_bf16_adamw_formula_at_every_stage(
 def test_breakdown_counts_storage_shared_by_params_and_master_once() -> None:
     model = torch.nn.Linear(10, 10)
     for stage, precision, params_bytes in ((0, "fp32", 0), (0, "bf16", 220), (3, "fp32", 0)):
-        plan = zero.build_plan(model, stage=stage, precision=precision)
+        plan = build_plan(model, stage=stage, precision=precision)
         params, buffers = extract_tensors(model, plan.spec)
         state = init_state(plan, optim.sgd(0.1), params, buffers)
         mem = memory_breakdown(state, plan)
@@ -176,7 +176,7 @@ def test_breakdown_counts_storage_shared_by_params_and_master_once() -> None:
 
 
 def _build_and_step(
-    plan: zero.ZeroPlan,
+    plan: ZeroPlan,
     opt: optim.Optimizer,
     params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],

@@ -11,7 +11,7 @@ from funczero import DonatedStateError, optim, tree
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.train.loss_scale import LossScaleConfig
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel.zero import build_plan
+from funczero.parallel.plan import build_plan
 from funczero.train.step import init_state, make_train_step
 
 CFG = GPTConfig(vocab_size=37, seq_len=8, d_model=16, n_layers=2, n_heads=2)

@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from funczero import optim
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel import zero
+from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
+from funczero.parallel.plan import ZeroPlan, build_plan
+from funczero.parallel.stages import gather_full
 from funczero.train.step import init_state, make_train_step
 from funczero.testing.distributed import run_distributed
 
@@ -56,14 +58,14 @@ def local(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch
 
 def setup(stage: int, precision: str, opt: optim.GradientTransformation, batch_norm: bool = False):
     model = make_model(batch_norm)
-    plan = zero.build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
+    plan = build_plan(model, stage=stage, precision=precision, param_persistence_threshold=40)
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
     return plan, init_state(plan, opt, params, buffers)
 
 
-def full_master(plan: zero.ZeroPlan, state) -> dict[str, torch.Tensor]:
-    return zero.gather_full(plan, state.master, sharded=plan.master_sharded)
+def full_master(plan: ZeroPlan, state) -> dict[str, torch.Tensor]:
+    return gather_full(plan, state.master, sharded=plan.master_sharded)
 
 
 def _stages_worker(rank: int, world: int, out: str, precision: str, batch_norm: bool) -> None:
@@ -72,12 +74,14 @@ def _stages_worker(rank: int, world: int, out: str, precision: str, batch_norm: 
     for stage in (0, 1, 2, 3):
         # Gradients of the first step, through the stage's own functions.
         plan, state = setup(stage, precision, optim.sgd(0.1), batch_norm)
-        _, _, grads, _ = zero.forward_backward(
+        fb = forward_backward(
             plan, cross_entropy_loss, state.params, state.master, state.buffers,
             local(data[0], rank, world), torch.tensor(1.0),
+            single_micro_batch=False, order=PrefetchOrder(),
         )
-        grads = zero.reduce_grads(plan, {n: g.float() for n, g in grads.items()})
-        for n, g in zero.gather_full(plan, grads, sharded=plan.master_sharded).items():
+        grads = {n: g.float() for n, g in fb.grads.items()}
+        grads = grads if fb.reduced else plan.policy.reduce_grads(plan, grads)
+        for n, g in gather_full(plan, grads, sharded=plan.master_sharded).items():
             results[f"s{stage}/grad/{n}"] = g.float()
         # SGD trajectory.
         opt = optim.sgd(0.1, momentum=0.9)
@@ -228,7 +232,7 @@ def _variants_worker(rank: int, world: int, out: str, variants: list[dict]) -> N
     results = {}
     for i, kwargs in enumerate(variants):
         model = make_model()
-        plan = zero.build_plan(model, **kwargs)
+        plan = build_plan(model, **kwargs)
         params, buffers = extract_tensors(model, plan.spec)
         release_module_tensors(model)
         opt = optim.sgd(0.1, momentum=0.9)

@@ -4,6 +4,11 @@ Ranks come from the launcher variables (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, 
 ``funczero launch`` and torchrun), from Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_*``)
 or Slurm (``SLURM_*``). A plain ``python script.py`` is world size 1 and needs no set-up.
 
+A group that :func:`init_distributed` creates is torn down at interpreter exit (:func:`shutdown`,
+registered with :mod:`atexit`): a process that exits with its process group still alive can abort
+in the backend's destructors (gloo: "terminate called without an active exception", exit 134),
+turning a finished job into a failed one.
+
 Example:
     >>> from funczero.parallel import env
     >>> env.detect().world_size >= 1
@@ -12,15 +17,22 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
+import sys
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Topology", "detect", "init_distributed"]
+__all__ = ["Topology", "detect", "init_distributed", "shutdown"]
+
+# The default group init_distributed() created (None: none, or already torn down); shutdown()
+# leaves alone a group the user created or re-created themselves.
+_owned_group: object | None = None
+_exit_hook_registered = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +95,8 @@ def init_distributed(
 
     Does nothing beyond returning the topology when the world size is 1 or the default group
     already exists. The backend is NCCL when CUDA is available, else gloo. The timeout comes from
-    ``timeout_s``, else ``FUNCZERO_DIST_TIMEOUT`` (seconds), else 600 s.
+    ``timeout_s``, else ``FUNCZERO_DIST_TIMEOUT`` (seconds), else 600 s. A group created here is
+    destroyed at interpreter exit (see :func:`shutdown`).
     """
     env = os.environ if env is None else env
     topo = detect(env)
@@ -111,7 +124,48 @@ def init_distributed(
         timeout=datetime.timedelta(seconds=timeout_s),
         **kwargs,
     )
+    _adopt_default_group()
     return topo
+
+
+def _adopt_default_group() -> None:
+    global _owned_group, _exit_hook_registered
+    _owned_group = dist.group.WORLD
+    if not _exit_hook_registered:
+        # Registered after torch's import, so it runs before torch's own exit handlers.
+        atexit.register(_shutdown_at_exit)
+        _exit_hook_registered = True
+
+
+def shutdown() -> None:
+    """Destroy the default process group if :func:`init_distributed` created it.
+
+    Runs by itself at interpreter exit; call it to tear the group down earlier. Idempotent, and a
+    no-op in a single process, after ``torch.distributed.destroy_process_group()``, or for a group
+    initialised by other code. It waits for no other rank: each process tears down its own part.
+
+    Example:
+        >>> from funczero.parallel import env
+        >>> env.shutdown()  # nothing to tear down here; safe to call any number of times
+        >>> env.shutdown()
+    """
+    global _owned_group
+    group, _owned_group = _owned_group, None
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if dist.group.WORLD is not group:
+        return  # destroyed and re-created by the user: theirs to tear down
+    dist.destroy_process_group()
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception as exc:  # noqa: BLE001 - at exit, a one-line warning beats a traceback
+        print(
+            f"funczero: warning: tearing down the process group at exit failed: {exc}",
+            file=sys.stderr,
+        )
 
 
 def _host(addr: str) -> str:

@@ -2,8 +2,10 @@
 
 :func:`build_plan` reads the module once (names, shapes, ties, frozen flags), groups parameters
 into units (one per transformer block by default, plus the root) and records every parameter's
-:class:`~funczero.parallel.sharding.ShardSpec`. The stage functions in
-:mod:`funczero.parallel.zero` only read the plan.
+:class:`~funczero.parallel.sharding.ShardSpec`, and derives once everything the step needs from
+the module: its stage's policy (:data:`~funczero.parallel.stages.STAGES`), the units'
+trainable parts and their :class:`~funczero.parallel.units.StepUnit` boundaries. A plan is
+frozen data: nothing writes to it after :func:`build_plan`.
 
 Example:
     >>> import torch
@@ -15,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,8 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from funczero.module import ModuleSpec, module_spec
-from funczero.parallel.sharding import ShardSpec, Unit
+from funczero.parallel.collectives import all_reduce_sum
 from funczero.parallel.precision import Precision
+from funczero.parallel.sharding import ShardSpec, Unit
+from funczero.parallel.stages import STAGES, Stage
+from funczero.parallel.units import Slots, StepUnit
 
 __all__ = ["ZeroPlan", "build_plan", "default_wrap_policy"]
 
@@ -36,16 +40,23 @@ class ZeroPlan:
     Attributes:
         module: the model (its own tensors are released; it only describes the computation).
         spec: parameter and buffer names, shapes, ties and frozen flags.
-        stage: ZeRO stage 0-3.
+        policy: the ZeRO stage's row (:class:`~funczero.parallel.stages.Stage`).
         precision: compute / master / reduce dtypes.
         rank, world_size, group: data-parallel position and process group (None when world 1).
-        units: communication units. Stages 1-2: every parameter in its owning unit. Stage 3: the
+        units: communication units. Stages 0-2: every parameter in its owning unit. Stage 3: the
             sharded parameters, one unit per wrapped module plus the root unit ``""``.
         persistent: stage 3 only: parameters kept replicated (below
             ``stage3_param_persistence_threshold`` elements), reduced like stage 2.
         specs: shard layout of every parameter.
         slots: stage 3: for each wrapped module, the ``(submodule, attribute, canonical)`` uses
             of its sharded parameters.
+        grad_units: ``units`` restricted to trainable parameters, empty ones dropped (what
+            gradients are reduced over and master weights gathered from).
+        persistent_grad_unit: ``persistent`` restricted likewise, or None.
+        root_parts: boundaries of the root unit, one per top-level submodule (see
+            :func:`_root_parts`); they stay gathered through backward.
+        blocks: boundaries of the wrapped units (transformer blocks), in module order.
+        persistent_units: the boundary of the persistent unit (stage 3), or none.
         use_all_reduce: reduce gradients with all-reduce plus slice (``reduce_scatter: false``).
         bucket_numel: stage 0 all-reduce bucket size in elements (``reduce_bucket_size``).
         remat: stage 3: recompute each unit's forward in backward instead of saving its
@@ -56,7 +67,7 @@ class ZeroPlan:
 
     module: nn.Module
     spec: ModuleSpec
-    stage: int
+    policy: Stage
     precision: Precision
     rank: int
     world_size: int
@@ -64,11 +75,21 @@ class ZeroPlan:
     units: tuple[Unit, ...]
     persistent: Unit | None
     specs: Mapping[str, ShardSpec]
-    slots: Mapping[str, tuple[tuple[nn.Module, str, str], ...]]
+    slots: Mapping[str, Slots]
+    grad_units: tuple[Unit, ...]
+    persistent_grad_unit: Unit | None
+    root_parts: tuple[StepUnit, ...]
+    blocks: tuple[StepUnit, ...]
+    persistent_units: tuple[StepUnit, ...]
     use_all_reduce: bool = False
     bucket_numel: int = 500_000_000
     remat: bool = False
     buffer_sync: str = "mean"
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage number (0-3)."""
+        return self.policy.number
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -76,40 +97,20 @@ class ZeroPlan:
 
     def is_sharded(self, name: str) -> bool:
         """Whether ``state.params[name]`` holds a shard (stage 3, not persistent)."""
-        return self.stage == 3 and not (self.persistent and name in self.persistent.params)
+        return self.policy.params_at_rest == "shard" and not (
+            self.persistent is not None and name in self.persistent.params
+        )
 
     @property
     def master_sharded(self) -> bool:
         """Whether master weights, gradients and optimizer state are shards (stages 1-3)."""
-        return self.stage >= 1
-
-    def grad_unit(self, unit: Unit) -> Unit:
-        """``unit`` restricted to trainable parameters (what gradients are reduced over)."""
-        # Cached: the step asks for every unit's each time, and the host must stay ahead of
-        # the GPU.
-        cache = self._cache.setdefault("grad_unit", {})
-        key = (unit.name, unit.params)
-        if key not in cache:
-            t = set(self.trainable)
-            keep = [(n, s) for n, s in zip(unit.params, unit.specs) if n in t]
-            cache[key] = Unit(unit.name, tuple(n for n, _ in keep), tuple(s for _, s in keep))
-        return cache[key]
-
-    @property
-    def _cache(self) -> dict[str, Any]:
-        """Derived, per-plan values (the plan itself is frozen)."""
-        return _PLAN_CACHE.setdefault(self, {})
+        return self.policy.master_sharded
 
     def reduce_fn(self, x: torch.Tensor) -> torch.Tensor:
         """Sum partial reductions over shards (identity when nothing is sharded)."""
-        if not self.master_sharded or self.world_size == 1:
+        if not self.master_sharded:
             return x
-        y = x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
-        return y
-
-
-_PLAN_CACHE: weakref.WeakKeyDictionary[ZeroPlan, dict[str, Any]] = weakref.WeakKeyDictionary()
+        return all_reduce_sum(x, group=self.group, world_size=self.world_size)
 
 
 def default_wrap_policy(module: nn.Module) -> list[str]:
@@ -186,7 +187,7 @@ def build_plan(
     owners = {alias: _owner(alias, unit_names) for alias in spec.aliases}
 
     persistent: Unit | None = None
-    slots: dict[str, tuple[tuple[nn.Module, str, str], ...]] = {}
+    slots: dict[str, Slots] = {}
     if stage == 3:
         kept = [n for n in spec.params if specs[n].numel < param_persistence_threshold]
         if kept:
@@ -211,10 +212,24 @@ def build_plan(
     units = tuple(
         Unit(u, tuple(members[u]), tuple(specs[n] for n in members[u])) for u in order if members[u]
     )
+    policy = STAGES[stage]
+    trainable = spec.trainable
+    grad_units = tuple(gu for gu in (u.restrict(trainable) for u in units) if gu.params)
+    persistent_grad_unit = persistent.restrict(trainable) if persistent is not None else None
+    boundaries = _boundaries(
+        units, persistent, trainable,
+        replicated=policy.params_at_rest == "replicated",
+        reduction=policy.grad_reduction,
+        compute_dtype=precision.compute_dtype,
+        reduce_dtype=precision.reduce_dtype,
+        use_all_reduce=not reduce_scatter,
+        group=group,
+        rank=rank,
+    )  # fmt: skip
     return ZeroPlan(
         module=module,
         spec=spec,
-        stage=stage,
+        policy=policy,
         precision=precision,
         rank=rank,
         world_size=world_size,
@@ -223,8 +238,70 @@ def build_plan(
         persistent=persistent,
         specs=specs,
         slots=slots,
+        grad_units=grad_units,
+        persistent_grad_unit=persistent_grad_unit if persistent_grad_unit and persistent_grad_unit.params else None,
+        root_parts=boundaries[0],
+        blocks=boundaries[1],
+        persistent_units=boundaries[2],
         use_all_reduce=not reduce_scatter,
         bucket_numel=int(reduce_bucket_size),
         remat=remat,
         buffer_sync=buffer_sync,
+    )
+
+
+def _boundaries(
+    units: tuple[Unit, ...],
+    persistent: Unit | None,
+    trainable: tuple[str, ...],
+    *,
+    replicated: bool,
+    **facts: Any,
+) -> tuple[tuple[StepUnit, ...], tuple[StepUnit, ...], tuple[StepUnit, ...]]:
+    """The step's unit boundaries: ``(root parts, blocks, persistent)``.
+
+    An anchor in two units (a weight tied across stage-3 units) gets its gradient summed by
+    autograd on the compute stream, so those units wait for their reduction (``wait_now``).
+    """
+    root = next((u for u in units if u.name == ""), None)
+    roots = _root_parts(root) if root is not None else ()
+    blocks = tuple(u for u in units if u.name != "")
+    kept = (persistent,) if persistent is not None else ()
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for unit in (*roots, *blocks, *kept):
+        names = set(unit.restrict(trainable).params)
+        shared |= seen & names
+        seen |= names
+
+    def step_unit(unit: Unit, *, keep: bool = False, full: bool = replicated) -> StepUnit:
+        wait_now = bool(shared & set(unit.restrict(trainable).params))
+        return StepUnit.of(
+            unit, trainable, replicated=full, keep_gathered=keep, wait_now=wait_now, **facts
+        )
+
+    return (
+        tuple(step_unit(u, keep=True) for u in roots),
+        tuple(step_unit(u) for u in blocks),
+        tuple(step_unit(u, full=True) for u in kept),
+    )
+
+
+def _root_parts(root: Unit) -> tuple[Unit, ...]:
+    """The root unit split by top-level submodule (``wte``, ``wpe``, ``head``, ...).
+
+    Each part gets its own boundary, so its gradients are reduced as soon as they are complete:
+    an output head's while the blocks' backward runs, not with the embedding's at the very end,
+    where nothing is left to overlap. At stage 3 each part also has its own gathered buffer, so
+    backward keeps only the parts it reads (the head), not the embedding. With more than 8 such
+    submodules the root stays whole (one collective each way).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(root.params):
+        groups.setdefault(name.split(".")[0] if "." in name else "", []).append(i)
+    if len(groups) > 8:
+        return (root,)
+    return tuple(
+        Unit("", tuple(root.params[i] for i in idx), tuple(root.specs[i] for i in idx))
+        for idx in groups.values()
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -90,6 +90,12 @@ class Unit:
     @property
     def world_size(self) -> int:
         return self.specs[0].world_size if self.specs else 1
+
+    def restrict(self, names: Iterable[str]) -> Unit:
+        """This unit with only the parameters in ``names`` (same name and order)."""
+        keep = set(names)
+        pairs = [(n, s) for n, s in zip(self.params, self.specs) if n in keep]
+        return Unit(self.name, tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
 
     @property
     def shard_sizes(self) -> list[int]:

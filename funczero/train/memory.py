@@ -1,7 +1,7 @@
 """How many bytes one rank holds for training, by category, and how to measure the peak.
 
 :func:`memory_breakdown` answers "where does this rank's memory go" for a :class:`TrainState`
-and its :class:`~funczero.parallel.zero.ZeroPlan`. Parameters, master weights, optimizer state,
+and its :class:`~funczero.parallel.ZeroPlan`. Parameters, master weights, optimizer state,
 buffers and the rest are read from the state's tensors, counting each *storage* once (so views of
 one all-gathered unit buffer are counted once, at the buffer's padded size, and a tensor that is
 both ``params[n]`` and ``master[n]`` is not counted twice). Gradients are not part of the state;
@@ -28,7 +28,7 @@ Example:
     >>> import torch
     >>> from funczero import optim
     >>> from funczero.module import extract_tensors
-    >>> from funczero.parallel.zero import build_plan
+    >>> from funczero.parallel.plan import build_plan
     >>> from funczero.train.step import init_state
     >>> model = torch.nn.Linear(10, 10)  # 110 parameters
     >>> plan = build_plan(model, stage=0)
@@ -51,7 +51,7 @@ import torch
 
 from funczero import tree
 from funczero.parallel.sharding import Unit
-from funczero.parallel.zero import ZeroPlan, reduces_in_backward
+from funczero.parallel.plan import ZeroPlan
 from funczero.train.state import TrainState
 
 __all__ = [
@@ -83,8 +83,8 @@ def _storages(tensors: Iterable[Any], seen: set[tuple[str, int]]) -> int:
 
 def _grad_units(plan: ZeroPlan) -> tuple[Unit, ...]:
     """Units whose reduced gradient shards the step holds (trainable parameters only)."""
-    units = plan.units + ((plan.persistent,) if plan.stage == 3 and plan.persistent else ())
-    return tuple(gu for gu in (plan.grad_unit(u) for u in units) if gu.params)
+    persistent = (plan.persistent_grad_unit,) if plan.persistent_grad_unit is not None else ()
+    return plan.grad_units + persistent
 
 
 def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
@@ -95,7 +95,7 @@ def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
     local ones there), for trainable parameters only. With ``c`` the compute dtype's element
     size, ``f`` a parameter's element count and ``S`` a unit's per-rank padded shard size
     (trainable parameters), and "reduced in backward" meaning
-    :func:`~funczero.parallel.zero.reduces_in_backward` (stages 2-3 always; stages 0-1 when
+    :meth:`~funczero.parallel.stages.Stage.reduces_in_backward` (stages 2-3 always; stages 0-1 when
     ``grad_accum == 1`` and ``N > 1``):
 
     * stage 0: full fp32 gradients, ``4 * sum(f)``: one all-reduced fp32 buffer per unit when
@@ -129,9 +129,9 @@ def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
     )
     per_unit = plan.world_size if keeps_chunks else 1
     shards = sum(4 * gu.shard_numel * per_unit for gu in _grad_units(plan))
-    if plan.stage == 0:
+    if not plan.master_sharded:
         return 4 * full
-    if plan.stage == 1 and not reduces_in_backward(plan, grad_accum == 1):
+    if not plan.policy.reduces_in_backward(single_micro_batch=grad_accum == 1, world_size=plan.world_size):
         compute = plan.precision.compute_dtype.itemsize if grad_accum == 1 else 4
         return compute * full + shards
     return shards
@@ -169,7 +169,7 @@ def memory_breakdown(state: TrainState, plan: ZeroPlan, *, grad_accum: int = 1) 
         >>> import torch
         >>> from funczero import optim
         >>> from funczero.module import extract_tensors
-        >>> from funczero.parallel.zero import build_plan
+        >>> from funczero.parallel.plan import build_plan
         >>> from funczero.train.step import init_state
         >>> model = torch.nn.Linear(10, 10)
         >>> plan = build_plan(model, stage=3, precision="bf16")

@@ -28,12 +28,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
 from funczero import struct, tree
 from funczero.parallel.sharding import ShardSpec
+from funczero.parallel.stages import STAGES
+from funczero.train.loss_scale import LossScaleConfig, init_loss_scale
+from funczero.train.rng import init_rng
+
+if TYPE_CHECKING:
+    from funczero.parallel.plan import ZeroPlan
 
 __all__ = [
     "DonatedStateError",
@@ -42,6 +48,7 @@ __all__ = [
     "StateLayout",
     "TrainState",
     "describe_leaves",
+    "init_state",
 ]
 
 _FIELDS = frozenset(
@@ -274,7 +281,7 @@ class TrainState:
 
         ``fields`` are the tensor fields (``step``, ``params``, ``master``, ``opt_state``,
         ``loss_scale``, ``buffers``, ``rng``, ``skipped``); the rest describes the layout.
-        Master weights and optimizer state are shards from stage 1.
+        Where master weights and optimizer state are shards follows the stage's policy.
         """
         shapes = {n: tuple(s) for n, s in shapes.items()}
         layout = StateLayout(
@@ -290,7 +297,7 @@ class TrainState:
                 shapes=shapes,
                 trainable=trainable,
                 sharded_params=sharded_params,
-                master_sharded=stage >= 1,
+                master_sharded=STAGES[stage].master_sharded,
                 world_size=world_size,
             ),
         )
@@ -313,3 +320,89 @@ class TrainState:
     def donated(self) -> bool:
         """Whether this state was donated to a step."""
         return bool(object.__getattribute__(self, "__dict__").get("_donated"))
+
+
+def init_state(
+    plan: ZeroPlan,
+    optimizer: Any,
+    full_params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    *,
+    seed: int = 0,
+    loss_scale: LossScaleConfig | None = None,
+    device: torch.device | str | None = None,
+) -> TrainState:
+    """Build this rank's initial :class:`TrainState` from full parameters.
+
+    Args:
+        plan: the ZeRO plan (stage, precision, layout).
+        optimizer: a :class:`funczero.optim.GradientTransformation`.
+        full_params: every canonical parameter at full size (e.g. from the module); identical on
+            all ranks (same seed), each rank keeps its part.
+        buffers: module buffers.
+        seed: seed of the state's RNG (rank ``r`` uses ``seed + r``).
+        loss_scale: fp16 loss-scaler settings (default: no scaling).
+        device: where the state lives (default: the parameters' device).
+
+    Example:
+        >>> import torch
+        >>> from funczero import optim
+        >>> from funczero.parallel.plan import build_plan
+        >>> plan = build_plan(torch.nn.Linear(3, 1), stage=3)
+        >>> full = {"weight": torch.ones(1, 3), "bias": torch.zeros(1)}
+        >>> state = init_state(plan, optim.sgd(0.1), full, {})
+        >>> state.layout.leaf("master/weight")
+        LeafLayout(kind='master', placement='shard', param='weight', shape=(1, 3))
+    """
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = next((t.device for t in full_params.values()), torch.device("cpu"))
+    full = {n: full_params[n].to(device) for n in plan.spec.params}
+    params, master = _lay_out_params(plan, full)
+    return TrainState.create(
+        stage=plan.stage,
+        world_size=plan.world_size,
+        rank=plan.rank,
+        precision=plan.precision.name,
+        shapes={n: tuple(plan.spec.shapes[n]) for n in plan.spec.params},
+        trainable=plan.trainable,
+        sharded_params=[n for n in plan.spec.params if plan.is_sharded(n)],
+        aliases=tuple((a, c) for a, c in plan.spec.aliases.items() if a != c),
+        step=torch.zeros((), dtype=torch.int64, device=device),
+        params=params,
+        master=master,
+        opt_state=optimizer.init({n: master[n] for n in plan.trainable}),
+        loss_scale=init_loss_scale(loss_scale or LossScaleConfig.disabled(), device=device),
+        buffers={n: b.detach().to(device).clone() for n, b in buffers.items()},
+        rng=init_rng(seed, device=device, rank=plan.rank),
+        skipped=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def _lay_out_params(
+    plan: ZeroPlan, full: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Full fp32 parameters as this rank's ``(params, master)`` for the plan's stage.
+
+    ``params`` are what the model runs on (compute dtype; full, or fp32 shards at stage 3);
+    ``master`` are the fp32 weights the optimizer updates (trainable only; shards from stage 1).
+    Where the two would be equal, they are the same tensor.
+    """
+    compute = plan.precision.compute_dtype
+    params: dict[str, torch.Tensor] = {}
+    master: dict[str, torch.Tensor] = {}
+    trainable = set(plan.trainable)
+    for n in plan.spec.params:
+        x = full[n].detach().to(torch.float32)
+        if plan.master_sharded and n in trainable:
+            master[n] = plan.specs[n].shard(x, plan.rank)
+        elif n in trainable:
+            master[n] = x.clone()
+        if plan.is_sharded(n):
+            params[n] = master[n] if n in trainable else plan.specs[n].shard(x, plan.rank)
+        elif n in master and master[n].shape == x.shape and compute == torch.float32:
+            params[n] = master[n]
+        else:
+            params[n] = x.to(compute).clone()
+    return params, master

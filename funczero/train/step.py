@@ -4,13 +4,17 @@ One call of ``train_step(state, batch)``:
 
 1. splits ``batch`` into ``grad_accum`` micro-batches along dim 0;
 2. for each, runs the model and differentiates ``loss * loss_scale / grad_accum``
-   (:func:`funczero.parallel.zero.forward_backward`), accumulating gradients;
-3. reduces gradients over ranks into their update layout (:func:`~funczero.parallel.zero.reduce_grads`);
+   (:func:`funczero.parallel.forward_backward.forward_backward`), accumulating gradients;
+3. reduces gradients over ranks into their update layout: during backward, or at the end with
+   the stage's ``reduce_grads`` (:mod:`funczero.parallel.stages`);
 4. with one scalar all-reduce, gets the global gradient norm, the inf/nan flag and the loss;
 5. unscales and clips in one multiply, and updates the master weights (fused in place when the
    state is donated), leaving everything untouched when gradients were not finite;
-6. rebuilds the compute-dtype parameters (:func:`~funczero.parallel.zero.gather_params_after_update`)
-   and updates the loss scale.
+6. rebuilds the compute-dtype parameters with the stage's ``rebuild_params`` and updates the
+   loss scale.
+
+The step reads its plan's stage only through the stage's policy row
+(:class:`~funczero.parallel.stages.Stage`): it never compares stage numbers.
 
 Nothing in it reads a tensor on the host, so the step never synchronises with the device; the
 metrics are 0-d tensors to read when logging.
@@ -24,69 +28,17 @@ from typing import Any
 import torch
 
 from funczero import tree
-from funczero.train.loss_scale import LossScaleConfig, at_min_scale, init_loss_scale, update_loss_scale
-from funczero.parallel import zero
-from funczero.parallel.zero import ZeroPlan
-from funczero.train.rng import init_rng, rng_scope
-from funczero.train.state import DonatedStateError, TrainState
+from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
+from funczero.parallel.plan import ZeroPlan
+from funczero.parallel.stages import sync_buffers
+from funczero.train.loss_scale import LossScaleConfig, at_min_scale, update_loss_scale
+from funczero.train.rng import rng_scope
+from funczero.train.state import DonatedStateError, TrainState, init_state
 
 __all__ = ["init_state", "make_train_step", "split_micro_batches"]
 
 Metrics = dict[str, torch.Tensor]
 TrainStep = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
-
-
-def _device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:
-    for t in tensors.values():
-        return t.device
-    return torch.device("cpu")
-
-
-def init_state(
-    plan: ZeroPlan,
-    optimizer: Any,
-    full_params: Mapping[str, torch.Tensor],
-    buffers: Mapping[str, torch.Tensor],
-    *,
-    seed: int = 0,
-    loss_scale: LossScaleConfig | None = None,
-    device: torch.device | str | None = None,
-) -> TrainState:
-    """Build this rank's initial :class:`TrainState` from full parameters.
-
-    Args:
-        plan: the ZeRO plan (stage, precision, layout).
-        optimizer: a :class:`funczero.optim.GradientTransformation`.
-        full_params: every canonical parameter at full size (e.g. from the module); identical on
-            all ranks (same seed), each rank keeps its part.
-        buffers: module buffers.
-        seed: seed of the state's RNG (rank ``r`` uses ``seed + r``).
-        loss_scale: fp16 loss-scaler settings (default: no scaling).
-        device: where the state lives (default: the parameters' device).
-    """
-    device = torch.device(device) if device is not None else _device_of(full_params)
-    full = {n: full_params[n].to(device) for n in plan.spec.params}
-    params, master = zero.init_params(plan, full)
-    opt_state = optimizer.init({n: master[n] for n in plan.trainable})
-    ls_cfg = loss_scale or LossScaleConfig.disabled()
-    return TrainState.create(
-        stage=plan.stage,
-        world_size=plan.world_size,
-        rank=plan.rank,
-        precision=plan.precision.name,
-        shapes={n: tuple(plan.spec.shapes[n]) for n in plan.spec.params},
-        trainable=plan.trainable,
-        sharded_params=[n for n in plan.spec.params if plan.is_sharded(n)],
-        aliases=tuple((a, c) for a, c in plan.spec.aliases.items() if a != c),
-        step=torch.zeros((), dtype=torch.int64, device=device),
-        params=params,
-        master=master,
-        opt_state=opt_state,
-        loss_scale=init_loss_scale(ls_cfg, device=device),
-        buffers={n: b.detach().to(device).clone() for n, b in buffers.items()},
-        rng=init_rng(seed, device=device, rank=plan.rank),
-        skipped=torch.zeros((), dtype=torch.int64, device=device),
-    )
 
 
 def split_micro_batches(batch: Any, n: int) -> list[Any]:
@@ -103,6 +55,10 @@ def split_micro_batches(batch: Any, n: int) -> list[Any]:
             )
     parts = [leaf.chunk(n) if isinstance(leaf, torch.Tensor) else [leaf] * n for leaf in leaves]
     return [tree.unflatten(spec, [p[i] for p in parts]) for i in range(n)]
+
+
+def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:  # TEMP until optim has it
+    return torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
 
 
 def _where_tree(found_inf: torch.Tensor, old: Any, new: Any) -> Any:
@@ -127,7 +83,7 @@ def make_train_step(
             ``logits.float()``) so bf16 runs do not quantise it.
         optimizer: a :class:`funczero.optim.GradientTransformation`; its in-place
             ``update_`` is used when present and ``donate`` is set.
-        plan: the ZeRO plan from :func:`funczero.parallel.zero.build_plan`.
+        plan: the ZeRO plan from :func:`funczero.parallel.plan.build_plan`.
         grad_accum: micro-batches per step (the batch's dim 0 is split in this many parts).
         gradient_clipping: clip the global gradient norm to this value (0 disables).
         loss_scale: fp16 dynamic loss scaling settings (ignored unless set).
@@ -142,7 +98,7 @@ def make_train_step(
 
     Example:
         >>> import torch, funczero
-        >>> from funczero.parallel.zero import build_plan
+        >>> from funczero.parallel.plan import build_plan
         >>> model = torch.nn.Linear(3, 1)
         >>> plan = build_plan(model, stage=0)
         >>> params, buffers = funczero.module.extract_tensors(model, plan.spec)
@@ -159,15 +115,17 @@ def make_train_step(
     if gradient_clipping < 0:
         raise ValueError(f"gradient_clipping={gradient_clipping} must be >= 0 (0 disables)")
     ls_cfg = loss_scale or LossScaleConfig.disabled()
-    in_place = donate and getattr(optimizer, "update_", None) is not None
-    trainable = plan.trainable
-    lr_of = getattr(optimizer, "learning_rate", None)
-    # With nothing to accumulate, every stage reduces each unit's gradients during backward
-    # (overlapped with the next unit's backward) instead of all at once afterwards.
-    reduced = zero.reduces_in_backward(plan, grad_accum == 1)
+    update = _make_update(optimizer, plan, donate=donate)
+    policy = plan.policy
+    single = grad_accum == 1
+    reduced = policy.reduces_in_backward(single_micro_batch=single, world_size=plan.world_size)
+    # The first micro-batch's gradients become the accumulator unless something writes into it:
+    # later micro-batches, or a reduction in place at the boundary.
+    own_accumulator = not single or policy.keeps_accumulator_apart(reduced_in_backward=reduced)
     # A constant loss scale of 1 and no clipping make the unscale/clip multiply the identity:
     # skip it (a read and a write of every gradient).
     unit_coef = not ls_cfg.dynamic and ls_cfg.init_scale == 1.0 and gradient_clipping == 0
+    order = PrefetchOrder()  # stage 3 learns the units' order from each forward, for the next
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if state.donated:
@@ -175,105 +133,38 @@ def make_train_step(
                 "train_step got a state that was already donated to an earlier step; "
                 "pass the state returned by the previous call"
             )
-        params, master, buffers = state.params, state.master, state.buffers
-        device = state.step.device
         scale = state.loss_scale.scale
-        multiplier = scale / grad_accum
-        acc: dict[str, torch.Tensor] | None = None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        aux = None
-        with rng_scope(state.rng, device) as rng:
-            for micro in split_micro_batches(batch, grad_accum):
-                loss, aux, grads, buffers = zero.forward_backward(
-                    plan, loss_fn, params, master, buffers, micro, multiplier,
-                    reduce=grad_accum == 1,
-                )  # fmt: skip
-                loss_sum = loss_sum + loss.float()
-                if acc is None:
-                    # Stage 1-3 reduce straight from the first gradients when nothing accumulates;
-                    # stage 0 all-reduces in place, so it needs fp32 tensors of its own.
-                    pass_through = grad_accum == 1 and (plan.stage != 0 or reduced)
-                    # Converting one gradient at a time and dropping each compute-dtype original
-                    # as it goes keeps the bf16 and fp32 copies of all gradients from coexisting
-                    # (2 bytes per parameter less at the step's peak).
-                    acc = grads if pass_through else {n: grads.pop(n).float() for n in list(grads)}
-                else:
-                    torch._foreach_add_(list(acc.values()), [grads[n] for n in acc])
-        assert acc is not None
-        grads = acc if reduced else zero.reduce_grads(plan, acc)
+        with rng_scope(state.rng, state.step.device) as rng:
+            loss_sum, aux, acc, buffers = _accumulate(
+                plan, loss_fn, state, batch, scale / grad_accum, grad_accum,
+                own_accumulator=own_accumulator, order=order,
+            )  # fmt: skip
+        grads = acc if reduced else policy.reduce_grads(plan, acc)
         grads = {n: g.float() for n, g in grads.items()}
-
-        # One all-reduce of [sum of squares, loss]: the norm, the inf/nan flag and the metric.
-        glist = [grads[n] for n in trainable]
-        sq = (
-            torch.stack(torch._foreach_norm(glist)).float().pow(2).sum()
-            if glist
-            else torch.zeros((), device=device)
-        )
-        if not plan.master_sharded:
-            sq = sq / plan.world_size  # replicated gradients: every rank holds the whole norm
-        totals = torch.stack([sq, loss_sum / grad_accum])
-        if plan.world_size > 1:
-            torch.distributed.all_reduce(totals, group=plan.group)
-        found_inf = ~torch.isfinite(totals[0])
-        grad_norm = totals[0].sqrt() / scale
-        mean_loss = totals[1] / plan.world_size
+        glist = [grads[n] for n in plan.trainable]
+        found_inf, grad_norm, mean_loss = _norm_and_loss(plan, glist, loss_sum / grad_accum, scale)
         coef = 1.0 / scale
         if gradient_clipping > 0:
-            coef = coef * torch.clamp(gradient_clipping / (grad_norm + 1e-6), max=1.0)
+            coef = coef * clip_coefficient(grad_norm, gradient_clipping)
         if glist and not unit_coef:
             torch._foreach_mul_(glist, coef)
-
-        lr = lr_of(state.opt_state) if lr_of is not None else torch.zeros((), device=device)
-        train_master = {n: master[n] for n in trainable}
-        if in_place:
-            opt_state = optimizer.update_(
-                grads, state.opt_state, train_master,
-                found_inf=found_inf.float(), reduce_fn=plan.reduce_fn,
-            )
-            new_master = dict(master)
-        else:
-            updates, opt_state = optimizer.update(
-                grads, state.opt_state, train_master, reduce_fn=plan.reduce_fn
-            )
-            stepped = {
-                n: (train_master[n] + updates[n].to(train_master[n].dtype)) for n in trainable
-            }
-            new_master = {**master, **_where_tree(found_inf, train_master, stepped)}
-            opt_state = _where_tree(found_inf, state.opt_state, opt_state)
-            # keep the params/master aliasing of init_params (stage 0 fp32)
-            params = {n: new_master[n] if p is master.get(n) else p for n, p in params.items()}
+        lr, params, master, opt_state = update(state, grads, found_inf)
         # The gradients are spent: free them before the parameters are rebuilt, which allocates
         # new compute-dtype parameters at stages 1-2 (the two need not coexist).
         del grads, glist, acc
-        if in_place and plan.stage == 0:
-            # Donated: cast the updated master weights into the old compute-dtype parameters in
-            # place instead of allocating new ones (first touches of fresh memory are slow).
-            casts = [n for n in trainable if params[n] is not new_master[n]]
-            if casts:
-                torch._foreach_copy_([params[n] for n in casts], [new_master[n] for n in casts])
-            new_params = dict(params)
-        else:
-            new_params = zero.gather_params_after_update(plan, params, new_master)
-        buffers = zero.sync_buffers(plan, dict(buffers))
+        new_params = policy.rebuild_params(plan, params, master, in_place=update.in_place)
         skipped = found_inf.to(torch.int64)
         new_state = state.replace(
             step=state.step + 1,
             params=new_params,
-            master=new_master,
+            master=master,
             opt_state=opt_state,
             loss_scale=update_loss_scale(state.loss_scale, found_inf, ls_cfg),
-            buffers=buffers,
+            buffers=sync_buffers(plan, dict(buffers)),
             rng=rng.new_state,
             skipped=state.skipped + skipped,
         )
-        metrics = {
-            "loss": mean_loss,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "loss_scale": scale,
-            "skipped": skipped,
-        }
+        metrics = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale, "skipped": skipped}
         if ls_cfg.dynamic:
             metrics["overflow_at_min_scale"] = found_inf & at_min_scale(state.loss_scale, ls_cfg)
         if aux is not None:
@@ -283,3 +174,92 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _accumulate(
+    plan: ZeroPlan,
+    loss_fn: Callable[[Callable[..., Any], Any], Any],
+    state: TrainState,
+    batch: Any,
+    multiplier: torch.Tensor,
+    grad_accum: int,
+    *,
+    own_accumulator: bool,
+    order: PrefetchOrder,
+) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward and backward of every micro-batch: ``(loss sum, aux, summed grads, buffers)``."""
+    buffers = state.buffers
+    acc: dict[str, torch.Tensor] | None = None
+    loss_sum = torch.zeros((), dtype=torch.float32, device=state.step.device)
+    aux = None
+    for micro in split_micro_batches(batch, grad_accum):
+        loss, aux, grads, buffers, _ = forward_backward(
+            plan, loss_fn, state.params, state.master, buffers, micro, multiplier,
+            single_micro_batch=grad_accum == 1, order=order,
+        )  # fmt: skip
+        loss_sum = loss_sum + loss.float()
+        if acc is None:
+            # Converting one gradient at a time and dropping each compute-dtype original as it
+            # goes keeps the bf16 and fp32 copies of all gradients from coexisting (2 bytes per
+            # parameter less at the step's peak).
+            acc = {n: grads.pop(n).float() for n in list(grads)} if own_accumulator else grads
+        else:
+            torch._foreach_add_(list(acc.values()), [grads[n] for n in acc])
+    assert acc is not None
+    return loss_sum, aux, acc, buffers
+
+
+def _norm_and_loss(
+    plan: ZeroPlan, glist: list[torch.Tensor], loss: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(found_inf, grad_norm, mean_loss)`` over all ranks, from one all-reduce of
+    ``[sum of squares, loss]``."""
+    device = loss.device
+    sq = (
+        torch.stack(torch._foreach_norm(glist)).float().pow(2).sum()
+        if glist
+        else torch.zeros((), device=device)
+    )
+    if not plan.master_sharded:
+        sq = sq / plan.world_size  # replicated gradients: every rank holds the whole norm
+    totals = torch.stack([sq, loss])
+    if plan.world_size > 1:
+        torch.distributed.all_reduce(totals, group=plan.group)
+    found_inf = ~torch.isfinite(totals[0])
+    return found_inf, totals[0].sqrt() / scale, totals[1] / plan.world_size
+
+
+class _Update:
+    """The optimizer update of a step: in place into donated tensors, or pure."""
+
+    def __init__(self, optimizer: Any, plan: ZeroPlan, in_place: bool) -> None:
+        self.optimizer = optimizer
+        self.plan = plan
+        self.in_place = in_place
+        self.lr_of = getattr(optimizer, "learning_rate", None)
+
+    def __call__(
+        self, state: TrainState, grads: dict[str, torch.Tensor], found_inf: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+        """``(lr, params, master, opt_state)`` after the update; nothing changes if ``found_inf``."""
+        opt, plan = self.optimizer, self.plan
+        lr = self.lr_of(state.opt_state) if self.lr_of is not None else torch.zeros((), device=found_inf.device)
+        master, params = state.master, state.params
+        train_master = {n: master[n] for n in plan.trainable}
+        if self.in_place:
+            opt_state = opt.update_(
+                grads, state.opt_state, train_master,
+                found_inf=found_inf.float(), reduce_fn=plan.reduce_fn,
+            )  # fmt: skip
+            return lr, params, dict(master), opt_state
+        updates, opt_state = opt.update(grads, state.opt_state, train_master, reduce_fn=plan.reduce_fn)
+        stepped = {n: (train_master[n] + updates[n].to(train_master[n].dtype)) for n in plan.trainable}
+        new_master = {**master, **_where_tree(found_inf, train_master, stepped)}
+        opt_state = _where_tree(found_inf, state.opt_state, opt_state)
+        # keep the params/master aliasing of init_state (stage 0 fp32)
+        params = {n: new_master[n] if p is master.get(n) else p for n, p in params.items()}
+        return lr, params, new_master, opt_state
+
+
+def _make_update(optimizer: Any, plan: ZeroPlan, *, donate: bool) -> _Update:
+    return _Update(optimizer, plan, in_place=donate and getattr(optimizer, "update_", None) is not None)
