@@ -3,7 +3,7 @@
 Needs the ``wandb`` extra. ``WANDB_MODE=offline`` (or ``disabled``) and the other ``WANDB_*``
 variables work as usual; offline runs are written under ``WANDB_DIR`` (default ``./wandb``) and
 can be uploaded later with ``wandb sync``. Events of one call share one ``wandb.log`` at
-``step`` = samples.
+``step`` = samples, committed at once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class WandbMonitor:
         for name, value, samples in events:
             by_samples.setdefault(samples, {})[name] = value
         for samples, data in sorted(by_samples.items()):
-            self.run.log(data, step=samples)
+            self.run.log(data, step=samples, commit=True)  # durable now, not at the next step
 
     def close(self) -> None:
         if self.owns_run:
