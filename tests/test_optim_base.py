@@ -33,6 +33,9 @@ def test_public_api_is_pinned() -> None:
             "scale_by_trust_ratio", "trace", "constant_schedule", "cosine_decay_schedule",
             "from_deepspeed", "join_schedules", "linear_schedule", "lr_range_test", "one_cycle",
             "warmup_cosine_decay_schedule", "warmup_cosine_lr", "warmup_decay_lr", "warmup_lr",
+            "InPlaceTransformFn", "supports_in_place", "in_place_unsupported_reason",
+            "CLIP_NORM_EPS", "clip_coefficient", "WeightDecayMask",
+            "no_decay_for_norms_and_biases",
         ]
     )  # fmt: skip
     for name in optim.__all__:
@@ -43,14 +46,17 @@ def test_public_api_is_pinned() -> None:
     ("fn", "signature"),
     [
         (optim.sgd, ("(learning_rate, momentum=0.0, *, dampening=0.0, nesterov=False, "
-                     "weight_decay=0.0)")),
-        (optim.adam, "(learning_rate, b1=0.9, b2=0.999, eps=1e-08, *, weight_decay=0.0)"),
-        (optim.adamw, "(learning_rate, b1=0.9, b2=0.999, eps=1e-08, *, weight_decay=0.01)"),
-        (optim.lion, "(learning_rate, b1=0.9, b2=0.99, *, weight_decay=0.0)"),
+                     "weight_decay=0.0, mask=None, shapes=None)")),
+        (optim.adam, ("(learning_rate, b1=0.9, b2=0.999, eps=1e-08, *, weight_decay=0.0, "
+                      "mask=None, shapes=None)")),
+        (optim.adamw, ("(learning_rate, b1=0.9, b2=0.999, eps=1e-08, *, weight_decay=0.01, "
+                       "mask=None, shapes=None)")),
+        (optim.lion, "(learning_rate, b1=0.9, b2=0.99, *, weight_decay=0.0, mask=None, shapes=None)"),
         (optim.lamb, ("(learning_rate, b1=0.9, b2=0.999, eps=1e-06, *, weight_decay=0.0, "
-                      "bias_correction=True, max_coeff=10.0, min_coeff=0.01)")),
+                      "bias_correction=True, max_coeff=10.0, min_coeff=0.01, mask=None, "
+                      "shapes=None)")),
         (optim.adagrad, ("(learning_rate, *, lr_decay=0.0, initial_accumulator_value=0.0, "
-                         "eps=1e-10, weight_decay=0.0)")),
+                         "eps=1e-10, weight_decay=0.0, mask=None, shapes=None)")),
     ],
 )  # fmt: skip
 def test_alias_signatures_are_the_contract(fn, signature: str) -> None:

@@ -23,6 +23,7 @@ from funczero.optim.aliases import lion as lion
 from funczero.optim.aliases import sgd as sgd
 from funczero.optim.base import EmptyState as EmptyState
 from funczero.optim.base import GradientTransformation as GradientTransformation
+from funczero.optim.base import InPlaceTransformFn as InPlaceTransformFn
 from funczero.optim.base import InPlaceUpdateFn as InPlaceUpdateFn
 from funczero.optim.base import Optimizer as Optimizer
 from funczero.optim.base import OptState as OptState
@@ -32,13 +33,19 @@ from funczero.optim.base import ScalarOrSchedule as ScalarOrSchedule
 from funczero.optim.base import Schedule as Schedule
 from funczero.optim.base import Updates as Updates
 from funczero.optim.base import apply_updates as apply_updates
-from funczero.optim.base import chain as chain
 from funczero.optim.base import identity as identity
 from funczero.optim.base import stateless as stateless
+from funczero.optim.chain import chain as chain
+from funczero.optim.chain import in_place_unsupported_reason as in_place_unsupported_reason
+from funczero.optim.chain import supports_in_place as supports_in_place
+from funczero.optim.clipping import CLIP_NORM_EPS as CLIP_NORM_EPS
 from funczero.optim.clipping import clip_by_global_norm as clip_by_global_norm
+from funczero.optim.clipping import clip_coefficient as clip_coefficient
 from funczero.optim.clipping import global_norm as global_norm
 from funczero.optim.clipping import scale_by_trust_ratio as scale_by_trust_ratio
 from funczero.optim.inplace import inplace_update as inplace_update
+from funczero.optim.masks import WeightDecayMask as WeightDecayMask
+from funczero.optim.masks import no_decay_for_norms_and_biases as no_decay_for_norms_and_biases
 from funczero.optim.moments import DampedTraceState as DampedTraceState
 from funczero.optim.moments import ScaleByAdamState as ScaleByAdamState
 from funczero.optim.moments import ScaleByLionState as ScaleByLionState
@@ -66,9 +73,11 @@ from funczero.optim.schedules import warmup_decay_lr as warmup_decay_lr
 from funczero.optim.schedules import warmup_lr as warmup_lr
 
 __all__ = [
+    "CLIP_NORM_EPS",
     "DampedTraceState",
     "EmptyState",
     "GradientTransformation",
+    "InPlaceTransformFn",
     "InPlaceUpdateFn",
     "OptState",
     "Optimizer",
@@ -82,6 +91,7 @@ __all__ = [
     "Schedule",
     "TraceState",
     "Updates",
+    "WeightDecayMask",
     "adagrad",
     "adam",
     "adamw",
@@ -89,17 +99,20 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
+    "clip_coefficient",
     "constant_schedule",
     "cosine_decay_schedule",
     "from_deepspeed",
     "global_norm",
     "identity",
+    "in_place_unsupported_reason",
     "inplace_update",
     "join_schedules",
     "lamb",
     "linear_schedule",
     "lion",
     "lr_range_test",
+    "no_decay_for_norms_and_biases",
     "one_cycle",
     "scale",
     "scale_by_adam",
@@ -110,6 +123,7 @@ __all__ = [
     "scale_by_trust_ratio",
     "sgd",
     "stateless",
+    "supports_in_place",
     "trace",
     "warmup_cosine_decay_schedule",
     "warmup_cosine_lr",

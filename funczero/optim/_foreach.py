@@ -7,7 +7,7 @@ direction, and the decay and learning rate folded into ``alpha`` of in-place add
 ``update`` + ``apply_updates`` to rounding (a few ulp).
 
 These paths assume ``found_inf is None``; a step that may be skipped takes the exact generic path
-(:func:`funczero.optim.fused.inplace_update`), which selects old values with ``torch.where``.
+(:func:`funczero.optim.inplace.inplace_update`), which selects old values with ``torch.where``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from funczero.optim._common import bias_correction as _bias_correction
 from funczero.optim._common import keys_of, resolve
 from funczero.optim.base import OptState, Params, ReduceFn, ScalarOrSchedule, Updates
 from funczero.optim.clipping import trust_ratios
+from funczero.optim.masks import DecayMask
 
 __all__: list[str] = []
 
@@ -39,10 +40,25 @@ def _lerp_(starts: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> 
         torch._foreach_lerp_(starts, ends, weight)
 
 
-def _add_decay_(updates: list[Tensor], params: list[Tensor], weight_decay: float) -> None:
-    """``u += wd * p`` in place (``add_decayed_weights`` without its temporaries)."""
-    if weight_decay != 0.0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+def _decayed(keys: list[str], params: list[Tensor], mask: DecayMask | None) -> list[int] | None:
+    """Indices of the parameters ``mask`` decays; ``None`` when it decays all of them."""
+    if mask is None:
+        return None
+    return [i for i, (k, p) in enumerate(zip(keys, params)) if mask(k, p)]
+
+
+def _pick(tensors: list[Tensor], indices: list[int] | None) -> list[Tensor]:
+    return tensors if indices is None else [tensors[i] for i in indices]
+
+
+def _add_decay_(
+    updates: list[Tensor], params: list[Tensor], weight_decay: float, decayed: list[int] | None
+) -> None:
+    """``u += wd * p`` in place for the decayed parameters (``add_decayed_weights`` without its
+    temporaries)."""
+    us, ps = _pick(updates, decayed), _pick(params, decayed)
+    if weight_decay != 0.0 and us:
+        torch._foreach_add_(us, ps, alpha=weight_decay)
 
 
 def _apply_(
@@ -103,16 +119,26 @@ def adam_step_(
     bias_correction: bool = True,
     trust_ratio: tuple[float, float] | None = None,
     reduce_fn: ReduceFn | None = None,
+    mask: DecayMask | None = None,
 ) -> None:
     """Adam (L2), AdamW (decoupled) or LAMB (decoupled + per-parameter trust ratio), in place.
 
-    Keys are processed in sorted order so LAMB's stacked norms line up on every rank.
+    Keys are processed in sorted order so LAMB's stacked norms line up on every rank. ``mask``
+    selects the parameters that are decayed (``None``: all).
     """
     keys = sorted(grads)
     ps = keys_of(params, keys)
     gs = keys_of(grads, keys)
-    if not decoupled and weight_decay != 0.0:
-        gs = torch._foreach_add(gs, ps, alpha=weight_decay)  # grads are not ours to mutate
+    decayed = _decayed(keys, ps, mask)
+    if not decoupled and weight_decay != 0.0 and decayed != []:
+        # grads are not ours to mutate: decayed ones are replaced by new tensors
+        l2 = torch._foreach_add(_pick(gs, decayed), _pick(ps, decayed), alpha=weight_decay)
+        if decayed is None:
+            gs = l2
+        else:
+            gs = list(gs)
+            for i, g in zip(decayed, l2):
+                gs[i] = g
     count = adam_state.count
     direction = adam_direction_(
         gs,
@@ -125,7 +151,7 @@ def adam_step_(
         count=count,
     )
     if decoupled:
-        _add_decay_(direction, ps, weight_decay)
+        _add_decay_(direction, ps, weight_decay, decayed)
     ratios = None
     if trust_ratio is not None:
         ratios = trust_ratios(
@@ -143,8 +169,12 @@ def lion_step_(
     b1: float | Tensor,
     b2: float,
     weight_decay: float,
+    mask: DecayMask | None = None,
 ) -> None:
-    """Lion in place: ``p -= lr * (sign(lerp(m, g, 1 - b1)) + wd * p)``; ``m = lerp(m, g, 1 - b2)``."""
+    """Lion in place: ``p -= lr * (sign(lerp(m, g, 1 - b1)) + wd * p)``; ``m = lerp(m, g, 1 - b2)``.
+
+    ``mask`` selects the parameters that are decayed (``None``: all).
+    """
     keys = list(grads)
     ps = keys_of(params, keys)
     mu = keys_of(mu_tree, keys)
@@ -155,6 +185,6 @@ def lion_step_(
     else:
         direction = torch._foreach_lerp(mu, gs, 1 - b1)
     torch._foreach_sign_(direction)
-    _add_decay_(direction, ps, weight_decay)
+    _add_decay_(direction, ps, weight_decay, _decayed(keys, ps, mask))
     _apply_(ps, direction, learning_rate)
     _lerp_(mu, gs, 1 - b2)

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import optree
 import torch
 from torch import Tensor
@@ -30,8 +32,8 @@ from funczero.optim.base import (
     Optimizer,
     OptState,
     ScalarOrSchedule,
-    chain,
 )
+from funczero.optim.chain import chain
 from funczero.optim.clipping import scale_by_trust_ratio
 from funczero.optim.fused import (
     adagrad_update_,
@@ -41,6 +43,7 @@ from funczero.optim.fused import (
     lion_update_,
     sgd_update_,
 )
+from funczero.optim.masks import WeightDecayMask, decay_mask
 from funczero.optim.moments import scale_by_adam, scale_by_lion, scale_by_rss, trace
 from funczero.optim.scaling import add_decayed_weights, scale_by_learning_rate
 
@@ -98,6 +101,8 @@ def sgd(
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    mask: WeightDecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Optimizer:
     """Stochastic gradient descent with ``torch.optim.SGD`` semantics.
 
@@ -111,6 +116,11 @@ def sgd(
         dampening: Dampening of the gradient after the first step.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         weight_decay: L2 penalty added to the gradient.
+        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
+            the optimizer holds 1-D shards (``plan.spec.shapes``).
 
     Returns:
         An :class:`Optimizer`; its state is ``(EmptyState(), TraceState, lr state)`` (no trace
@@ -132,7 +142,8 @@ def sgd(
             f"sgd: nesterov=True requires momentum > 0 and dampening == 0 (as torch.optim.SGD), "
             f"got momentum={momentum}, dampening={dampening}"
         )
-    members = [add_decayed_weights(wd)]
+    decays = decay_mask("sgd", mask, shapes)
+    members = [add_decayed_weights(wd, mask=decays)]
     if momentum != 0.0:
         members.append(trace(momentum, nesterov, dampening=dampening))
     members.append(scale_by_learning_rate(lr))
@@ -144,6 +155,7 @@ def sgd(
         dampening=dampening,
         nesterov=nesterov,
         weight_decay=wd,
+        mask=decays,
     )
     return _optimizer(tx, lr, update_)
 
@@ -155,6 +167,8 @@ def adam(
     eps: float = 1e-8,
     *,
     weight_decay: float = 0.0,
+    mask: WeightDecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Optimizer:
     """Adam with ``torch.optim.Adam`` semantics: ``weight_decay`` is L2, added to the gradient.
 
@@ -169,6 +183,11 @@ def adam(
         b2: Second-moment decay.
         eps: Denominator term (``sqrt(v_hat) + eps``).
         weight_decay: L2 penalty.
+        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
+            the optimizer holds 1-D shards (``plan.spec.shapes``).
 
     Returns:
         An :class:`Optimizer`; state ``(EmptyState(), ScaleByAdamState, lr state)``.
@@ -184,9 +203,12 @@ def adam(
     lr, wd = _lr_and_decay("adam", learning_rate, weight_decay)
     b1, b2 = _betas("adam", b1, b2)
     eps = check_float("adam", "eps", eps, low=0.0)
-    tx = chain(add_decayed_weights(wd), scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))
+    decays = decay_mask("adam", mask, shapes)
+    tx = chain(
+        add_decayed_weights(wd, mask=decays), scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr)
+    )
     update_ = adam_update_(
-        tx, learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, decoupled=False
+        tx, learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, decoupled=False, mask=decays
     )
     return _optimizer(tx, lr, update_)
 
@@ -198,6 +220,8 @@ def adamw(
     eps: float = 1e-8,
     *,
     weight_decay: float = 0.01,
+    mask: WeightDecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Optimizer:
     """AdamW with ``torch.optim.AdamW`` semantics: decoupled decay ``p *= 1 - lr * weight_decay``.
 
@@ -211,6 +235,11 @@ def adamw(
         b2: Second-moment decay.
         eps: Denominator term.
         weight_decay: Decoupled decay coefficient (default 0.01, as torch).
+        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
+            the optimizer holds 1-D shards (``plan.spec.shapes``).
 
     Returns:
         An :class:`Optimizer`; state ``(ScaleByAdamState, EmptyState(), lr state)``.
@@ -226,9 +255,12 @@ def adamw(
     lr, wd = _lr_and_decay("adamw", learning_rate, weight_decay)
     b1, b2 = _betas("adamw", b1, b2)
     eps = check_float("adamw", "eps", eps, low=0.0)
-    tx = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(wd), scale_by_learning_rate(lr))
+    decays = decay_mask("adamw", mask, shapes)
+    tx = chain(
+        scale_by_adam(b1, b2, eps), add_decayed_weights(wd, mask=decays), scale_by_learning_rate(lr)
+    )
     update_ = adam_update_(
-        tx, learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, decoupled=True
+        tx, learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, decoupled=True, mask=decays
     )
     return _optimizer(tx, lr, update_)
 
@@ -239,6 +271,8 @@ def lion(
     b2: float = 0.99,
     *,
     weight_decay: float = 0.0,
+    mask: WeightDecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Optimizer:
     """Lion (Chen et al. 2023) with decoupled decay: ``p -= lr * (sign(c) + weight_decay * p)``.
 
@@ -250,6 +284,11 @@ def lion(
         b1: Interpolation factor of the update direction (float, tensor or schedule).
         b2: Momentum decay.
         weight_decay: Decoupled decay coefficient (multiplied by the learning rate).
+        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
+            the optimizer holds 1-D shards (``plan.spec.shapes``).
 
     Returns:
         An :class:`Optimizer`; state ``(ScaleByLionState, EmptyState(), lr state)``.
@@ -264,8 +303,9 @@ def lion(
     """
     lr, wd = _lr_and_decay("lion", learning_rate, weight_decay)
     b1, b2 = _betas("lion", b1, b2, closed=True)
-    tx = chain(scale_by_lion(b1, b2), add_decayed_weights(wd), scale_by_learning_rate(lr))
-    update_ = lion_update_(tx, learning_rate=lr, b1=b1, b2=b2, weight_decay=wd)
+    decays = decay_mask("lion", mask, shapes)
+    tx = chain(scale_by_lion(b1, b2), add_decayed_weights(wd, mask=decays), scale_by_learning_rate(lr))
+    update_ = lion_update_(tx, learning_rate=lr, b1=b1, b2=b2, weight_decay=wd, mask=decays)
     return _optimizer(tx, lr, update_)
 
 
@@ -279,6 +319,8 @@ def lamb(
     bias_correction: bool = True,
     max_coeff: float = 10.0,
     min_coeff: float = 0.01,
+    mask: WeightDecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Optimizer:
     r"""LAMB (You et al. 2019) with DeepSpeed ``FusedLamb``'s trust-ratio clamp.
 
@@ -305,6 +347,11 @@ def lamb(
         bias_correction: Bias-correct ``m`` and ``v`` (DeepSpeed default True).
         max_coeff: Upper clamp of the trust ratio.
         min_coeff: Lower clamp of the trust ratio.
+        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
+            the optimizer holds 1-D shards (``plan.spec.shapes``).
 
     Returns:
         An :class:`Optimizer`; state ``(ScaleByAdamState, EmptyState(), EmptyState(),
@@ -325,15 +372,16 @@ def lamb(
     max_coeff = check_float(
         "lamb", "max_coeff", max_coeff, low=min_coeff, hint=f" (min_coeff={min_coeff})"
     )
+    decays = decay_mask("lamb", mask, shapes)
     tx = chain(
         scale_by_adam(b1, b2, eps, bias_correction=bias_correction),
-        add_decayed_weights(wd),
+        add_decayed_weights(wd, mask=decays),
         scale_by_trust_ratio(min_coeff=min_coeff, max_coeff=max_coeff),
         scale_by_learning_rate(lr),
     )
     update_ = lamb_update_(
         tx, learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
-        bias_correction=bias_correction, min_coeff=min_coeff, max_coeff=max_coeff,
+        bias_correction=bias_correction, min_coeff=min_coeff, max_coeff=max_coeff, mask=decays,
     )  # fmt: skip
     return _optimizer(tx, lr, update_)
 
@@ -345,6 +393,8 @@ def adagrad(
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
     weight_decay: float = 0.0,
+    mask: WeightDecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Optimizer:
     """Adagrad with ``torch.optim.Adagrad`` semantics.
 
@@ -357,6 +407,11 @@ def adagrad(
         initial_accumulator_value: Starting value of ``s``.
         eps: Denominator term.
         weight_decay: L2 penalty.
+        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
+            the optimizer holds 1-D shards (``plan.spec.shapes``).
 
     Returns:
         An :class:`Optimizer`; state ``(EmptyState(), ScaleByRssState, lr state)``;
@@ -386,6 +441,13 @@ def adagrad(
                 b = b.to(count.device)
             return b / (1.0 + count.to(scalar_dtype(count.device)) * lr_decay)
 
-    tx = chain(add_decayed_weights(wd), scale_by_rss(iav, eps), scale_by_learning_rate(effective))
-    update_ = adagrad_update_(tx, learning_rate=lr, lr_decay=lr_decay, weight_decay=wd, eps=eps)
+    decays = decay_mask("adagrad", mask, shapes)
+    tx = chain(
+        add_decayed_weights(wd, mask=decays),
+        scale_by_rss(iav, eps),
+        scale_by_learning_rate(effective),
+    )
+    update_ = adagrad_update_(
+        tx, learning_rate=lr, lr_decay=lr_decay, weight_decay=wd, eps=eps, mask=decays
+    )
     return _optimizer(tx, effective, update_)

@@ -7,6 +7,11 @@ captured in a closure and every number that changes between steps kept in ``stat
 (so a leaf path reads ``mu/blocks.0.attn.qkv.weight``) and scalars are 0-d tensors (``count`` is
 int64 on the parameters' device).
 
+Beyond the pure pair, a transform may carry in-place methods (``update_`` to step the parameters,
+``transform_`` to rewrite the updates) and a ``learning_rate`` reader; :func:`funczero.optim.chain`
+keeps the in-place path when its members have one, and
+:func:`funczero.optim.in_place_unsupported_reason` names the member when it cannot.
+
 Example:
     >>> import torch
     >>> from funczero import optim
@@ -28,6 +33,7 @@ from torch import Tensor
 __all__ = [
     "EmptyState",
     "GradientTransformation",
+    "InPlaceTransformFn",
     "InPlaceUpdateFn",
     "LearningRateFn",
     "OptState",
@@ -40,7 +46,6 @@ __all__ = [
     "TransformUpdateFn",
     "Updates",
     "apply_updates",
-    "chain",
     "identity",
     "stateless",
 ]
@@ -84,10 +89,11 @@ class TransformUpdateFn(Protocol):
 class InPlaceUpdateFn(Protocol):
     """Apply one step in place: mutate ``params`` and the moment tensors of ``state``.
 
-    The caller donates ``params`` and ``state`` (as with JAX ``donate_argnums``): the returned
-    state holds the same moment tensors, mutated, and a new ``count``. With ``found_inf`` (a float32
-    0-d tensor, 0. or 1.) equal to 1, nothing is modified and ``count`` does not advance, without a
-    host sync.
+    The caller donates ``params``, ``state`` and ``grads`` (as with JAX ``donate_argnums``): the
+    returned state holds the same moment tensors, mutated, and a new ``count``; the gradient
+    tensors may be overwritten (a chain's clipping scales them in place). With ``found_inf`` (a
+    float32 0-d tensor, 0. or 1.) equal to 1, neither ``params`` nor the state is modified and
+    ``count`` does not advance, without a host sync.
     """
 
     def __call__(
@@ -95,6 +101,26 @@ class InPlaceUpdateFn(Protocol):
         grads: Updates,
         state: OptState,
         params: Params,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState: ...
+
+
+class InPlaceTransformFn(Protocol):
+    """``update`` with its result written into the tensors of ``updates`` instead of new ones.
+
+    The values left in ``updates`` and the returned state equal what ``update`` returns (to the
+    tolerance the transform documents; bit for bit unless it says otherwise). ``updates`` and
+    ``state`` are donated. With ``found_inf`` equal to 1 the returned state equals ``state`` (the
+    updates then hold garbage that the caller must not apply).
+    """
+
+    def __call__(
+        self,
+        updates: Updates,
+        state: OptState,
+        params: Params | None = None,
         *,
         found_inf: Tensor | None = None,
         reduce_fn: ReduceFn | None = None,
@@ -110,37 +136,50 @@ class EmptyState(NamedTuple):
 
 
 class GradientTransformation(NamedTuple):
-    """A pure optimizer building block: ``init`` builds a state, ``update`` transforms updates.
+    """The one optimizer contract: a pure ``init``/``update`` pair and optional in-place methods.
+
+    Every transform, every alias and every :func:`~funczero.optim.chain` is one of these. Only
+    ``init`` and ``update`` are required; the other fields are ``None`` when the transform does not
+    have that capability (:func:`~funczero.optim.supports_in_place` and
+    :func:`~funczero.optim.in_place_unsupported_reason` read them):
 
     Attributes:
         init: ``init(params) -> state``.
         update: ``update(updates, state, params=None, **extra) -> (updates, new_state)``; pure.
+        learning_rate: ``learning_rate(state) -> Tensor``, the float32 0-d learning rate the next
+            update will use (for metrics), or ``None``.
+        update_: the in-place step ``update_(grads, state, params, *, found_inf=None,
+            reduce_fn=None) -> new_state`` (see :class:`InPlaceUpdateFn`): ``update`` followed by
+            :func:`apply_updates`, written into the donated parameters and state; or ``None``.
+        transform_: ``update`` written into the donated updates (see :class:`InPlaceTransformFn`),
+            which lets a :func:`~funczero.optim.chain` that ends in an ``update_`` keep the
+            in-place path; or ``None``.
+        members: the composed transforms, for a chain (names them in error messages); else ``()``.
+
+    Example:
+        >>> import torch
+        >>> from funczero import optim
+        >>> opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3))
+        >>> opt.update_ is not None and opt.learning_rate is not None
+        True
+        >>> optim.scale_by_adam().update_ is None
+        True
     """
 
     init: TransformInitFn
     update: TransformUpdateFn
+    learning_rate: LearningRateFn | None = None
+    update_: InPlaceUpdateFn | None = None
+    transform_: InPlaceTransformFn | None = None
+    members: tuple[GradientTransformation, ...] = ()
 
 
-class Optimizer(NamedTuple):
-    """A :class:`GradientTransformation` with a learning-rate reader and a fused in-place step.
+Optimizer = GradientTransformation
+"""A :class:`GradientTransformation` whose ``learning_rate`` and ``update_`` are set.
 
-    Built by the aliases (:func:`funczero.optim.adamw`, ...). ``init`` and ``update`` behave as in
-    :class:`GradientTransformation` (an ``Optimizer`` can be passed to :func:`chain`).
-
-    Attributes:
-        init: ``init(params) -> state``.
-        update: pure ``update(updates, state, params=None, **extra) -> (updates, new_state)``.
-        learning_rate: ``learning_rate(state) -> Tensor``: the float32 0-d learning rate the next
-            update will use (for metrics).
-        update_: ``update_(grads, state, params, *, found_inf=None, reduce_fn=None) -> new_state``:
-            the in-place fast path (see :class:`InPlaceUpdateFn`); agrees with ``update`` followed
-            by :func:`apply_updates`.
-    """
-
-    init: TransformInitFn
-    update: TransformUpdateFn
-    learning_rate: LearningRateFn
-    update_: InPlaceUpdateFn
+The aliases (:func:`funczero.optim.adamw`, ...) return one. It is the same class, not a subclass:
+an optimizer composes with :func:`~funczero.optim.chain` like any transform.
+"""
 
 
 def identity() -> GradientTransformation:
@@ -163,13 +202,27 @@ def identity() -> GradientTransformation:
         del params, extra
         return updates, state
 
-    return GradientTransformation(init_fn, update_fn)
+    def transform_(
+        updates: Updates,
+        state: OptState,
+        params: Params | None = None,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        del updates, params, found_inf, reduce_fn
+        return state
+
+    return GradientTransformation(init_fn, update_fn, transform_=transform_)
 
 
 def stateless(
     f: Callable[[Updates, Params | None], Updates],
 ) -> GradientTransformation:
     """Wrap a pure function ``f(updates, params) -> updates`` as a stateless transform.
+
+    The result has no in-place ``transform_`` (``f`` returns new tensors), so a chain holding it
+    takes the pure path.
 
     Args:
         f: Pure function of the updates and (possibly ``None``) params.
@@ -193,53 +246,6 @@ def stateless(
     ) -> tuple[Updates, OptState]:
         del extra
         return f(updates, params), state
-
-    return GradientTransformation(init_fn, update_fn)
-
-
-def chain(*transforms: GradientTransformation | Optimizer) -> GradientTransformation:
-    """Compose transforms left to right; the state is the tuple of their states.
-
-    Every ``extra`` keyword argument is passed to every member.
-
-    Args:
-        *transforms: Transforms (or optimizers) applied in order.
-
-    Returns:
-        The composed transform. Its state is ``tuple(t.init(params) for t in transforms)``, so leaf
-        paths start with the member's index (``1/mu/<fqn>``).
-
-    Example:
-        >>> import torch
-        >>> tx = chain(identity(), stateless(lambda u, p: {k: 2 * v for k, v in u.items()}))
-        >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.zeros(1)}))[0]["w"]
-        tensor([2.])
-    """
-    for i, t in enumerate(transforms):
-        if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
-            raise TypeError(
-                f"chain: argument {i} is {type(t).__name__}, not a GradientTransformation; "
-                "pass objects with init/update such as optim.scale_by_adam() or optim.adamw(1e-3)"
-            )
-    inits = tuple(t.init for t in transforms)
-    updates_fns = tuple(t.update for t in transforms)
-
-    def init_fn(params: Params) -> tuple[OptState, ...]:
-        return tuple(fn(params) for fn in inits)
-
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None, **extra: Any
-    ) -> tuple[Updates, OptState]:
-        if len(state) != len(updates_fns):
-            raise ValueError(
-                f"chain: state has {len(state)} entries but the chain has {len(updates_fns)} "
-                "transforms; the state was built by a different optimizer"
-            )
-        new_state = []
-        for fn, s in zip(updates_fns, state):
-            updates, s = fn(updates, s, params, **extra)
-            new_state.append(s)
-        return updates, tuple(new_state)
 
     return GradientTransformation(init_fn, update_fn)
 

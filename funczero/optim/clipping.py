@@ -34,10 +34,16 @@ from funczero.optim.base import (
     Updates,
 )
 
-__all__ = ["clip_by_global_norm", "global_norm", "scale_by_trust_ratio"]
+__all__ = [
+    "CLIP_NORM_EPS",
+    "clip_by_global_norm",
+    "clip_coefficient",
+    "global_norm",
+    "scale_by_trust_ratio",
+]
 
-# torch.nn.utils.clip_grad_norm_ and DeepSpeed's gradient_clipping both add this to the norm.
-_CLIP_EPS = 1e-6
+CLIP_NORM_EPS = 1e-6
+"""Added to the norm before dividing: ``torch.nn.utils.clip_grad_norm_``'s and DeepSpeed's value."""
 
 
 def global_norm(tree: dict[str, Tensor], reduce_fn: ReduceFn | None = None) -> Tensor:
@@ -66,12 +72,40 @@ def global_norm(tree: dict[str, Tensor], reduce_fn: ReduceFn | None = None) -> T
     return reduce(sq, reduce_fn).sqrt()
 
 
+def clip_coefficient(grad_norm: Tensor, max_norm: float) -> Tensor:
+    """The factor that clips a gradient of norm ``grad_norm`` to at most ``max_norm``.
+
+    ``min(1, max_norm / (grad_norm + CLIP_NORM_EPS))``: DeepSpeed's ``gradient_clipping`` and
+    ``torch.nn.utils.clip_grad_norm_``, computed on the device (no host sync). An inf or nan norm
+    gives 0 or nan: skip such a step (``found_inf``) rather than apply it.
+
+    Args:
+        grad_norm: The global gradient norm, a 0-d tensor (e.g. from :func:`global_norm`).
+        max_norm: Largest allowed norm, > 0.
+
+    Returns:
+        A 0-d tensor in ``grad_norm``'s dtype and device, in (0, 1].
+
+    Example:
+        >>> import torch
+        >>> clip_coefficient(torch.tensor(4.0), 1.0)
+        tensor(0.2500)
+        >>> clip_coefficient(torch.tensor(0.5), 1.0)
+        tensor(1.)
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip_coefficient: max_norm={max_norm!r} must be > 0 (0 disables clipping)")
+    return torch.clamp(max_norm / (grad_norm + CLIP_NORM_EPS), max=1.0)
+
+
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Scale all updates by ``min(1, max_norm / (global_norm + 1e-6))``.
+    """Scale all updates by :func:`clip_coefficient` of their global norm.
 
     Matches ``torch.nn.utils.clip_grad_norm_`` and DeepSpeed's ``gradient_clipping`` (including
     their ``1e-6``), computed without a host sync. Reads ``reduce_fn`` from the update's extra
-    keyword arguments, so it clips by the norm of the full model under ZeRO.
+    keyword arguments, so it clips by the norm of the full model under ZeRO. Its in-place
+    ``transform_`` scales the updates' own tensors (bit for bit the pure result), so
+    ``chain(clip_by_global_norm(c), adamw(lr))`` keeps AdamW's fused ``update_``.
 
     Args:
         max_norm: Largest allowed global norm, > 0.
@@ -99,11 +133,30 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]:
         del params
-        norm = global_norm(updates, extra.get("reduce_fn"))
-        coef = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+        coef = clip_coefficient(global_norm(updates, extra.get("reduce_fn")), max_norm)
         return {k: (u * coef).to(u.dtype) for k, u in updates.items()}, state
 
-    return GradientTransformation(init_fn, update_fn)
+    def transform_(
+        updates: Updates,
+        state: OptState,
+        params: Params | None = None,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        del params, found_inf
+        coef = clip_coefficient(global_norm(updates, reduce_fn), max_norm)
+        us = list(updates.values())
+        if not us:
+            return state
+        if all(u.dtype == coef.dtype and u.device == coef.device for u in us):
+            torch._foreach_mul_(us, coef)
+        else:  # u.mul_(coef) rounds like (u * coef).to(u.dtype): a 0-d coef does not promote u
+            for u in us:
+                u.mul_(coef.to(u.device))
+        return state
+
+    return GradientTransformation(init_fn, update_fn, transform_=transform_)
 
 
 def scale_by_trust_ratio(

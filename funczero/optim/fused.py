@@ -27,7 +27,7 @@ we pass a fresh ``count + 1`` and manage ``count`` ourselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,13 +44,17 @@ from funczero.optim.base import (
     Updates,
 )
 from funczero.optim.inplace import inplace_update
+from funczero.optim.masks import DecayMask
 from funczero.optim.moments import ScaleByAdamState, ScaleByLionState, ScaleByRssState, TraceState
 from funczero.optim.scaling import ScaleByScheduleState
 
 __all__ = [
+    "InPlaceRecipe",
+    "KernelGroup",
     "adagrad_update_",
     "adam_update_",
     "current_lr",
+    "in_place_step",
     "lamb_update_",
     "lion_update_",
     "sgd_update_",
@@ -76,17 +80,56 @@ def _kernel(name: str) -> Callable[..., None] | None:
     return getattr(torch, name, None)
 
 
+class KernelGroup(NamedTuple):
+    """Tensors a fused kernel takes in one call: one device, one dtype, one weight decay."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    moments: list[list[Tensor]]
+    weight_decay: float
+    device: torch.device
+
+
+RunKernel = Callable[[Callable[..., None], list[KernelGroup], OptState, Tensor | None], None]
+"""``run(kernel, groups, state, found_inf)``: call ``kernel`` once per group."""
+ForeachStep = Callable[[Updates, Params, OptState, ReduceFn | None], None]
+"""``step(grads, params, state, reduce_fn)``: the whole step with in-place foreach ops."""
+
+
+class InPlaceRecipe(NamedTuple):
+    """What differs between the aliases' in-place steps; :func:`in_place_step` does the rest.
+
+    Attributes:
+        moments: ``moments(state)``: the per-parameter buffers the kernel mutates, in its
+            argument order (the first one's keys are the state's parameters).
+        kernel: Name of the ``torch._fused_*_`` op, or ``None`` when there is none or the
+            hyperparameters rule it out (a scheduled ``b1``).
+        run_kernel: Calls the kernel on every group (hyperparameters bound).
+        foreach: The in-place foreach step used when the kernel cannot run and no step may be
+            skipped, or ``None`` (then the generic path runs).
+        devices: Device types the kernel supports.
+    """
+
+    moments: Callable[[OptState], list[Params]]
+    kernel: str | None = None
+    run_kernel: RunKernel | None = None
+    foreach: ForeachStep | None = None
+    devices: frozenset[str] = _FUSED_DEVICES
+
+
 def _groups(
     params: Params,
     grads: Updates,
     states: Sequence[Params],
     devices: frozenset[str],
-) -> list[tuple[list[Tensor], list[Tensor], list[list[Tensor]]]] | None:
-    """Group tensors by (device, dtype) for a fused kernel, or ``None`` if any cannot be fused.
+    weight_decay: float,
+    mask: DecayMask | None,
+) -> list[KernelGroup] | None:
+    """Group tensors by (device, dtype, decay) for a fused kernel, or ``None`` if any cannot be.
 
     Runs every step, so it avoids dispatcher calls on the common path (grads already matching).
     """
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list, list, list[list]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, float], KernelGroup] = {}
     for k, g in grads.items():
         p = params[k]
         moments = _keys_of_each(states, k)
@@ -102,10 +145,14 @@ def _groups(
             g = g.to(device=device, dtype=dtype)
         if not g.is_contiguous():  # the kernels index raw storage: strides must match
             g = g.contiguous()
-        ps, gs, ms = groups.setdefault((device, dtype), ([], [], [[] for _ in states]))
-        ps.append(p)
-        gs.append(g)
-        for lst, m in zip(ms, moments):
+        wd = weight_decay if mask is None or mask(k, p) else 0.0
+        group = groups.get((device, dtype, wd))
+        if group is None:
+            group = KernelGroup([], [], [[] for _ in states], wd, device)
+            groups[(device, dtype, wd)] = group
+        group.params.append(p)
+        group.grads.append(g)
+        for lst, m in zip(group.moments, moments):
             lst.append(m)
     return list(groups.values())
 
@@ -132,19 +179,28 @@ def current_lr(learning_rate: ScalarOrSchedule, state: OptState) -> float | Tens
     return learning_rate
 
 
-def adam_update_(
+def in_place_step(
     tx: GradientTransformation,
+    recipe: InPlaceRecipe,
     *,
-    learning_rate: ScalarOrSchedule,
-    b1: ScalarOrSchedule,
-    b2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
+    name: str,
+    weight_decay: float = 0.0,
+    mask: DecayMask | None = None,
 ) -> InPlaceUpdateFn:
-    """In-place Adam (L2 decay, ``torch._fused_adam_``) or AdamW (``torch._fused_adamw_``)."""
+    """The in-place step of an alias: fused kernel, else foreach step, else the generic path.
+
+    Args:
+        tx: The alias's pure chain (the generic path runs it, then copies into the buffers).
+        recipe: The alias's kernel and foreach step.
+        name: The alias (names the step in error messages and tracebacks).
+        weight_decay: The alias's decay; parameters that ``mask`` excludes get 0 instead.
+        mask: The alias's weight-decay mask, or ``None``.
+
+    Returns:
+        ``update_(grads, state, params, *, found_inf=None, reduce_fn=None) -> new_state``.
+    """
     fallback = inplace_update(tx)
-    kernel = _kernel("_fused_adamw_" if decoupled else "_fused_adam_")
+    kernel = _kernel(recipe.kernel) if recipe.kernel is not None else None
 
     def update_(
         grads: Updates,
@@ -154,32 +210,69 @@ def adam_update_(
         found_inf: Tensor | None = None,
         reduce_fn: ReduceFn | None = None,
     ) -> OptState:
-        adam = find_state(state, ScaleByAdamState)
-        check_keys("update_", grads, adam.mu)
-        groups = None
-        if kernel is not None and isinstance(b1, float):
-            groups = _groups(params, grads, [adam.mu, adam.nu], _FUSED_DEVICES)
-        if groups is None:
-            if found_inf is not None:
-                return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
-            _foreach.adam_step_(
-                grads, params, adam, learning_rate=current_lr(learning_rate, state), b1=b1,
-                b2=b2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-            )  # fmt: skip
+        moments = recipe.moments(state)
+        check_keys("update_", grads, moments[0] if moments else params)
+        if kernel is not None and recipe.run_kernel is not None:
+            groups = _groups(params, grads, moments, recipe.devices, weight_decay, mask)
+            if groups is not None:
+                recipe.run_kernel(kernel, groups, state, found_inf)
+                return advance_counts(state, found_inf)
+        # The foreach steps cannot skip a step; the generic path selects old values instead.
+        if recipe.foreach is not None and found_inf is None:
+            recipe.foreach(grads, params, state, reduce_fn)
             return advance_counts(state, None)
-        lr = current_lr(learning_rate, state)
-        step = (adam.count + 1).to(torch.float32)
-        for ps, gs, (ms, vs) in groups:
-            dev = ps[0].device
-            step_d = step.to(dev)
-            kernel(
-                ps, gs, ms, vs, [], [step_d] * len(ps),
-                lr=_on(lr, dev), beta1=b1, beta2=b2, weight_decay=weight_decay, eps=eps,
-                amsgrad=False, maximize=False, grad_scale=None, found_inf=_on(found_inf, dev),
-            )  # fmt: skip
-        return advance_counts(state, found_inf)
+        return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
 
+    # Error messages (optim.in_place_unsupported_reason) and tracebacks name the alias.
+    update_.__qualname__ = f"{name}.<locals>.update_"
     return update_
+
+
+def _adam_moments(state: OptState) -> list[Params]:
+    adam = find_state(state, ScaleByAdamState)
+    return [adam.mu, adam.nu]
+
+
+def adam_update_(
+    tx: GradientTransformation,
+    *,
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    mask: DecayMask | None = None,
+) -> InPlaceUpdateFn:
+    """In-place Adam (L2 decay, ``torch._fused_adam_``) or AdamW (``torch._fused_adamw_``)."""
+
+    def run_kernel(kernel: Callable[..., None], groups: list[KernelGroup], state: OptState,
+                   found_inf: Tensor | None) -> None:  # fmt: skip
+        lr = current_lr(learning_rate, state)
+        step = (find_state(state, ScaleByAdamState).count + 1).to(torch.float32)
+        for g in groups:
+            mu, nu = g.moments
+            kernel(
+                g.params, g.grads, mu, nu, [], [step.to(g.device)] * len(g.params),
+                lr=_on(lr, g.device), beta1=b1, beta2=b2, weight_decay=g.weight_decay, eps=eps,
+                amsgrad=False, maximize=False, grad_scale=None, found_inf=_on(found_inf, g.device),
+            )  # fmt: skip
+
+    def foreach(grads: Updates, params: Params, state: OptState, reduce_fn: ReduceFn | None):
+        _foreach.adam_step_(
+            grads, params, find_state(state, ScaleByAdamState),
+            learning_rate=current_lr(learning_rate, state), b1=b1, b2=b2, eps=eps,
+            weight_decay=weight_decay, decoupled=decoupled, mask=mask,
+        )  # fmt: skip
+
+    recipe = InPlaceRecipe(
+        moments=_adam_moments,
+        kernel=("_fused_adamw_" if decoupled else "_fused_adam_") if isinstance(b1, float) else None,
+        run_kernel=run_kernel,
+        foreach=foreach,
+    )
+    name = "adamw" if decoupled else "adam"
+    return in_place_step(tx, recipe, name=name, weight_decay=weight_decay, mask=mask)
 
 
 def sgd_update_(
@@ -190,6 +283,7 @@ def sgd_update_(
     dampening: float,
     nesterov: bool,
     weight_decay: float,
+    mask: DecayMask | None = None,
 ) -> InPlaceUpdateFn:
     """In-place SGD with ``torch._fused_sgd_``.
 
@@ -197,37 +291,28 @@ def sgd_update_(
     buffers the first step computes ``momentum * 0 + (1 - dampening) * g``, which is torch's
     ``buf = g`` when ``dampening == 0``. Dampened SGD takes the (exact) generic path instead.
     """
-    fallback = inplace_update(tx)
-    kernel = _kernel("_fused_sgd_")
 
-    def update_(
-        grads: Updates,
-        state: OptState,
-        params: Params,
-        *,
-        found_inf: Tensor | None = None,
-        reduce_fn: ReduceFn | None = None,
-    ) -> OptState:
-        check_keys("update_", grads, params)
-        groups = None
-        if kernel is not None and dampening == 0.0:
-            traced = find_state(state, TraceState) if momentum != 0.0 else None
-            moments = [traced.trace] if traced is not None else []
-            groups = _groups(params, grads, moments, _FUSED_DEVICES)
-        if groups is None:
-            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+    def moments(state: OptState) -> list[Params]:
+        traced = find_state(state, TraceState) if momentum != 0.0 else None
+        return [traced.trace] if traced is not None else []
+
+    def run_kernel(kernel: Callable[..., None], groups: list[KernelGroup], state: OptState,
+                   found_inf: Tensor | None) -> None:  # fmt: skip
         lr = current_lr(learning_rate, state)
-        for ps, gs, bufs in groups:
-            dev = ps[0].device
+        for g in groups:
             kernel(
-                ps, gs, bufs[0] if bufs else [],
-                weight_decay=weight_decay, momentum=momentum, lr=_on(lr, dev), dampening=0.0,
-                nesterov=nesterov, maximize=False, is_first_step=False, grad_scale=None,
-                found_inf=_on(found_inf, dev),
+                g.params, g.grads, g.moments[0] if g.moments else [],
+                weight_decay=g.weight_decay, momentum=momentum, lr=_on(lr, g.device),
+                dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
+                grad_scale=None, found_inf=_on(found_inf, g.device),
             )  # fmt: skip
-        return advance_counts(state, found_inf)
 
-    return update_
+    recipe = InPlaceRecipe(
+        moments=moments,
+        kernel="_fused_sgd_" if dampening == 0.0 else None,
+        run_kernel=run_kernel,
+    )
+    return in_place_step(tx, recipe, name="sgd", weight_decay=weight_decay, mask=mask)
 
 
 def adagrad_update_(
@@ -237,48 +322,42 @@ def adagrad_update_(
     lr_decay: float,
     weight_decay: float,
     eps: float,
+    mask: DecayMask | None = None,
 ) -> InPlaceUpdateFn:
     """In-place Adagrad with ``torch._fused_adagrad_`` (CPU).
 
     ``learning_rate`` is the *base* rate: the kernel applies ``lr / (1 + (step - 1) * lr_decay)``
     itself with ``step = count + 1``.
     """
-    fallback = inplace_update(tx)
-    kernel = _kernel("_fused_adagrad_")
 
-    def update_(
-        grads: Updates,
-        state: OptState,
-        params: Params,
-        *,
-        found_inf: Tensor | None = None,
-        reduce_fn: ReduceFn | None = None,
-    ) -> OptState:
-        rss = find_state(state, ScaleByRssState)
-        check_keys("update_", grads, rss.sum_of_squares)
-        groups = None
-        if kernel is not None:
-            groups = _groups(params, grads, [rss.sum_of_squares], _FUSED_ADAGRAD_DEVICES)
-        if groups is None:
-            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+    def moments(state: OptState) -> list[Params]:
+        return [find_state(state, ScaleByRssState).sum_of_squares]
+
+    def run_kernel(kernel: Callable[..., None], groups: list[KernelGroup], state: OptState,
+                   found_inf: Tensor | None) -> None:  # fmt: skip
         sched = find_state(state, ScaleByScheduleState)
         # Without a schedule state the rate is constant and lr_decay is 0: the step is irrelevant.
         count = sched.count if sched is not None else None
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        for ps, gs, (ss,) in groups:
-            dev = ps[0].device
+        for g in groups:
             if count is None:
-                step = torch.ones((), dtype=torch.float32, device=dev)
+                step = torch.ones((), dtype=torch.float32, device=g.device)
             else:
-                step = (count + 1).to(device=dev, dtype=torch.float32)
+                step = (count + 1).to(device=g.device, dtype=torch.float32)
+            (sums,) = g.moments
             kernel(
-                ps, gs, ss, [step] * len(ps),
-                lr=_on(lr, dev), lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                maximize=False, grad_scale=None, found_inf=_on(found_inf, dev),
+                g.params, g.grads, sums, [step] * len(g.params),
+                lr=_on(lr, g.device), lr_decay=lr_decay, weight_decay=g.weight_decay, eps=eps,
+                maximize=False, grad_scale=None, found_inf=_on(found_inf, g.device),
             )  # fmt: skip
-        return advance_counts(state, found_inf)
 
-    return update_
+    recipe = InPlaceRecipe(
+        moments=moments,
+        kernel="_fused_adagrad_",
+        run_kernel=run_kernel,
+        devices=_FUSED_ADAGRAD_DEVICES,
+    )
+    return in_place_step(tx, recipe, name="adagrad", weight_decay=weight_decay, mask=mask)
 
 
 def lamb_update_(
@@ -292,31 +371,20 @@ def lamb_update_(
     bias_correction: bool,
     min_coeff: float,
     max_coeff: float,
+    mask: DecayMask | None = None,
 ) -> InPlaceUpdateFn:
     """In-place LAMB with ``torch._foreach_*`` ops (torch has no fused LAMB kernel)."""
-    fallback = inplace_update(tx)
 
-    def update_(
-        grads: Updates,
-        state: OptState,
-        params: Params,
-        *,
-        found_inf: Tensor | None = None,
-        reduce_fn: ReduceFn | None = None,
-    ) -> OptState:
-        if found_inf is not None:
-            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
-        adam = find_state(state, ScaleByAdamState)
-        check_keys("update_", grads, adam.mu)
+    def foreach(grads: Updates, params: Params, state: OptState, reduce_fn: ReduceFn | None):
         _foreach.adam_step_(
-            grads, params, adam,
+            grads, params, find_state(state, ScaleByAdamState),
             learning_rate=current_lr(learning_rate, state), b1=b1, b2=b2, eps=eps,
             weight_decay=weight_decay, decoupled=True, bias_correction=bias_correction,
-            trust_ratio=(min_coeff, max_coeff), reduce_fn=reduce_fn,
+            trust_ratio=(min_coeff, max_coeff), reduce_fn=reduce_fn, mask=mask,
         )  # fmt: skip
-        return advance_counts(state, None)
 
-    return update_
+    recipe = InPlaceRecipe(moments=lambda state: _adam_moments(state)[:1], foreach=foreach)
+    return in_place_step(tx, recipe, name="lamb", weight_decay=weight_decay, mask=mask)
 
 
 def lion_update_(
@@ -326,26 +394,17 @@ def lion_update_(
     b1: ScalarOrSchedule,
     b2: float,
     weight_decay: float,
+    mask: DecayMask | None = None,
 ) -> InPlaceUpdateFn:
     """In-place Lion with ``torch._foreach_*`` ops (torch has no fused Lion kernel)."""
-    fallback = inplace_update(tx)
 
-    def update_(
-        grads: Updates,
-        state: OptState,
-        params: Params,
-        *,
-        found_inf: Tensor | None = None,
-        reduce_fn: ReduceFn | None = None,
-    ) -> OptState:
-        if found_inf is not None:
-            return fallback(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+    def foreach(grads: Updates, params: Params, state: OptState, reduce_fn: ReduceFn | None):
         lion = find_state(state, ScaleByLionState)
-        check_keys("update_", grads, lion.mu)
         _foreach.lion_step_(
             grads, params, lion.mu, learning_rate=current_lr(learning_rate, state),
-            b1=resolve(b1, lion.count), b2=b2, weight_decay=weight_decay,
+            b1=resolve(b1, lion.count), b2=b2, weight_decay=weight_decay, mask=mask,
         )  # fmt: skip
-        return advance_counts(state, None)
 
-    return update_
+    recipe = InPlaceRecipe(moments=lambda state: [find_state(state, ScaleByLionState).mu],
+                           foreach=foreach)  # fmt: skip
+    return in_place_step(tx, recipe, name="lion", weight_decay=weight_decay, mask=mask)

@@ -50,6 +50,23 @@ def _commit_(dst: list[Tensor], src: list[Tensor], found_inf: Tensor | None) -> 
         d.copy_(torch.where(skip.to(d.device), d, s))
 
 
+def apply_updates_(params: Params, updates: Updates, found_inf: Tensor | None = None) -> None:
+    """:func:`~funczero.optim.apply_updates` written into ``params`` (skipped when ``found_inf``).
+
+    ``p.add_(u)`` computes in the promoted dtype and rounds once to ``p``'s, exactly as
+    ``(p + u).to(p.dtype)``.
+    """
+    keys = list(updates)
+    ps, us = keys_of(params, keys), [updates[k] for k in keys]
+    if found_inf is not None:
+        _commit_(ps, [(p + u).to(p.dtype) for p, u in zip(ps, us)], found_inf)
+    elif all(p.dtype == u.dtype and p.device == u.device for p, u in zip(ps, us)):
+        torch._foreach_add_(ps, us)
+    else:
+        for p, u in zip(ps, us):
+            p.add_(u)
+
+
 def inplace_update(tx: GradientTransformation) -> InPlaceUpdateFn:
     """Build an in-place step from any transform: pure update, then copy into the buffers.
 

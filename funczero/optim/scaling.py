@@ -11,20 +11,24 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
-from funczero.optim._common import check_hparam, require_params, zero_count
+from funczero.optim._common import check_hparam, keys_of, require_params, zero_count
 from funczero.optim.base import (
     EmptyState,
     GradientTransformation,
     OptState,
     Params,
+    ReduceFn,
     ScalarOrSchedule,
     Schedule,
     Updates,
 )
+from funczero.optim.masks import DecayMask, WeightDecayMask, decay_mask
 
 __all__ = [
     "ScaleByScheduleState",
@@ -52,6 +56,29 @@ def _scaled(updates: Updates, factor: float | Tensor) -> Updates:
     if isinstance(factor, Tensor):
         return {k: u * factor.to(device=u.device, dtype=u.dtype) for k, u in updates.items()}
     return {k: u * factor for k, u in updates.items()}
+
+
+def _scale_(updates: Updates, factor: float | Tensor) -> None:
+    """:func:`_scaled` written into the updates (bit for bit the same products)."""
+    us = list(updates.values())
+    if not us:
+        return
+    if not isinstance(factor, Tensor):
+        torch._foreach_mul_(us, factor)
+        return
+    first = us[0]
+    if all(u.dtype == first.dtype and u.device == first.device for u in us):
+        torch._foreach_mul_(us, factor.to(device=first.device, dtype=first.dtype))
+        return
+    for u in us:
+        u.mul_(factor.to(device=u.device, dtype=u.dtype))
+
+
+def _advance(count: Tensor, found_inf: Tensor | None) -> Tensor:
+    """``count + 1``, or ``count`` when the step is skipped (``found_inf == 1``), without a sync."""
+    if found_inf is None:
+        return count + 1
+    return count + (found_inf.to(count.device) == 0).to(count.dtype)
 
 
 def scale(step_size: float | Tensor) -> GradientTransformation:
@@ -83,7 +110,19 @@ def scale(step_size: float | Tensor) -> GradientTransformation:
         del params, extra
         return _scaled(updates, step_size), state
 
-    return GradientTransformation(init_fn, update_fn)
+    def transform_(
+        updates: Updates,
+        state: OptState,
+        params: Params | None = None,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        del params, found_inf, reduce_fn
+        _scale_(updates, step_size)
+        return state
+
+    return GradientTransformation(init_fn, update_fn, transform_=transform_)
 
 
 def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
@@ -118,7 +157,19 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         factor = step_size_fn(state.count)
         return _scaled(updates, factor), ScaleByScheduleState(count=state.count + 1)
 
-    return GradientTransformation(init_fn, update_fn)
+    def transform_(
+        updates: Updates,
+        state: OptState,
+        params: Params | None = None,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        del params, reduce_fn
+        _scale_(updates, step_size_fn(state.count))
+        return ScaleByScheduleState(count=_advance(state.count, found_inf))
+
+    return GradientTransformation(init_fn, update_fn, transform_=transform_)
 
 
 def scale_by_learning_rate(
@@ -147,8 +198,13 @@ def scale_by_learning_rate(
     return scale(sign * learning_rate)
 
 
-def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransformation:
-    """Add ``weight_decay * params`` to the updates.
+def add_decayed_weights(
+    weight_decay: float | Tensor = 0.0,
+    *,
+    mask: WeightDecayMask | DecayMask | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates of the parameters that ``mask`` selects.
 
     Placed *before* a scaler (``chain(add_decayed_weights(wd), scale_by_adam())``) this is L2
     regularisation as in ``torch.optim.Adam(weight_decay=...)``; placed *after* it and before
@@ -156,40 +212,79 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransform
     (``param *= 1 - lr * wd``). A float ``0.0`` skips the work entirely. Zero padding in sharded
     parameters stays zero.
 
+    The in-place ``transform_`` adds ``wd * p`` with one fused multiply-add per element (no
+    temporaries for a float ``weight_decay``), so it agrees with ``update`` to rounding.
+
     Args:
         weight_decay: Non-negative float or 0-d tensor.
+        mask: Which parameters are decayed (:mod:`funczero.optim.masks`): a predicate
+            ``(name, global_shape) -> bool`` such as
+            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
+            ``{name: bool}``; ``None`` decays every parameter.
+        shapes: Global parameter shapes for a predicate ``mask`` when the optimizer holds ZeRO
+            shards (``plan.spec.shapes``); ``None`` uses the tensors' own shapes.
 
     Returns:
         A stateless transform that needs ``params``.
 
     Example:
         >>> import torch
-        >>> tx = add_decayed_weights(0.1)
-        >>> p = {"w": torch.full((1,), 2.0)}
-        >>> tx.update({"w": torch.zeros(1)}, tx.init(p), p)[0]["w"]
-        tensor([0.2000])
+        >>> tx = add_decayed_weights(0.1, mask={"w"})
+        >>> p = {"w": torch.full((1,), 2.0), "b": torch.full((1,), 2.0)}
+        >>> out = tx.update({"w": torch.zeros(1), "b": torch.zeros(1)}, tx.init(p), p)[0]
+        >>> out["w"], out["b"]
+        (tensor([0.2000]), tensor([0.]))
     """
     weight_decay = check_hparam("add_decayed_weights", "weight_decay", weight_decay, low=0.0)
     if callable(weight_decay):
         raise TypeError("add_decayed_weights: weight_decay must be a float or a 0-d tensor")
+    decays = decay_mask("add_decayed_weights", mask, shapes)
+    skip_all = isinstance(weight_decay, float) and weight_decay == 0.0
 
     def init_fn(params: Params) -> EmptyState:
-        del params
+        if decays is not None:
+            decays.check(params)
         return EmptyState()
+
+    def decayed(updates: Updates, params: Params) -> list[str]:
+        if decays is None:
+            return list(updates)
+        return [k for k in updates if decays(k, params[k])]
 
     def update_fn(
         updates: Updates, state: OptState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, OptState]:
         del extra
-        if isinstance(weight_decay, float) and weight_decay == 0.0:
+        if skip_all:
             return updates, state
         params = require_params(params, "add_decayed_weights")
         wd = weight_decay
-        out = {}
-        for k, u in updates.items():
-            p = params[k]
+        out = dict(updates)
+        for k in decayed(updates, params):
+            u, p = updates[k], params[k]
             w = wd.to(device=p.device, dtype=p.dtype) if isinstance(wd, Tensor) else wd
             out[k] = u + w * p
         return out, state
 
-    return GradientTransformation(init_fn, update_fn)
+    def transform_(
+        updates: Updates,
+        state: OptState,
+        params: Params | None = None,
+        *,
+        found_inf: Tensor | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> OptState:
+        del found_inf, reduce_fn
+        if skip_all:
+            return state
+        params = require_params(params, "add_decayed_weights")
+        keys = decayed(updates, params)
+        us, ps = [updates[k] for k in keys], keys_of(params, keys)
+        if isinstance(weight_decay, Tensor):
+            for u, p in zip(us, ps):
+                u.add_(weight_decay.to(device=p.device, dtype=p.dtype) * p)
+        elif us:
+            torch._foreach_add_(us, ps, alpha=weight_decay)
+        return state
+
+    return GradientTransformation(init_fn, update_fn, transform_=transform_)
