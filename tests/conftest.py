@@ -1,0 +1,84 @@
+"""Shared test fixtures: gloo worlds of CPU ranks and tiny models and states.
+
+``gloo_world`` runs a module-level function on N spawned CPU ranks with a hard timeout and
+returns what each rank reported, so the test compares it with a single-process reference in the
+pytest process (where a failed comparison prints a readable diff). Spawning ranks costs seconds
+on a loaded machine: batch several checks into one world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from funczero.models.gpt import GPT, GPTConfig
+from funczero.testing.distributed import run_distributed
+from funczero.testing.states import toy_state as _toy_state
+
+Report = dict[str, torch.Tensor]
+WorldRunner = Callable[..., list[Report]]
+
+# Sizes that need padding at world sizes 2-4 (vocab 13, d_model 6, 3 * d_model = 18 ...).
+TINY_GPT = GPTConfig(vocab_size=13, seq_len=5, d_model=6, n_layers=2, n_heads=2)
+
+
+def tiny_gpt(seed: int = 0, **overrides: Any) -> GPT:
+    """A 2-block GPT with fixed initial weights (``seed``); ``overrides`` replace config fields."""
+    torch.manual_seed(seed)
+    return GPT(dataclasses.replace(TINY_GPT, **overrides))
+
+
+def tiny_batch(seed: int = 1, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and next-token targets for :func:`tiny_gpt`."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, TINY_GPT.seq_len)
+    return (
+        torch.randint(0, TINY_GPT.vocab_size, shape, generator=g),
+        torch.randint(0, TINY_GPT.vocab_size, shape, generator=g),
+    )
+
+
+def _report_rank(
+    rank: int, world_size: int, fn: Callable[..., Mapping[str, torch.Tensor] | None], out: str, *args: Any
+) -> None:
+    # Spawned ranks cannot return objects; they write safetensors (no pickle) the test reads back.
+    report = fn(rank, world_size, *args) or {}
+    tensors = {k: v.detach().clone().contiguous() for k, v in report.items()}
+    save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
+
+
+@pytest.fixture
+def gloo_world(tmp_path: Path) -> WorldRunner:
+    """``run(fn, world_size, *args, timeout=120.0) -> [report of rank 0, ...]``.
+
+    ``fn(rank, world_size, *args)`` must be defined at module level (spawned ranks import it by
+    name); it runs with the default gloo group initialised and returns a dict of tensors (or
+    None). A rank that raises or a world that hangs past ``timeout`` fails the test.
+    """
+
+    def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Report]:
+        out = tmp_path / f"world-{fn.__name__}-{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        run_distributed(_report_rank, world_size, fn, str(out), *args, timeout=timeout)
+        return [load_file(out / f"rank{r}.safetensors") for r in range(world_size)]
+
+    return run
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., GPT]:
+    """Factory of tiny GPTs: ``tiny_model(seed=0, **config_overrides)``."""
+    return tiny_gpt
+
+
+@pytest.fixture
+def toy_state() -> Callable[..., Any]:
+    """:func:`funczero.testing.states.toy_state`: a hand-built state for any layout."""
+    return _toy_state
