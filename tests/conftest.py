@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,18 +53,18 @@ def _report_rank(
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
 
 
-@pytest.fixture
-def gloo_world(tmp_path: Path) -> WorldRunner:
+@pytest.fixture(scope="session")
+def gloo_world(tmp_path_factory: pytest.TempPathFactory) -> WorldRunner:
     """``run(fn, world_size, *args, timeout=120.0) -> [report of rank 0, ...]``.
 
     ``fn(rank, world_size, *args)`` must be defined at module level (spawned ranks import it by
     name); it runs with the default gloo group initialised and returns a dict of tensors (or
-    None). A rank that raises or a world that hangs past ``timeout`` fails the test.
+    None). A rank that raises or a world that hangs past ``timeout`` fails the test. Session
+    scoped, so a module-scoped fixture can run one world for several tests.
     """
 
     def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Report]:
-        out = tmp_path / f"world-{fn.__name__}-{len(list(tmp_path.iterdir()))}"
-        out.mkdir()
+        out = tmp_path_factory.mktemp(f"world-{fn.__name__}")
         run_distributed(_report_rank, world_size, fn, str(out), *args, timeout=timeout)
         return [load_file(out / f"rank{r}.safetensors") for r in range(world_size)]
 
