@@ -38,11 +38,24 @@ class MissingExtraError(ImportError):
     """A monitor block is enabled but the optional library it needs is not installed."""
 
 
-def require(module: str, *, extra: str, block: str) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingExtraError` naming the extra to install."""
+def require(module: str, *, extra: str, block: str | None = None,
+            purpose: str | None = None) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingExtraError` naming the extra to install.
+
+    Args:
+        module: what to import.
+        extra: the funczero extra that installs it.
+        block: the config block that asked for it (the message says how to switch it off).
+        purpose: otherwise, what needs it (``"funczero plot"``).
+    """
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        if block is None:
+            raise MissingExtraError(
+                f"{purpose or 'this'} needs {module}, which is not installed ({e}); "
+                f"pip install 'funczero[{extra}]'"
+            ) from e
         raise MissingExtraError(
             f'the "{block}" block is enabled but its library is not installed ({e}); '
             f"pip install 'funczero[{extra}]', or set \"{block}\": {{\"enabled\": false}}"
