@@ -28,14 +28,14 @@ WorldRunner = Callable[..., list[Report]]
 TINY_GPT = GPTConfig(vocab_size=13, seq_len=5, d_model=6, n_layers=2, n_heads=2)
 
 
-def tiny_gpt(seed: int = 0, **overrides: Any) -> GPT:
+def make_tiny_gpt(seed: int = 0, **overrides: Any) -> GPT:
     """A 2-block GPT with fixed initial weights (``seed``); ``overrides`` replace config fields."""
     torch.manual_seed(seed)
     return GPT(dataclasses.replace(TINY_GPT, **overrides))
 
 
-def tiny_batch(seed: int = 1, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and next-token targets for :func:`tiny_gpt`."""
+def make_tiny_batch(seed: int = 1, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and next-token targets for :func:`make_tiny_gpt`."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch, TINY_GPT.seq_len)
     return (
@@ -74,7 +74,13 @@ def gloo_world(tmp_path_factory: pytest.TempPathFactory) -> WorldRunner:
 @pytest.fixture
 def tiny_model() -> Callable[..., GPT]:
     """Factory of tiny GPTs: ``tiny_model(seed=0, **config_overrides)``."""
-    return tiny_gpt
+    return make_tiny_gpt
+
+
+@pytest.fixture
+def tiny_batch() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Factory of ``(ids, targets)`` batches for the tiny GPT: ``tiny_batch(seed=1, batch=4)``."""
+    return make_tiny_batch
 
 
 @pytest.fixture
