@@ -99,12 +99,16 @@ def _shard(n: int, w: int) -> int:
 
 
 def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision: str = "bf16",
-                   optimizer: str = "adamw", grad_accum: int = 1) -> StageEstimate:
+                   optimizer: str = "adamw", grad_accum: int = 1,
+                   persistence_threshold: int = 100_000) -> StageEstimate:
     """Per-rank bytes of ``facts`` at ZeRO ``stage`` on ``world_size`` ranks.
+
+    ``persistence_threshold`` is ``stage3_param_persistence_threshold``: at stage 3, parameters
+    with fewer elements stay replicated in the compute dtype (as gathered, padded buffers).
 
     Example:
         >>> facts = ModelFacts(trainable=(1000,), frozen=(), buffer_bytes=0, largest_layer=1000)
-        >>> e = estimate_stage(facts, stage=3, world_size=4)
+        >>> e = estimate_stage(facts, stage=3, world_size=4, persistence_threshold=0)
         >>> e.params, e.grads, e.master, e.opt_state, e.deepspeed
         (0, 1000, 1000, 2008, 4000.0)
     """
@@ -128,8 +132,10 @@ def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision:
         master, opt = 4 * shards, per_elem * shards
         if stage in (1, 2):
             params = c * padded + c * frozen  # views of the all-gathered unit buffers
-        else:
-            params = 4 * sum(_shard(f, w) for f in facts.frozen)  # trainable shards are the master
+        else:  # sharded trainable parameters are their master shards: nothing extra
+            kept = [f for f in facts.trainable if f < persistence_threshold]
+            params = c * sum(_shard(f, w) * w for f in kept) + sum(
+                c * f if f < persistence_threshold else 4 * _shard(f, w) for f in facts.frozen)
         reduced_in_backward = stage >= 2 or (grad_accum == 1 and w > 1)
         grads = 4 * shards
         if not reduced_in_backward:
@@ -254,11 +260,10 @@ def model_facts(model: Any, *, precision: str = "bf16", micro_batch: int | None 
 
 
 def estimate(facts: ModelFacts, *, stages: Sequence[int], world_sizes: Sequence[int],
-             precision: str = "bf16", optimizer: str = "adamw", grad_accum: int = 1
-             ) -> list[StageEstimate]:
-    """:func:`estimate_stage` for every stage and world size."""
-    return [estimate_stage(facts, stage=s, world_size=w, precision=precision, optimizer=optimizer,
-                           grad_accum=grad_accum) for w in world_sizes for s in stages]
+             **options: Any) -> list[StageEstimate]:
+    """:func:`estimate_stage` for every stage and world size (``options`` passed on)."""
+    return [estimate_stage(facts, stage=s, world_size=w, **options)
+            for w in world_sizes for s in stages]
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -293,6 +298,9 @@ def estimate_command(
     optimizer: Annotated[str, typer.Option(
         "--optimizer", help="adamw, adam, lamb, lion, adagrad, sgd or sgd-momentum.")] = "adamw",
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 1,
+    persistence_threshold: Annotated[int, typer.Option(
+        "--persistence-threshold", min=0,
+        help="stage3_param_persistence_threshold: smaller parameters stay replicated.")] = 100_000,
     micro_batch: Annotated[int, typer.Option("--micro-batch", min=1)] = 1,
     seq_len: Annotated[int | None, typer.Option(
         "--seq-len", min=1, help="Token sequence length: adds activations (token-id models).")] = None,
@@ -308,7 +316,8 @@ def estimate_command(
         model = load_model(factory, hf_config)
         facts = model_facts(model, precision=precision, micro_batch=micro_batch, seq_len=seq_len)
         rows = estimate(facts, stages=stages, world_sizes=sizes, precision=precision,
-                        optimizer=optimizer, grad_accum=grad_accum)
+                        optimizer=optimizer, grad_accum=grad_accum,
+                        persistence_threshold=persistence_threshold)
     except (ValueError, TypeError, ImportError, FileNotFoundError, AttributeError) as e:
         typer.echo(f"funczero estimate: error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -326,8 +335,8 @@ def _print_table(facts: ModelFacts, rows: Sequence[StageEstimate], precision: st
     from rich.console import Console
     from rich.table import Table
 
-    title = (f"{facts.n_trainable / 1e6:,.1f}M trainable parameters"
-             f"{f' + {sum(facts.frozen) / 1e6:,.1f}M frozen' if facts.frozen else ''}, "
+    title = (f"{facts.n_trainable:,} trainable parameters"
+             f"{f' + {sum(facts.frozen):,} frozen' if facts.frozen else ''}, "
              f"{precision}, {optimizer}: GiB per rank")
     table = Table(title=title, title_justify="left")
     headers = ["ranks", "stage", "params", "grads", "master", "optimizer", "buffers", "total",
@@ -344,7 +353,7 @@ def _print_table(facts: ModelFacts, rows: Sequence[StageEstimate], precision: st
         if r.activations is not None:
             cells += [_gib(r.total + r.activations), _gib(r.total + (r.activations_checkpointed or 0))]
         table.add_row(*cells)
-    console = Console(markup=False, highlight=False)
+    console = Console(markup=False, highlight=False, width=max(Console().width, 130))
     console.print(table)
     console.print("DeepSpeed: its ZeRO-paper model-state figure (16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N) for "
                   "mixed-precision Adam; docs/zero.md explains where funczero differs. Activations "
