@@ -17,8 +17,18 @@ Which samples go where (the contract the tests pin down):
   different one each epoch when shuffling) is skipped. ``drop_last=False``: an epoch has
   ``ceil(len / G)`` steps and the last global batch is filled by wrapping around to the start of
   the same epoch's order, as ``torch.utils.data.DistributedSampler`` pads.
-* ``position`` counts global steps consumed since the start of training; the epoch is
-  ``position // steps_per_epoch``. It is the whole resumable state.
+* ``position`` counts global steps consumed since the start of training; in a run that did not
+  change its global batch size, the epoch is ``position // steps_per_epoch``.
+
+Resuming (``state_dict()`` saved, ``load_state_dict()`` in the new run) continues from the
+exact sample where the saved run stopped: the state records the epoch and how
+many samples of that epoch's order were consumed (``epoch_offset``), and an epoch's order does not
+depend on the batch geometry. So a run may resume at another world size even when that changes
+the global batch size (a fixed per-rank config on more or fewer ranks): the rest of the epoch is
+cut into global batches of the new size starting at ``epoch_offset`` (with ``drop_last``, a tail
+smaller than one new global batch is skipped), and later epochs follow the rules above. No
+sample is repeated or skipped within an epoch by the change, and ``position`` keeps counting
+global steps, so it stays equal to the training state's step.
 
 Iterating a loader (``for batch in loader``) yields the rest of the current epoch, as
 DeepSpeed's loader does (loop over epochs outside); :meth:`DistributedBatchLoader.next_batch`
@@ -38,7 +48,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -132,6 +142,14 @@ def _mix(seed: int, epoch: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+class _ResumePoint(NamedTuple):
+    """Where iteration (re)started: global step ``position`` is sample ``offset`` of ``epoch``."""
+
+    position: int
+    epoch: int
+    offset: int
+
+
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(
@@ -216,9 +234,11 @@ class DistributedBatchLoader:
                 f"{self.world_size}, so an epoch has no step; use a smaller batch, more data, "
                 "or drop_last=False (which repeats samples to fill the batch)"
             )
-        self.position = _check_int("position", position, 0)
         self._order_epoch = -1
         self._order = torch.empty(0, dtype=torch.int64)
+        self._position = 0
+        self._resume_point = _ResumePoint(0, 0, 0)
+        self.position = position
 
     # --- geometry ----------------------------------------------------------------------------
 
@@ -244,14 +264,56 @@ class DistributedBatchLoader:
         return self.steps_per_epoch
 
     @property
-    def epoch(self) -> int:
-        """The epoch the next batch comes from."""
-        return self.position // self.steps_per_epoch
+    def position(self) -> int:
+        """Global steps consumed since the start of training (the next batch's index).
+
+        Setting it starts afresh from that step in this loader's geometry (epoch
+        ``position // steps_per_epoch``); :meth:`load_state_dict` resumes a saved run instead.
+        """
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._position = _check_int("position", value, 0)
+        self._resume_point = _ResumePoint(0, 0, 0)
 
     @property
-    def step_in_epoch(self) -> int:
-        """Index of the next batch within its epoch."""
-        return self.position % self.steps_per_epoch
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._locate(self.position)[0]
+
+    @property
+    def epoch_offset(self) -> int:
+        """Samples of the current epoch's order consumed before the next batch."""
+        return self._locate(self.position)[1]
+
+    @property
+    def steps_left_in_epoch(self) -> int:
+        """Global batches left in the current epoch, the next one included."""
+        return self._steps_from(self.epoch_offset)
+
+    def _steps_from(self, offset: int) -> int:
+        """Global batches an epoch yields from sample ``offset`` of its order to its end."""
+        left = self.num_samples - offset
+        if self.drop_last:
+            return left // self.global_batch_size
+        return math.ceil(left / self.global_batch_size)
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(epoch, samples of that epoch consumed) before the batch at global step ``position``."""
+        start = self._resume_point
+        if position < start.position:
+            raise ValueError(
+                f"DistributedBatchLoader: position {position} precedes the resumed step "
+                f"{start.position}, whose batches were drawn by the saved run (perhaps with "
+                "another global batch size); only positions from the resumed step on are known"
+            )
+        steps = position - start.position
+        first = self._steps_from(start.offset)  # the rest of the epoch resumed in
+        if steps < first:
+            return start.epoch, start.offset + steps * self.global_batch_size
+        epochs, step = divmod(steps - first, self.steps_per_epoch)
+        return start.epoch + 1 + epochs, step * self.global_batch_size
 
     # --- which samples -----------------------------------------------------------------------
 
@@ -275,9 +337,8 @@ class DistributedBatchLoader:
             [9, 0, 1]
         """
         position = self.position if position is None else _check_int("position", position, 0)
-        epoch, step = divmod(position, self.steps_per_epoch)
+        epoch, start = self._locate(position)
         order = self._epoch_order(epoch)
-        start = step * self.global_batch_size
         picks = torch.arange(start, start + self.global_batch_size) % self.num_samples
         return order[picks].tolist()
 
@@ -291,7 +352,7 @@ class DistributedBatchLoader:
     def next_batch(self) -> Any:
         """Return this rank's next step batch and advance ``position`` (crosses epochs)."""
         batch = self.collate_fn([self.dataset[i] for i in self.rank_indices()])
-        self.position += 1
+        self._position += 1
         return batch
 
     def __iter__(self) -> Iterator[Any]:
@@ -300,8 +361,7 @@ class DistributedBatchLoader:
         A loop over a fresh loader is one full epoch; after a resume mid-epoch it is the rest of
         that epoch. Loop again for the next epoch (DeepSpeed's loader convention).
         """
-        end = (self.epoch + 1) * self.steps_per_epoch
-        while self.position < end:
+        for _ in range(self.steps_left_in_epoch):
             yield self.next_batch()
 
     def iter_steps(self, num_steps: int | None = None) -> Iterator[Any]:
@@ -316,18 +376,21 @@ class DistributedBatchLoader:
     # --- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able resumable state (``position`` plus what must match to resume exactly).
+        """JSON-able resumable state: where the next batch starts, and what must match to resume.
 
         Example:
             >>> import torch
             >>> loader = DistributedBatchLoader(torch.arange(8), micro_batch_size=2)
             >>> _ = loader.next_batch()
-            >>> loader.state_dict()["position"], loader.state_dict()["epoch"]
-            (1, 0)
+            >>> state = loader.state_dict()
+            >>> state["position"], state["epoch"], state["epoch_offset"]
+            (1, 0, 2)
         """
+        epoch, offset = self._locate(self.position)
         return {
             "position": self.position,
-            "epoch": self.epoch,
+            "epoch": epoch,
+            "epoch_offset": offset,
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "num_samples": self.num_samples,
@@ -336,24 +399,72 @@ class DistributedBatchLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: the next batch is the one that would have come next.
+        """Resume from :meth:`state_dict`: the next batch starts at the sample the saved run
+        would have read next.
 
-        The world size may differ from the saving run's as long as the global batch size is the
-        same (the position counts global steps).
+        The world size and global batch size may differ from the saving run's (see the module
+        docstring); ``position`` continues the saved run's step count.
 
         Raises:
-            ValueError: the state was saved with a different seed, global batch size, dataset
-                length, ``shuffle`` or ``drop_last``, any of which would change the sample order.
+            ValueError: the state was saved with a different seed, dataset length, ``shuffle``
+                or ``drop_last``, any of which would change the sample order, or it is malformed.
+
+        Example:
+            >>> import torch
+            >>> two_ranks = DistributedBatchLoader(torch.arange(12), micro_batch_size=2,
+            ...                                    world_size=2, shuffle=False)
+            >>> _ = two_ranks.next_batch()  # the global batch [0, 1, 2, 3]
+            >>> three_ranks = DistributedBatchLoader(torch.arange(12), micro_batch_size=2,
+            ...                                      world_size=3, shuffle=False)
+            >>> three_ranks.load_state_dict(two_ranks.state_dict())
+            >>> three_ranks.global_indices(), three_ranks.position
+            ([4, 5, 6, 7, 8, 9], 1)
         """
-        for key in ("seed", "global_batch_size", "num_samples", "shuffle", "drop_last"):
+        where = "DistributedBatchLoader.load_state_dict"
+        if not isinstance(state, cabc.Mapping):
+            raise ValueError(
+                f"{where}: expected the dict of state_dict(), got {type(state).__name__}"
+            )
+        for key in ("seed", "num_samples", "shuffle", "drop_last"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
-                    f"DistributedBatchLoader.load_state_dict: the state was saved with "
-                    f"{key}={state[key]!r} but this loader has {key}={getattr(self, key)!r}; "
-                    "resuming would not continue the same sample order. Build the loader with "
-                    f"{key}={state[key]!r}, or set loader.position yourself to start afresh"
+                    f"{where}: the state was saved with {key}={state[key]!r} but this loader has "
+                    f"{key}={getattr(self, key)!r}; resuming would not continue the same sample "
+                    f"order. Build the loader with {key}={state[key]!r}, or set loader.position "
+                    "yourself to start afresh"
                 )
-        self.position = _check_int("position", state["position"], 0)
+        if "position" not in state:
+            raise ValueError(f"{where}: the state has no 'position' (keys: {sorted(state)})")
+        position = _check_int("position", state["position"], 0)
+        epoch, offset = self._saved_location(state, position)
+        self._position = position
+        self._resume_point = _ResumePoint(position, epoch, offset)
+
+    def _saved_location(self, state: cabc.Mapping[str, Any], position: int) -> tuple[int, int]:
+        """(epoch, epoch_offset) of a saved state; states without ``epoch_offset`` (written
+        before it existed) had whole global batches of the saved size from each epoch's start."""
+        if "epoch_offset" in state:
+            epoch = _check_int("epoch", state.get("epoch"), 0)
+            offset = _check_int("epoch_offset", state["epoch_offset"], 0)
+        elif "epoch" in state and "global_batch_size" in state:
+            epoch = _check_int("epoch", state["epoch"], 0)
+            saved_batch = _check_int("global_batch_size", state["global_batch_size"], 1)
+            saved_steps = (
+                self.num_samples // saved_batch
+                if self.drop_last
+                else math.ceil(self.num_samples / saved_batch)
+            )
+            offset = (position - epoch * saved_steps) * saved_batch
+        else:  # the oldest format: position alone, in this loader's geometry
+            epoch, step = divmod(position, self.steps_per_epoch)
+            return epoch, step * self.global_batch_size
+        if offset < 0 or offset >= self.num_samples:
+            raise ValueError(
+                f"DistributedBatchLoader.load_state_dict: epoch_offset {offset} (epoch {epoch}, "
+                f"position {position}) is outside the dataset's {self.num_samples} samples; the "
+                "state is corrupt or belongs to another dataset"
+            )
+        return epoch, offset
 
     @classmethod
     def from_config(

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import namedtuple
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import funczero
+from funczero import checkpoint
 from funczero.config import Config
 from funczero.data import DistributedBatchLoader, default_collate
+from funczero.testing import run_distributed
 
 
 class Indexed:
@@ -129,6 +134,113 @@ def test_resume_at_another_world_size_with_the_same_global_batch() -> None:
     assert [global_step(resumed) for _ in range(10)] == reference[5:]
 
 
+def epoch_orders(n: int, epochs: int, **kwargs: Any) -> list[list[int]]:
+    """Each epoch's sample order, read through a loader whose global batch is one sample."""
+    one = DistributedBatchLoader(Indexed(n), micro_batch_size=1, **kwargs)
+    return [[one.next_batch().item() for _ in range(n)] for _ in range(epochs)]
+
+
+def expected_after_resume(
+    orders: list[list[int]], epoch: int, offset: int, batch: int, steps: int, drop_last: bool
+) -> list[list[int]]:
+    """Global batches of ``batch`` samples from sample ``offset`` of ``epoch`` on (the rule the
+    module docstring states: the rest of that epoch, then whole epochs)."""
+    n = len(orders[0])
+    out: list[list[int]] = []
+    while len(out) < steps:
+        order = orders[epoch]
+        while offset < n and len(out) < steps:
+            if drop_last and offset + batch > n:
+                break
+            out.append([order[(offset + j) % n] for j in range(batch)])
+            offset += batch
+        epoch, offset = epoch + 1, 0
+    return out
+
+
+# (per-rank micro-batch, world size) saved, then resumed: a fixed per-rank config on more or
+# fewer ranks changes the global batch size (8 -> 12, 12 -> 8, 8 -> 20).
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize(("saved", "resumed"), [((4, 2), (4, 3)), ((4, 3), (4, 2)), ((4, 2), (5, 4))])
+@pytest.mark.parametrize("stop", [1, 3, 4, 9])  # mid-epoch, near its end, next epochs
+def test_resume_with_another_global_batch_continues_at_the_saved_sample(
+    drop_last: bool, saved: tuple[int, int], resumed: tuple[int, int], stop: int
+) -> None:
+    kwargs = {"seed": 4, "drop_last": drop_last}
+    run = loaders(45, saved[1], micro_batch_size=saved[0], **kwargs)
+    consumed = [global_step(run) for _ in range(stop)]
+    state = json.loads(json.dumps(run[0].state_dict()))  # what a checkpoint's client_state holds
+    new = loaders(45, resumed[1], micro_batch_size=resumed[0], **kwargs)
+    for loader in new:
+        loader.load_state_dict(state)
+    assert all(loader.position == stop for loader in new)  # still counts global steps
+    after = [global_step(new) for _ in range(12)]
+    orders = epoch_orders(45, 8, **kwargs)
+    epoch, offset = state["epoch"], state["epoch_offset"]
+    batch = resumed[0] * resumed[1]
+    assert after == expected_after_resume(orders, epoch, offset, batch, 12, drop_last)
+    # The interrupted epoch, read by the saved run and then the resumed one, is its order: no
+    # sample twice, none skipped but (drop_last) a tail smaller than one new global batch.
+    in_epoch = (45 - offset) // batch if drop_last else math.ceil((45 - offset) / batch)
+    joined = [i for b in consumed for i in b][len(consumed) * saved[0] * saved[1] - offset :]
+    joined += [i for b in after[:in_epoch] for i in b]
+    if drop_last:
+        assert joined == orders[epoch][: len(joined)] and 45 - len(joined) < batch
+    else:  # the last batch wraps around to the start of the same epoch's order
+        assert joined[:45] == orders[epoch] and joined[45:] == orders[epoch][: len(joined) - 45]
+
+
+def test_a_resumed_loader_saves_and_resumes_again_exactly() -> None:
+    first = loaders(50, 2, micro_batch_size=3, seed=2)  # global batch 6
+    for _ in range(4):
+        global_step(first)
+    second = loaders(50, 4, micro_batch_size=2, seed=2)  # global batch 8, from sample 24
+    for loader in second:
+        loader.load_state_dict(first[0].state_dict())
+    for _ in range(2):
+        global_step(second)
+    state = second[0].state_dict()
+    assert (state["position"], state["epoch"], state["epoch_offset"]) == (6, 0, 40)
+    reference = [global_step(second) for _ in range(8)]
+    for world, micro in ((4, 2), (1, 8)):  # same global batch, any split
+        third = loaders(50, world, micro_batch_size=micro, seed=2)
+        for loader in third:
+            loader.load_state_dict(state)
+        assert [global_step(third) for _ in range(8)] == reference
+    with pytest.raises(ValueError, match="position 5 precedes the resumed step 6"):
+        third[0].global_indices(5)
+
+
+def test_a_state_saved_before_epoch_offset_existed_still_resumes() -> None:
+    run = loaders(40, 2, micro_batch_size=3, seed=8)  # global batch 6, 6 steps per epoch
+    for _ in range(8):
+        global_step(run)
+    state = run[0].state_dict()
+    old = {k: v for k, v in state.items() if k != "epoch_offset"}
+    resumed = loaders(40, 3, micro_batch_size=3, seed=8)
+    for loader in resumed:
+        loader.load_state_dict(old)
+    assert resumed[0].epoch_offset == state["epoch_offset"] == 12
+    reference = loaders(40, 3, micro_batch_size=3, seed=8)
+    for loader in reference:
+        loader.load_state_dict(state)
+    assert [global_step(resumed) for _ in range(5)] == [global_step(reference) for _ in range(5)]
+
+
+def test_iteration_after_a_resume_finishes_the_epoch_in_the_new_geometry() -> None:
+    saved = DistributedBatchLoader(Indexed(20), micro_batch_size=3, shuffle=False)
+    saved.next_batch()  # samples 0-2
+    loader = DistributedBatchLoader(Indexed(20), micro_batch_size=4, shuffle=False)
+    loader.load_state_dict(saved.state_dict())
+    assert [b.tolist() for b in loader] == [[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14],
+                                            [15, 16, 17, 18]]  # sample 19 is the dropped tail
+    assert loader.epoch == 1 and loader.position == 5
+    assert [b.tolist() for b in loader][:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert loader.position == 10  # 5 whole batches of the next epoch
+    loader.position = 0  # setting the position starts afresh in this geometry
+    assert loader.global_indices() == [0, 1, 2, 3] and loader.steps_left_in_epoch == 5
+
+
 def test_iteration_yields_one_epoch_then_the_next() -> None:
     loader = DistributedBatchLoader(Indexed(20), micro_batch_size=3, shuffle=False)
     assert len(loader) == 6
@@ -178,8 +290,25 @@ def test_bad_dataset_and_mismatched_state() -> None:
     state = DistributedBatchLoader(Indexed(10), micro_batch_size=2, seed=1).state_dict()
     with pytest.raises(ValueError, match="saved with seed=1 but this loader has seed=2"):
         DistributedBatchLoader(Indexed(10), micro_batch_size=2, seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="global_batch_size=2"):
-        DistributedBatchLoader(Indexed(10), micro_batch_size=5, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with num_samples=10 but this loader has "
+                                         "num_samples=12"):
+        DistributedBatchLoader(Indexed(12), micro_batch_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with shuffle=True but this loader has "
+                                         "shuffle=False"):
+        DistributedBatchLoader(Indexed(10), micro_batch_size=2, seed=1,
+                               shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with drop_last=True but this loader has "
+                                         "drop_last=False"):
+        DistributedBatchLoader(Indexed(10), micro_batch_size=2, seed=1,
+                               drop_last=False).load_state_dict(state)
+    loader = DistributedBatchLoader(Indexed(10), micro_batch_size=2, seed=1)
+    with pytest.raises(ValueError, match="the state has no 'position'"):
+        loader.load_state_dict({"epoch": 0, "epoch_offset": 0})
+    with pytest.raises(ValueError, match="epoch_offset 10 .* outside the dataset's 10 samples"):
+        loader.load_state_dict({**state, "epoch_offset": 10})
+    with pytest.raises(ValueError, match="position must be an integer >= 0, got -1"):
+        loader.load_state_dict({**state, "position": -1})
+    assert loader.position == 0  # a rejected state changes nothing
 
 
 def test_default_collate_structures() -> None:
@@ -212,3 +341,72 @@ def test_only_this_ranks_samples_are_read() -> None:
     loader = DistributedBatchLoader(data, micro_batch_size=4, world_size=4, rank=2)
     loader.next_batch()
     assert data.reads == 4
+
+
+# --- the documented resume recipe, end to end, at a new world size ------------------------------
+
+
+class Numbered:
+    """Sample i is (x = [i, i, i, i], y = [i % 3]): a batch shows which samples it holds."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((4,), float(i)), torch.tensor([float(i % 3)])
+
+
+# A fixed per-rank config: the global batch is 4 samples per rank (4 at world 1, 8 at world 2).
+RECIPE_CONFIG = {
+    "train_micro_batch_size_per_gpu": 4,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
+    "funczero": {"seed": 7},
+}
+
+
+def _regression_loss(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _initialize() -> funczero.Initialized:
+    torch.manual_seed(0)
+    return funczero.initialize(
+        torch.nn.Linear(4, 1), RECIPE_CONFIG, _regression_loss, training_data=Numbered()
+    )
+
+
+def _resume_with_the_documented_recipe(rank: int, world_size: int, ckpt: str, out: str) -> None:
+    run = _initialize()
+    state, client = checkpoint.load(ckpt, like=run.state)
+    run.loader.load_state_dict(client["loader"])  # getting-started.md, migrating, the example
+    seen = []
+    for _ in range(3):
+        batch = run.loader.next_batch()
+        seen.append(batch[0][:, 0].long().tolist())
+        state, _ = run.train_step(state, batch)
+    result = {"seen": seen, "step": int(state.step), "position": run.loader.position}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_documented_resume_recipe_works_at_a_new_world_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)  # this process is a world of 1
+    run = _initialize()
+    state = run.state
+    for _ in range(3):
+        state, _ = run.train_step(state, run.loader.next_batch())  # samples 0-11 of epoch 0
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.save(ckpt, state, client_state={"loader": run.loader.state_dict()})
+    order = run.loader.global_indices(0) + [
+        i for p in range(1, 10) for i in run.loader.global_indices(p)
+    ]  # epoch 0's order, 4 samples at a time
+
+    run_distributed(_resume_with_the_documented_recipe, 2, ckpt, str(tmp_path), timeout=180.0)
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["step"] == 6 and r["position"] == 6 for r in ranks)  # steps 3..5 done
+    global_batches = [ranks[0]["seen"][k] + ranks[1]["seen"][k] for k in range(3)]
+    assert global_batches == [order[12:20], order[20:28], order[28:36]]
