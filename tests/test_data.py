@@ -161,7 +161,9 @@ def expected_after_resume(
 # (per-rank micro-batch, world size) saved, then resumed: a fixed per-rank config on more or
 # fewer ranks changes the global batch size (8 -> 12, 12 -> 8, 8 -> 20).
 @pytest.mark.parametrize("drop_last", [True, False])
-@pytest.mark.parametrize(("saved", "resumed"), [((4, 2), (4, 3)), ((4, 3), (4, 2)), ((4, 2), (5, 4))])
+@pytest.mark.parametrize(
+    ("saved", "resumed"), [((4, 2), (4, 3)), ((4, 3), (4, 2)), ((4, 2), (5, 4))]
+)
 @pytest.mark.parametrize("stop", [1, 3, 4, 9])  # mid-epoch, near its end, next epochs
 def test_resume_with_another_global_batch_continues_at_the_saved_sample(
     drop_last: bool, saved: tuple[int, int], resumed: tuple[int, int], stop: int
