@@ -5,6 +5,14 @@ A DeepSpeed user's JSON works unchanged; what DeepSpeed would silently ignore or
 names the key path and the fix. ``docs/config.md`` lists every key; it is generated from the
 table in ``funczero/config/keys.py`` by ``python -m funczero.config``.
 
+:class:`Config` is frozen plain data with one constructor, :meth:`Config.load`; the runtime
+objects it describes are built by :mod:`funczero.from_config`.
+
+Modules: ``load`` (``Config``), ``source`` (reading dicts, files, base64), ``jsonc`` (JSON with
+comments), ``keys`` (the table of every key), ``schema`` (how a table is applied), ``checks``
+(value checkers), ``sections`` (sub-block dataclasses), ``optimizer`` (optimizer and scheduler
+blocks), ``batch`` (the batch-size rule), ``errors``, ``reference`` (the generated docs).
+
 Example:
     >>> from funczero.config import Config
     >>> cfg = Config.load({
@@ -17,11 +25,11 @@ Example:
 
 from __future__ import annotations
 
-from funczero.config.load import Config as Config
 from funczero.config.errors import ConfigError as ConfigError
 from funczero.config.errors import ConfigWarning as ConfigWarning
 from funczero.config.keys import KEYS as KEYS
 from funczero.config.keys import OPTIMIZER_PARAMS as OPTIMIZER_PARAMS
+from funczero.config.load import Config as Config
 from funczero.config.optimizer import OptimizerConfig as OptimizerConfig
 from funczero.config.optimizer import SchedulerConfig as SchedulerConfig
 from funczero.config.schema import Key as Key

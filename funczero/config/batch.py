@@ -9,7 +9,10 @@ value that does not divide evenly is rejected up front with the arithmetic and t
 
 from __future__ import annotations
 
+import math
+
 from funczero.config.errors import ConfigError
+from funczero.config.keys import MAX_BATCH
 
 __all__ = ["resolve_batch"]
 
@@ -74,6 +77,12 @@ def resolve_batch(
         return tbs, tbs // world_size, 1
     assert mbs is not None
     gas = 1 if gas is None else gas
+    if mbs * gas * world_size > MAX_BATCH:
+        raise ConfigError(
+            f"{TBS} = {MBS} ({mbs}) * {GAS} ({gas}) * {w} = {mbs * gas * world_size}, more than "
+            f"{MAX_BATCH} samples per step: no real batch is that large; check the batch keys "
+            "and the world size"
+        )
     return mbs * gas * world_size, mbs, gas
 
 
@@ -97,6 +106,12 @@ def _derive(
 
 
 def _divisors_near(n: int, x: int) -> str:
-    """The divisors of ``n`` closest to ``x`` (at most two), for a suggestion."""
-    divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - x), d))
+    """The divisors of ``n`` closest to ``x`` (at most two), for a suggestion.
+
+    Example:
+        >>> _divisors_near(50, 4), _divisors_near(2**31 - 1, 4)
+        ('2 or 5', '1 or 2147483647')
+    """
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]  # sqrt(n) steps, not n
+    divisors = sorted({*small, *(n // d for d in small)}, key=lambda d: (abs(d - x), d))
     return " or ".join(str(d) for d in sorted(divisors[:2]))

@@ -14,12 +14,24 @@ from typing import Any
 from funczero.config.errors import ConfigError, show
 
 __all__ = [
-    "Check", "betas", "boolean", "choice", "integer", "mapping", "number", "optional", "string",
+    "INT64_MAX",
+    "Check",
+    "betas",
+    "boolean",
+    "choice",
+    "integer",
+    "mapping",
+    "number",
+    "optional",
+    "string",
 ]
+
+INT64_MAX = 2**63 - 1
+"""Integers any key accepts lie in int64 (counts become int64 tensors or loop bounds)."""
 
 
 class Check:
-    """A named validator: ``fn(value)`` returns the normalised value or ``_BAD``."""
+    """A named validator: ``fn(value)`` returns the normalised value, or ``_BAD`` / a ``_Bad``."""
 
     def __init__(self, describe: str, fn: Callable[[Any], Any]) -> None:
         self.describe = describe
@@ -29,18 +41,33 @@ class Check:
         out = self._fn(value)
         if out is _BAD:
             raise ConfigError(f"{path}: expected {self.describe}, got {show(value)}")
+        if isinstance(out, _Bad):
+            raise ConfigError(f"{path}: {out.reason}, got {show(value)}")
         return out
 
 
 _BAD = object()
 
 
+class _Bad:
+    """A rejection with its own reason (for limits that ``describe`` does not spell out)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool (huge ints are numbers; float() of them may overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
-def _bounds(ge: float | None, gt: float | None, le: float | None) -> str:
-    parts = [f"{op} {b:g}" for op, b in ((">", gt), (">=", ge), ("<=", le)) if b is not None]
+def _bounds(
+    ge: float | None, gt: float | None, le: float | None, lt: float | None = None
+) -> str:
+    pairs = ((">", gt), (">=", ge), ("<", lt), ("<=", le))
+    parts = [f"{op} {b if isinstance(b, int) else f'{b:g}'}" for op, b in pairs if b is not None]
     return (" " + " and ".join(parts)) if parts else ""
 
 
@@ -50,25 +77,60 @@ def boolean() -> Check:
 
 
 def integer(*, ge: int | None = None, le: int | None = None) -> Check:
-    """Accept an integer, including integral floats such as ``5e8`` (pydantic does too)."""
+    """Accept an integer, including integral floats such as ``5e8`` (pydantic does too).
+
+    Values outside int64 are rejected even without bounds.
+
+    Example:
+        >>> integer(ge=1)(5e8, "reduce_bucket_size")
+        500000000
+        >>> try:
+        ...     integer(ge=1)(1e308, "gradient_accumulation_steps")
+        ... except ConfigError as e:
+        ...     print(e)
+        gradient_accumulation_steps: expected an integer >= 1 that fits in int64 (-2**63 to \
+2**63 - 1), got 1e+308
+    """
+    describe = f"an integer{_bounds(ge, None, le)}"
 
     def fn(v: Any) -> Any:
         if not _is_num(v) or (isinstance(v, float) and not v.is_integer()):
             return _BAD
+        if not -INT64_MAX - 1 <= v <= INT64_MAX:
+            if (le is not None and v > le) or (ge is not None and v < ge):
+                return _BAD  # the stated bound already says why
+            return _Bad(f"expected {describe} that fits in int64 (-2**63 to 2**63 - 1)")
         v = int(v)
         return _BAD if (ge is not None and v < ge) or (le is not None and v > le) else v
 
-    return Check(f"an integer{_bounds(ge, None, le)}", fn)
+    return Check(describe, fn)
 
 
-def number(*, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Check:
-    """Accept a finite int or float (never a bool or a numeric string) within bounds."""
+def number(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Check:
+    """Accept a finite int or float (never a bool or a numeric string) within bounds.
+
+    Example:
+        >>> number(ge=0)(3, "gradient_clipping")
+        3.0
+    """
 
     def fn(v: Any) -> Any:
-        ok = _is_num(v) and (ge is None or v >= ge) and (gt is None or v > gt)
-        return float(v) if ok and (le is None or v <= le) else _BAD
+        if not _is_num(v):
+            return _BAD
+        try:
+            x = float(v)
+        except OverflowError:  # an int beyond the float range
+            return _BAD
+        ok = (ge is None or x >= ge) and (gt is None or x > gt) and (lt is None or x < lt)
+        return x if ok and (le is None or x <= le) else _BAD
 
-    return Check(f"a number{_bounds(ge, gt, le)}", fn)
+    return Check(f"a number{_bounds(ge, gt, le, lt)}", fn)
 
 
 def choice(*options: str | None) -> Check:
@@ -111,7 +173,7 @@ def betas() -> Check:
     def fn(v: Any) -> Any:
         if not isinstance(v, Sequence) or isinstance(v, str) or len(v) != 2:
             return _BAD
-        if not all(_is_num(b) and 0.0 <= b < 1.0 for b in v):
+        if not all(_is_num(b) and 0 <= b < 1 for b in v):
             return _BAD
         return (float(v[0]), float(v[1]))
 

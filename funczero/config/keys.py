@@ -25,10 +25,13 @@ from funczero.config.checks import (
 from funczero.config.schema import Auto, Key, Status
 
 __all__ = [
+    "MAX_BATCH",
     "DEPRECATED_ZERO",
     "KEYS",
+    "KEY_HOMES",
     "OPTIMIZER_PARAMS",
     "OPTIMIZER_TYPES",
+    "SCHEDULER_PARAMS",
     "SECTIONS",
     "UNSUPPORTED_FEATURES",
     "UNSUPPORTED_OPTIMIZERS",
@@ -36,7 +39,12 @@ __all__ = [
 ]
 
 USED, IGNORED, DEFAULT_ONLY = Status.USED, Status.IGNORED, Status.DEFAULT_ONLY
-_POS_INT = optional(integer(ge=1))
+
+MAX_BATCH = 2**31 - 1
+"""The largest batch count (samples per step, per micro-batch, micro-batches per step): a larger
+one is no real batch, and its products would overflow what a saved config can reload."""
+
+_BATCH = optional(integer(ge=1, le=MAX_BATCH))
 _BIG = integer(ge=0)  # element counts such as 5e8
 
 
@@ -53,17 +61,18 @@ def _no_hooks(what: str) -> str:
 
 
 _NO_OFFLOAD = "only meaningful with CPU/NVMe offload, which funczero does not implement"
+_MAX_SCALE = 2.0**127  # funczero.train.loss_scale.MAX_SCALE: the float32 scale's ceiling
 
 TOP: dict[str, Key] = {
     "train_batch_size": Key(
-        _POS_INT, None, "samples per optimizer step over all data-parallel ranks",
+        _BATCH, None, "samples per optimizer step over all data-parallel ranks",
         auto=Auto.COMPUTED,
     ),
     "train_micro_batch_size_per_gpu": Key(
-        _POS_INT, None, "samples per forward/backward on one rank", auto=Auto.COMPUTED
+        _BATCH, None, "samples per forward/backward on one rank", auto=Auto.COMPUTED
     ),
     "gradient_accumulation_steps": Key(
-        _POS_INT, None, "micro-batches accumulated per optimizer step", auto=Auto.COMPUTED
+        _BATCH, None, "micro-batches accumulated per optimizer step", auto=Auto.COMPUTED
     ),
     "optimizer": Key(optional(mapping()), None, "optimizer block `{type, params}`"),
     "scheduler": Key(optional(mapping()), None, "learning-rate schedule block `{type, params}`"),
@@ -80,11 +89,15 @@ TOP: dict[str, Key] = {
     ),
     "steps_per_print": Key(
         optional(integer(ge=1)), 10,
-        "log step, loss, lr, loss scale and skipped steps every N optimizer steps; null: never",
-        ds="null in code since PR #6602 (docs still say 10)",
+        "funczero's step does not log by itself (it never syncs with the host); the value is "
+        "kept as Config.steps_per_print for your training loop, which examples/train_gpt.py "
+        "uses as its logging period. No warning: nearly every DeepSpeed config sets it",
+        IGNORED, ds="null in code since PR #6602 (docs still say 10)", warn_if_set=False,
     ),
     "wall_clock_breakdown": Key(
-        boolean(), False, "time forward, backward and step separately (adds device syncs)"
+        boolean(), False,
+        "funczero does not time forward, backward and step separately; use torch.profiler",
+        IGNORED,
     ),
     "communication_data_type": Key(
         choice(None, "fp32", "fp16", "bf16"), None,
@@ -92,14 +105,22 @@ TOP: dict[str, Key] = {
         ds="null: the precision regime's dtype",
     ),
     "prescale_gradients": Key(
-        boolean(), False, "divide gradients by the data-parallel size before reducing, not after"
+        boolean(), False,
+        "funczero averages gradients over ranks with the collective's own average "
+        "(ReduceOp.AVG); moving the division is not implemented",
+        IGNORED,
     ),
     "gradient_predivide_factor": Key(
-        number(gt=0), 1.0, "divide gradients by this before the reduction and by W/f after"
+        number(gt=0), 1.0,
+        "funczero averages gradients over ranks with the collective's own average "
+        "(ReduceOp.AVG); a pre-division factor is not implemented",
+        IGNORED,
     ),
     "zero_allow_untested_optimizer": Key(
         boolean(), False,
-        "let funczero.initialize run a client optimizer it has not tested with ZeRO stage >= 1",
+        "funczero.initialize runs any funczero.optim optimizer at every ZeRO stage, so there is "
+        "nothing to allow",
+        IGNORED,
     ),
     "dataloader_drop_last": Key(
         boolean(), False,
@@ -180,9 +201,15 @@ FP16: dict[str, Key] = _ds_block({
         hint="from --fp16",
     ),
     "auto_cast": Key(
-        boolean(), False, "cast floating-point batch tensors to fp16 before the forward"
+        boolean(), False,
+        "funczero does not cast the batch (DeepSpeed casts floating-point inputs to fp16); "
+        "cast them in your loss_fn or model",
+        IGNORED,
     ),
-    "loss_scale": Key(number(ge=0), 0.0, "0: dynamic loss scaling; > 0: this static scale"),
+    "loss_scale": Key(
+        number(ge=0, le=_MAX_SCALE), 0.0,
+        "0: dynamic loss scaling; > 0: this static scale (the scale is float32: at most 2**127)",
+    ),
     "initial_scale_power": Key(
         integer(ge=0, le=127), 16, "dynamic scaling starts at 2**initial_scale_power"
     ),
@@ -197,7 +224,7 @@ FP16: dict[str, Key] = _ds_block({
         boolean(), False, "refill hysteresis on every non-overflow step"
     ),
     "min_loss_scale": Key(
-        number(gt=0), 1.0, "the scale never goes below this",
+        number(gt=0, le=_MAX_SCALE), 1.0, "the scale never goes below this (at most 2**127)",
         ds="1 (DeepSpeed accepts integers only)",
     ),
     "fp16_master_weights_and_grads": Key(
@@ -213,8 +240,10 @@ BF16: dict[str, Key] = _ds_block({
         hint="from --bf16",
     ),
     "check_grad_overflow": Key(
-        boolean(), True, "skip the step when a gradient is inf/nan (the step is logged as skipped)",
-        ds="true since PR #8035 (2026-05); false before",
+        boolean(), True,
+        "funczero always skips a step whose gradients hold inf/nan, in every precision, and "
+        "counts it in the metrics; false (apply such a step) is not available",
+        IGNORED, ds="true since PR #8035 (2026-05); false before",
     ),
     "immediate_grad_update": Key(
         boolean(), False, _no_hooks("schedules DeepSpeed's BF16_Optimizer gradient hooks"),
@@ -389,7 +418,8 @@ OFFLOAD_OPTIMIZER: dict[str, Key] = _ds_block({
 DATA_TYPES: dict[str, Key] = _ds_block({
     "grad_accum_dtype": Key(
         choice(None, "fp32", "fp16", "bf16"), None,
-        "the accumulation dtype is chosen by funczero's train step (see funczero.parallel.precision)",
+        "the accumulation dtype is chosen by funczero's train step "
+        "(see funczero.parallel.precision)",
         IGNORED,
     ),
 })
@@ -545,6 +575,59 @@ UNSUPPORTED_FEATURES: Mapping[str, str] = {
 }
 
 
+# --- scheduler params --------------------------------------------------------------------------
+# Which schedule takes which parameter, and the defaults, belong to the schedule implementation
+# (funczero.optim.deepspeed_schedules.DEEPSPEED_SCHEDULES); this table only checks each value, so
+# that a value that cannot train is an error naming its key before any schedule is built.
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_SCHED_LR = Key(
+    number(ge=0, le=_FLOAT32_MAX), None,
+    "a learning rate: finite, >= 0 and within float32 (schedules are evaluated in float32)",
+)
+_STEPS = Key(integer(ge=1), None, "a number of steps")
+_STAIRS = Key(integer(ge=0), None, "stairs per half cycle; 0: no stairs")
+_MOMENTUM = Key(number(ge=0, lt=1), None, "a momentum (drives the optimizer's beta1)")
+
+SCHEDULER_PARAMS: dict[str, Key] = {
+    "warmup_min_lr": dataclasses.replace(_SCHED_LR, auto=Auto.COMPUTED),
+    "warmup_max_lr": Key(
+        optional(_SCHED_LR.check), None, _SCHED_LR.doc + "; WarmupLR: null is the optimizer's lr",
+        auto=Auto.COMPUTED,
+    ),
+    "warmup_num_steps": _STEPS,
+    "warmup_type": Key(choice("log", "linear"), None, "the shape of the warmup"),
+    "total_num_steps": _STEPS,
+    "warmup_min_ratio": Key(number(ge=0), None, "the lr at the start of warmup, over base lr"),
+    "cos_min_ratio": Key(number(ge=0), None, "the lr at the end of the cosine, over base lr"),
+    "cycle_min_lr": _SCHED_LR,
+    "cycle_max_lr": _SCHED_LR,
+    "decay_lr_rate": Key(number(ge=0), None, "lr decay after the cycle; 0: none"),
+    "cycle_first_step_size": _STEPS,
+    "cycle_second_step_size": Key(
+        optional(integer(ge=1)), None, "a number of steps; null: cycle_first_step_size"
+    ),
+    "cycle_first_stair_count": _STAIRS,
+    "cycle_second_stair_count": Key(
+        optional(integer(ge=0)), None, _STAIRS.doc + "; null: cycle_first_stair_count"
+    ),
+    "decay_step_size": Key(integer(ge=0), None, "steps per decay interval; 0: no decay"),
+    "cycle_momentum": Key(boolean(), None, "cycle the momentum inversely to the lr"),
+    "cycle_min_mom": _MOMENTUM,
+    "cycle_max_mom": _MOMENTUM,
+    "decay_mom_rate": Key(
+        number(), None, "momentum change after the cycle (DeepSpeed's formula: > 0 grows it)"
+    ),
+    "lr_range_test_min_lr": _SCHED_LR,
+    "lr_range_test_step_size": _STEPS,
+    "lr_range_test_step_rate": Key(number(ge=0), None, "lr growth per step_size; >= 0"),
+    "lr_range_test_staircase": Key(boolean(), None, "grow the lr in steps"),
+    "last_batch_iteration": Key(
+        integer(), None, "must be -1: a schedule resumes from the checkpointed optimizer count"
+    ),
+}
+
+
 def _flatten() -> dict[str, Key]:
     flat: dict[str, Key] = {}
     for prefix, table in SECTIONS.items():
@@ -555,6 +638,23 @@ def _flatten() -> dict[str, Key]:
 
 KEYS: Mapping[str, Key] = _flatten()
 """Every accepted key by full dotted path (optimizer params are in OPTIMIZER_PARAMS)."""
+
+
+def _homes() -> dict[str, str]:
+    homes: dict[str, set[str]] = {}
+    for prefix, table in SECTIONS.items():
+        for name in table:
+            homes.setdefault(name, set()).add(prefix)
+    for params in OPTIMIZER_PARAMS.values():
+        for name in params:
+            homes.setdefault(name, set()).add("optimizer.params")
+    return {name: next(iter(p)) for name, p in homes.items() if len(p) == 1}
+
+
+KEY_HOMES: Mapping[str, str] = _homes()
+"""Key name -> the one block it belongs to ('' is the top level), for "belongs in" hints.
+
+Names that occur in several blocks (``enabled``, ``lr``...) are left out."""
 
 
 def default(path: str) -> Any:

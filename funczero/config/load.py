@@ -1,12 +1,16 @@
-"""``Config``: a DeepSpeed JSON config, validated strictly and resolved into frozen dataclasses."""
+"""``Config``: a DeepSpeed JSON config, validated strictly and resolved into frozen plain data.
+
+``Config.load`` is the one constructor: every ``Config`` that exists passed every check. The
+runtime objects a config describes (optimizer, schedule, precision policy, loss scaler) are built
+by :mod:`funczero.from_config`; this package imports nothing of the runtime.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from funczero.config.batch import resolve_batch
 from funczero.config.errors import ConfigError
@@ -15,11 +19,10 @@ from funczero.config.keys import (
     DATA_TYPES,
     FP16,
     FUNCZERO,
+    KEY_HOMES,
     TOP,
     UNSUPPORTED_FEATURES,
-    default,
 )
-from funczero.config.source import ELSEWHERE, parse_zero, read_source, world_size_from
 from funczero.config.optimizer import (
     OptimizerConfig,
     SchedulerConfig,
@@ -27,24 +30,20 @@ from funczero.config.optimizer import (
     parse_scheduler,
 )
 from funczero.config.schema import AUTO, parse_block
-from funczero.config.sections import BF16Config, FP16Config, FunczeroConfig, ZeroConfig
-
-if TYPE_CHECKING:
-    from funczero.train.loss_scale import LossScaleConfig
-    from funczero.optim import Optimizer
-    from funczero.optim.schedules import Schedule
-    from funczero.parallel.precision import Precision
+from funczero.config.sections import BF16Config, FP16Config, FunczeroConfig, ZeroConfig, parse_zero
+from funczero.config.source import read_source, world_size_from
 
 __all__ = ["Config"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Config:
-    """A resolved DeepSpeed-compatible training config.
+    """A resolved DeepSpeed-compatible training config: frozen plain data.
 
-    Build it with :meth:`load` from a dict, a JSON file (comments and trailing commas allowed)
-    or DeepSpeed's base64 form. Every key at every level is checked: unknown keys, wrong types
-    and unsupported values are errors naming the full key path, with the closest valid key.
+    Build it with :meth:`load` (its only constructor) from a dict, a JSON file (comments and
+    trailing commas allowed) or DeepSpeed's base64 form. Every key at every level is checked:
+    unknown keys, wrong types and unsupported values are errors naming the full key path, with
+    the closest valid key. To change a loaded config, load ``cfg.to_dict()`` with your changes.
 
     Attributes:
         train_batch_size: samples per optimizer step over all ranks.
@@ -55,10 +54,10 @@ class Config:
         scheduler: the scheduler block, or ``None``.
         fp16, bf16, zero, funczero: the sub-blocks.
         gradient_clipping: global-norm clip of the unscaled gradients; 0 disables.
-        steps_per_print: logging period in optimizer steps; ``None`` disables it.
+        steps_per_print: a logging period for your training loop (funczero's step does not log).
         wall_clock_breakdown, communication_data_type, prescale_gradients,
         gradient_predivide_factor, zero_allow_untested_optimizer, dataloader_drop_last: as in
-            DeepSpeed (docs/config.md).
+            DeepSpeed (docs/config.md says which of them funczero ignores).
         raw: the input as given (after comment stripping). Not part of equality.
 
     Example:
@@ -67,43 +66,38 @@ class Config:
         ...                    "zero_optimization": {"stage": 2}}, world_size=4)
         >>> cfg.train_batch_size, cfg.precision, cfg.zero.stage, cfg.zero.overlap_comm
         (32, 'bf16', 2, False)
+        >>> Config(train_batch_size=8)
+        Traceback (most recent call last):
+        ...
+        TypeError: Config has one constructor: Config.load(source, world_size=...) ...
     """
 
     train_batch_size: int
     train_micro_batch_size_per_gpu: int
     gradient_accumulation_steps: int
     world_size: int
-    optimizer: OptimizerConfig | None = None
-    scheduler: SchedulerConfig | None = None
-    fp16: FP16Config = dataclasses.field(default_factory=FP16Config)
-    bf16: BF16Config = dataclasses.field(default_factory=BF16Config)
-    zero: ZeroConfig = dataclasses.field(default_factory=ZeroConfig)
-    gradient_clipping: float = default("gradient_clipping")
-    steps_per_print: int | None = default("steps_per_print")
-    wall_clock_breakdown: bool = default("wall_clock_breakdown")
-    communication_data_type: str | None = default("communication_data_type")
-    prescale_gradients: bool = default("prescale_gradients")
-    gradient_predivide_factor: float = default("gradient_predivide_factor")
-    zero_allow_untested_optimizer: bool = default("zero_allow_untested_optimizer")
-    dataloader_drop_last: bool = default("dataloader_drop_last")
-    funczero: FunczeroConfig = dataclasses.field(default_factory=FunczeroConfig)
-    raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    optimizer: OptimizerConfig | None
+    scheduler: SchedulerConfig | None
+    fp16: FP16Config
+    bf16: BF16Config
+    zero: ZeroConfig
+    gradient_clipping: float
+    steps_per_print: int | None
+    wall_clock_breakdown: bool
+    communication_data_type: str | None
+    prescale_gradients: bool
+    gradient_predivide_factor: float
+    zero_allow_untested_optimizer: bool
+    dataloader_drop_last: bool
+    funczero: FunczeroConfig
+    raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        tbs, mbs, gas, w = (self.train_batch_size, self.train_micro_batch_size_per_gpu,
-                            self.gradient_accumulation_steps, self.world_size)
-        if tbs != mbs * gas * w:
-            raise ConfigError(
-                f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({mbs}) * "
-                f"gradient_accumulation_steps ({gas}) * world_size ({w}) = {mbs * gas * w}"
-            )
-        if self.fp16.enabled and self.bf16.enabled:
-            raise ConfigError(
-                "fp16.enabled and bf16.enabled are both true; enable one of them "
-                "(DeepSpeed refuses this too)"
-            )
-
-    # --- construction --------------------------------------------------------------------
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Also what dataclasses.replace() reaches: a changed copy would skip every check.
+        raise TypeError(
+            "Config has one constructor: Config.load(source, world_size=...) (it checks every "
+            "key); to change a loaded config, load cfg.to_dict() with your changes"
+        )
 
     @classmethod
     def load(
@@ -120,7 +114,8 @@ class Config:
             The resolved config.
 
         Raises:
-            ConfigError: every problem found, each naming its key path and the fix.
+            ConfigError: every problem found, each naming its key path and the fix. Nothing
+                else: unreadable files, bad bytes, absurd nesting or numbers are ConfigErrors too.
 
         Example:
             >>> Config.load({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4},
@@ -129,19 +124,7 @@ class Config:
         """
         raw = read_source(source)
         w, w_source = world_size_from(world_size)
-        return _build(raw, w, w_source)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, world_size: int | None = None) -> Config:
-        """Same as :meth:`load` for a dict."""
-        return cls.load(d, world_size=world_size)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], *, world_size: int | None = None) -> Config:
-        """Same as :meth:`load` for a file path."""
-        if not Path(path).is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        return cls.load(path, world_size=world_size)
+        return _resolve(raw, w, w_source)
 
     # --- derived views -------------------------------------------------------------------
 
@@ -155,67 +138,16 @@ class Config:
         """``funczero.seed``."""
         return self.funczero.seed
 
-    def precision_policy(self) -> Precision:
-        """The :class:`funczero.parallel.precision.Precision` for this config."""
-        from funczero.parallel.precision import Precision
-
-        return Precision.from_name(self.precision, reduce_dtype=self.communication_data_type)
-
-    def loss_scale_config(self) -> LossScaleConfig:
-        """The loss scaler settings: fp16's, or a constant scale of 1 for bf16/fp32."""
-        from funczero.train.loss_scale import LossScaleConfig
-
-        if not self.fp16.enabled:
-            return LossScaleConfig.disabled()
-        return LossScaleConfig.from_fp16(
-            self.fp16, raise_at_min_scale=self.funczero.raise_at_min_loss_scale
-        )
-
-    def build_schedule(
-        self, base_lr: float | None = None
-    ) -> tuple[Schedule | float, Schedule | None]:
-        """Return ``(learning rate or its schedule, momentum schedule or None)``.
-
-        Args:
-            base_lr: the base learning rate; defaults to ``optimizer.params.lr``. Needed when the
-                config has a scheduler but no optimizer block.
-        """
-        if base_lr is None:
-            if self.optimizer is None:
-                raise ConfigError(
-                    "build_schedule: the config has no optimizer block, so pass base_lr= "
-                    "(the learning rate of the optimizer the schedule drives)"
-                )
-            base_lr = self.optimizer.lr
-        if self.scheduler is None:
-            return base_lr, None
-        return self.scheduler.build(base_lr=base_lr)
-
-    def build_optimizer(self) -> Optimizer:
-        """Build the configured optimizer, driven by the configured schedule if any.
-
-        Raises:
-            ConfigError: there is no ``"optimizer"`` block.
-
-        Example:
-            >>> cfg = Config.load({"train_batch_size": 8, "optimizer": {
-            ...     "type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}, world_size=1)
-            >>> opt = cfg.build_optimizer()  # funczero.optim.adamw(1e-3, ..., weight_decay=0.1)
-        """
-        if self.optimizer is None:
-            raise ConfigError(
-                'build_optimizer: the config has no "optimizer" block. Add one, e.g. '
-                '"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}}, '
-                "or pass an optimizer to funczero.initialize(optimizer=...)"
-            )
-        lr, momentum = self.build_schedule()
-        return self.optimizer.build(lr, momentum)
-
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as DeepSpeed JSON (every key explicit; for checkpoint metadata).
 
         ``Config.load(cfg.to_dict(), world_size=cfg.world_size) == cfg``. The world size is not a
         key; it is ``train_batch_size / (micro * accumulation)``.
+
+        Example:
+            >>> cfg = Config.load({"train_batch_size": 8}, world_size=2)
+            >>> Config.load(cfg.to_dict(), world_size=2) == cfg
+            True
         """
         out: dict[str, Any] = {
             "train_batch_size": self.train_batch_size,
@@ -245,26 +177,67 @@ _TOP_SCALARS = (
     "zero_allow_untested_optimizer",
     "dataloader_drop_last",
 )
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def _build(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
+def _resolve(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
+    """Check every key of ``raw`` and build the Config; raise every problem at once."""
     errors: list[str] = [
         f"'{k}': {what} is not supported by funczero; remove the key"
         for k, what in UNSUPPORTED_FEATURES.items()
         if k in raw
     ]
     given = {k: v for k, v in raw.items() if k not in UNSUPPORTED_FEATURES}
-    top = parse_block(given, "", TOP, errors, ELSEWHERE)
-    fp16 = parse_block(top["fp16"], "fp16", FP16, errors, ELSEWHERE)
+    top = parse_block(given, "", TOP, errors, KEY_HOMES)
+    blocks = _parse_blocks(raw, top, errors)
+    if any(e.startswith(_BATCH_KEYS) for e in errors):
+        raise ConfigError(errors)  # a bad batch value already explains the batch problem
+    try:
+        tbs, mbs, gas = resolve_batch(
+            *(None if top[k] is AUTO else top[k] for k in _BATCH_KEYS), world_size, world_source
+        )
+    except ConfigError as e:
+        errors.extend(e.problems)
+    if errors:
+        raise ConfigError(errors)
+
+    def pick(cls: type, values: Mapping[str, Any]) -> Any:
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+    values = {
+        "train_batch_size": tbs,
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": gas,
+        "world_size": world_size,
+        "optimizer": blocks["optimizer"],
+        "scheduler": blocks["scheduler"],
+        "fp16": pick(FP16Config, blocks["fp16"]),
+        "bf16": pick(BF16Config, blocks["bf16"]),
+        "zero": pick(ZeroConfig, blocks["zero"]),
+        "funczero": pick(FunczeroConfig, blocks["funczero"]),
+        "raw": raw,
+        **{name: top[name] for name in _TOP_SCALARS},
+    }
+    cfg = object.__new__(Config)  # the one place a Config is made (Config() refuses)
+    for f in dataclasses.fields(Config):
+        object.__setattr__(cfg, f.name, values[f.name])
+    return cfg
+
+
+def _parse_blocks(raw: dict[str, Any], top: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """Parse the sub-blocks and check the rules that tie keys of different blocks together."""
+    fp16 = parse_block(top["fp16"], "fp16", FP16, errors, KEY_HOMES)
     bf16_name = "bfloat16" if "bfloat16" in raw and "bf16" not in raw else "bf16"
-    bf16 = parse_block(top["bf16"], bf16_name, BF16, errors, ELSEWHERE)
+    bf16 = parse_block(top["bf16"], bf16_name, BF16, errors, KEY_HOMES)
     zero = parse_zero(top["zero_optimization"], top["allgather_size"], errors)
-    parse_block(top["data_types"], "data_types", DATA_TYPES, errors, ELSEWHERE)
-    fz = parse_block(top["funczero"], "funczero", FUNCZERO, errors, ELSEWHERE)
+    parse_block(top["data_types"], "data_types", DATA_TYPES, errors, KEY_HOMES)
+    fz = parse_block(top["funczero"], "funczero", FUNCZERO, errors, KEY_HOMES)
     optimizer = None if top["optimizer"] is None else parse_optimizer(top["optimizer"], errors)
     scheduler = None
     if top["scheduler"] is not None:
-        scheduler = parse_scheduler(top["scheduler"], optimizer, errors)
+        scheduler = parse_scheduler(
+            top["scheduler"], optimizer, errors, optimizer_given=top["optimizer"] is not None
+        )
     if fp16["enabled"] and bf16["enabled"]:
         errors.append(
             f"fp16.enabled and {bf16_name}.enabled are both true; enable one of them "
@@ -276,36 +249,5 @@ def _build(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
             f"{2.0 ** fp16['initial_scale_power']:g} is below min_loss_scale "
             f"{fp16['min_loss_scale']:g}; raise initial_scale_power or lower min_loss_scale"
         )
-
-    def batch_value(name: str) -> int | None:
-        return None if top[name] is AUTO else top[name]
-
-    batch_keys = ("train_batch_size", "train_micro_batch_size_per_gpu",
-                  "gradient_accumulation_steps")
-    if any(e.startswith(batch_keys) for e in errors):
-        raise ConfigError(errors)  # a bad batch value already explains the batch problem
-    try:
-        tbs, mbs, gas = resolve_batch(*map(batch_value, batch_keys), world_size, world_source)
-    except ConfigError as e:
-        errors.extend(e.problems)
-    if errors:
-        raise ConfigError(errors)
-
-    def pick(cls: type, values: Mapping[str, Any]) -> Any:
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
-
-    return Config(
-        train_batch_size=tbs,
-        train_micro_batch_size_per_gpu=mbs,
-        gradient_accumulation_steps=gas,
-        world_size=world_size,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        fp16=pick(FP16Config, fp16),
-        bf16=pick(BF16Config, bf16),
-        zero=pick(ZeroConfig, zero),
-        funczero=pick(FunczeroConfig, fz),
-        raw=raw,
-        **{name: top[name] for name in _TOP_SCALARS},
-    )
-
+    return {"fp16": fp16, "bf16": bf16, "zero": zero, "funczero": fz,
+            "optimizer": optimizer, "scheduler": scheduler}

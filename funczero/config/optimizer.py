@@ -1,23 +1,23 @@
-"""The ``optimizer`` and ``scheduler`` blocks: parsing, and building funczero.optim objects."""
+"""The ``optimizer`` and ``scheduler`` blocks: parsing them into plain data.
+
+``funczero.from_config`` builds the optimizer and schedules from the result.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from funczero.config.errors import ConfigError, closest, did_you_mean, show, warn
+from funczero.config.errors import ConfigError, closest, did_you_mean, join_path, show, warn
 from funczero.config.keys import (
     OPTIMIZER_BLOCK,
     OPTIMIZER_PARAMS,
     OPTIMIZER_TYPES,
     SCHEDULER_BLOCK,
+    SCHEDULER_PARAMS,
     UNSUPPORTED_OPTIMIZERS,
 )
 from funczero.config.schema import parse_block, unknown_key
-
-if TYPE_CHECKING:
-    from funczero.optim import Optimizer
-    from funczero.optim.schedules import Schedule
 
 __all__ = ["OptimizerConfig", "SchedulerConfig", "parse_optimizer", "parse_scheduler"]
 
@@ -57,55 +57,6 @@ class OptimizerConfig:
             return "adamw" if self.type == "AdamW" or self.params["adam_w_mode"] else "adam"
         return self.type.lower()
 
-    def build(
-        self,
-        learning_rate: float | Schedule | None = None,
-        momentum: Schedule | None = None,
-    ) -> Optimizer:
-        """Build the funczero optimizer, with DeepSpeed's defaults for missing parameters.
-
-        Args:
-            learning_rate: a float or schedule replacing ``params["lr"]`` (see
-                :meth:`Config.build_optimizer`, which passes the configured scheduler's).
-            momentum: a schedule for ``b1`` (OneCycle's momentum cycling). As in DeepSpeed it is
-                ignored, with a warning, by optimizers without betas (SGD, Adagrad).
-
-        Returns:
-            The ``funczero.optim`` optimizer.
-        """
-        from funczero import optim
-
-        p = self.params
-        lr = self.lr if learning_rate is None else learning_rate
-        if momentum is not None and "betas" not in p:
-            warn(
-                f"{self.type} has no betas, so the scheduler's momentum cycling is ignored "
-                "(DeepSpeed disables it the same way); set cycle_momentum: false to silence this"
-            )
-        b1, b2 = p.get("betas", (0.0, 0.0))
-        b1 = b1 if momentum is None else momentum
-        algorithm = self.algorithm
-        if algorithm in ("adam", "adamw"):
-            factory = optim.adamw if algorithm == "adamw" else optim.adam
-            return factory(lr, b1, b2, p["eps"], weight_decay=p["weight_decay"])
-        if algorithm == "lamb":
-            return optim.lamb(
-                lr, b1, b2, p["eps"], weight_decay=p["weight_decay"],
-                bias_correction=p["bias_correction"], max_coeff=p["max_coeff"],
-                min_coeff=p["min_coeff"],
-            )
-        if algorithm == "lion":
-            return optim.lion(lr, b1, b2, weight_decay=p["weight_decay"])
-        if algorithm == "sgd":
-            return optim.sgd(
-                lr, p["momentum"], dampening=p["dampening"], nesterov=p["nesterov"],
-                weight_decay=p["weight_decay"],
-            )
-        return optim.adagrad(
-            lr, lr_decay=p["lr_decay"], initial_accumulator_value=p["initial_accumulator_value"],
-            eps=p["eps"], weight_decay=p["weight_decay"],
-        )
-
     def to_dict(self) -> dict[str, Any]:
         """The block in DeepSpeed JSON form (lists instead of tuples)."""
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
@@ -116,8 +67,10 @@ class OptimizerConfig:
 class SchedulerConfig:
     """A ``"scheduler"`` block, with the ``"auto"`` values that can be computed resolved.
 
-    Its parameters are checked by ``funczero.optim.schedules.from_deepspeed`` (the schedule
-    implementation owns its parameter set), once at load time and again in :meth:`build`.
+    Each value is checked against :data:`funczero.config.keys.SCHEDULER_PARAMS`; which
+    parameters a type takes, and their combination, by building the schedule once with
+    ``funczero.optim.schedules.from_deepspeed`` (the schedule implementation owns its parameter
+    set). ``funczero.from_config.schedule_from_config`` builds it for training.
 
     Attributes:
         type: the DeepSpeed schedule name as given (``WarmupLR``, ``WarmupDecayLR``,
@@ -128,25 +81,17 @@ class SchedulerConfig:
     type: str
     params: dict[str, Any]
 
-    def build(self, *, base_lr: float) -> tuple[Schedule, Schedule | None]:
-        """Return ``(learning-rate schedule, momentum schedule or None)``.
-
-        Args:
-            base_lr: the optimizer's learning rate (DeepSpeed schedules read it from the optimizer).
-
-        Raises:
-            ConfigError: the schedule rejects its type or parameters.
-        """
-        from funczero.optim.schedules import from_deepspeed
-
-        try:
-            return from_deepspeed(self.type, dict(self.params), base_lr=base_lr)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"scheduler.params ({self.type}): {e}") from e
-
     def to_dict(self) -> dict[str, Any]:
         """The block in DeepSpeed JSON form."""
         return {"type": self.type, "params": dict(self.params)}
+
+
+# torch.optim's optimizers, which DeepSpeed builds by name (a fixed list: the config layer does
+# not import torch; a newer torch name just gets the generic "not a known optimizer" message)
+_TORCH_OPTIMIZERS = frozenset({
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon",
+    "NAdam", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam",
+})
 
 
 def _unknown_type(name: str) -> str:
@@ -156,9 +101,7 @@ def _unknown_type(name: str) -> str:
             f"optimizer.type {show(name)}: DeepSpeed's {UNSUPPORTED_OPTIMIZERS[lower]} is not "
             f"supported by funczero; supported types: {_SUPPORTED}"
         )
-    import torch.optim
-
-    if isinstance(getattr(torch.optim, name, None), type):
+    if name in _TORCH_OPTIMIZERS:
         return (
             f"optimizer.type {show(name)}: DeepSpeed would build torch.optim.{name}; funczero's "
             f"config supports {_SUPPORTED}. For anything else pass a funczero.optim optimizer "
@@ -208,16 +151,29 @@ def parse_optimizer(raw: dict[str, Any], errors: list[str]) -> OptimizerConfig |
 
 
 def parse_scheduler(
-    raw: dict[str, Any], optimizer: OptimizerConfig | None, errors: list[str]
+    raw: dict[str, Any],
+    optimizer: OptimizerConfig | None,
+    errors: list[str],
+    *,
+    optimizer_given: bool,
 ) -> SchedulerConfig | None:
     """Validate a ``"scheduler"`` block and resolve its computable ``"auto"`` values.
 
     ``warmup_min_lr: "auto"`` becomes 0 and ``warmup_max_lr: "auto"`` the optimizer's lr, which
     is what the HF Trainer writes; any other ``"auto"`` needs a concrete value. Names are checked
-    here (with suggestions); values by building the schedule once with
-    ``funczero.optim.schedules.from_deepspeed``.
+    here (with suggestions), each value against ``SCHEDULER_PARAMS`` (a value that cannot train,
+    such as a negative or infinite learning rate, is an error naming its key), and the whole
+    block by building the schedule once with ``funczero.optim.schedules.from_deepspeed``.
+
+    Args:
+        raw: the block as given.
+        optimizer: the parsed optimizer block (``None`` when absent or invalid).
+        errors: problems are appended here.
+        optimizer_given: whether the config has an optimizer block (valid or not), so that an
+            ``"auto"`` learning rate is explained correctly.
     """
     from funczero.optim.deepspeed_schedules import DEEPSPEED_SCHEDULES
+    from funczero.optim.schedules import from_deepspeed
 
     block = parse_block(raw, "scheduler", SCHEDULER_BLOCK, errors)
     name = block["type"]
@@ -232,31 +188,56 @@ def parse_scheduler(
             f"{', '.join(DEEPSPEED_SCHEDULES)})"
         )
         return None
-    valid = (*DEEPSPEED_SCHEDULES[name], "last_batch_iteration")
-    params: dict[str, Any] = {}
     n_errors = len(errors)
-    for key, value in (block["params"] or {}).items():
+    params = _scheduler_params(name, block["params"] or {}, DEEPSPEED_SCHEDULES[name], optimizer,
+                               optimizer_given, errors)
+    if len(errors) > n_errors:
+        return None
+    try:  # validate the combination now rather than at the first step
+        from_deepspeed(name, params, base_lr=optimizer.lr if optimizer is not None else 1e-3)
+    except (TypeError, ValueError) as e:
+        errors.append(f"scheduler.params ({name}): {e}")
+        return None
+    return SchedulerConfig(name, params)
+
+
+def _scheduler_params(
+    name: str,
+    given: dict[str, Any],
+    valid_names: tuple[str, ...],
+    optimizer: OptimizerConfig | None,
+    optimizer_given: bool,
+    errors: list[str],
+) -> dict[str, Any]:
+    """Check each parameter's name and value; resolve ``"auto"`` where it is computable."""
+    valid = [*valid_names, "last_batch_iteration"]
+    params: dict[str, Any] = {}
+    for key, value in given.items():
+        path = join_path("scheduler.params", key)
         if key not in valid:
-            errors.append(unknown_key(f"scheduler.params.{key}", key, list(valid), {}))
+            errors.append(unknown_key(path, key, valid, {}))
         elif not (isinstance(value, str) and value == "auto"):
-            params[key] = value
+            try:
+                params[key] = SCHEDULER_PARAMS[key].check(value, path)
+            except ConfigError as e:
+                errors.extend(e.problems)
         elif key == "warmup_min_lr":
             params[key] = 0.0
         elif key == "warmup_max_lr" and optimizer is not None:
             params[key] = optimizer.lr
-        else:
-            source = (
-                "it is the optimizer's lr, but there is no optimizer block"
-                if key == "warmup_max_lr"
-                else "the HF Trainer computes it from its own arguments"
+        elif key == "warmup_max_lr":
+            why = (
+                "the optimizer block has errors (listed with it); fix them"
+                if optimizer_given
+                else "there is no optimizer block; add one"
             )
-            errors.append(f'scheduler.params.{key} is "auto" ({source}); set a concrete value')
-    if len(errors) > n_errors:
-        return None
-    scheduler = SchedulerConfig(name, params)
-    try:  # validate values now rather than at the first step
-        scheduler.build(base_lr=optimizer.lr if optimizer is not None else 1e-3)
-    except ConfigError as e:
-        errors.extend(e.problems)
-        return None
-    return scheduler
+            errors.append(
+                f'{path} is "auto", which means the optimizer\'s lr, but {why} or set a '
+                "concrete value"
+            )
+        else:
+            errors.append(
+                f'{path} is "auto" (the HF Trainer computes it from its own arguments); '
+                "set a concrete value"
+            )
+    return params

@@ -1,4 +1,7 @@
-"""Render the key tables of docs/config.md from the schema, so the docs cannot drift from it."""
+"""The key reference of docs/config.md, generated from the key tables so it cannot drift.
+
+``python -m funczero.config docs/config.md`` refreshes the generated part of the file.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from funczero.config.keys import OPTIMIZER_PARAMS, SECTIONS, UNSUPPORTED_FEATURES
+from funczero.config.keys import (
+    OPTIMIZER_PARAMS,
+    SCHEDULER_PARAMS,
+    SECTIONS,
+    UNSUPPORTED_FEATURES,
+)
 from funczero.config.schema import Auto, Key, Status
 
 __all__ = ["BEGIN", "END", "render", "update_file"]
@@ -84,10 +92,31 @@ def render() -> str:
         params = OPTIMIZER_PARAMS[names[0]]
         out += [_row(f"optimizer.params.{n}", k) for n, k in params.items()]
         out.append("")
+    out += _scheduler_table()
     out += ["#### Rejected DeepSpeed features", "", "| key | feature |", "|---|---|"]
     out += [f"| `{k}` | {what} |" for k, what in UNSUPPORTED_FEATURES.items()]
     out += ["", END]
     return "\n".join(out)
+
+
+def _scheduler_table() -> list[str]:
+    from funczero.optim.deepspeed_schedules import DEEPSPEED_SCHEDULES
+
+    out = [
+        "#### `scheduler.params`", "",
+        "Defaults are the schedule's (see `funczero.optim.deepspeed_schedules`); each value is "
+        "checked as listed.", "",
+        "| key | schedules | accepted values | notes |", "|---|---|---|---|",
+    ]
+    for name, key in SCHEDULER_PARAMS.items():
+        types = [t for t, params in DEEPSPEED_SCHEDULES.items() if name in params] or ["all"]
+        doc = key.doc.replace("|", "\\|")
+        if key.auto is Auto.COMPUTED:
+            doc += '; `"auto"` is computed (see above)'
+        out.append(
+            f"| `scheduler.params.{name}` | {', '.join(types)} | {key.check.describe} | {doc} |"
+        )
+    return [*out, ""]
 
 
 def update_file(path: str | Path) -> bool:

@@ -22,7 +22,7 @@ class Status(enum.Enum):
     """What funczero does with an accepted key."""
 
     USED = "used"  # the value changes what funczero does
-    IGNORED = "ignored"  # accepted, has no effect (a warning is given for a non-default value)
+    IGNORED = "ignored"  # accepted, has no effect (a non-default value warns, see Key.warn_if_set)
     DEFAULT_ONLY = "default only"  # a feature funczero lacks: only its default value is accepted
 
 
@@ -58,6 +58,9 @@ class Key:
         hint: for ``Auto.ERROR``, where the HF Trainer would take the value from.
         alias: a second accepted spelling (DeepSpeed's ``populate_by_name`` aliases).
         disabled_only: a foreign feature block accepted only with ``"enabled": false``.
+        warn_if_set: for ``IGNORED`` keys, warn when the value is not the default. False for keys
+            that nearly every DeepSpeed config sets and whose value training loops read from the
+            config themselves (``steps_per_print``), where a warning would be noise.
     """
 
     check: Check
@@ -69,12 +72,23 @@ class Key:
     hint: str = ""
     alias: str | None = None
     disabled_only: bool = False
+    warn_if_set: bool = True
 
 
-def unknown_key(path: str, given: str, candidates: list[str], elsewhere: Mapping[str, str]) -> str:
-    """Phrase the error for an unknown key, with the closest valid key or its right block."""
+def unknown_key(
+    path: str,
+    given: str,
+    candidates: list[str],
+    elsewhere: Mapping[str, str],
+    *,
+    suggest: bool = True,
+) -> str:
+    """Phrase the error for an unknown key, with the closest valid key or its right block.
+
+    ``suggest=False`` skips the (costly) search for a close match, for the hundredth unknown key.
+    """
     msg = f"unknown key '{path}'"
-    hint = did_you_mean(given, candidates)
+    hint = did_you_mean(given, candidates) if suggest else ""
     if hint:
         return msg + hint
     if given in elsewhere:
@@ -82,6 +96,9 @@ def unknown_key(path: str, given: str, candidates: list[str], elsewhere: Mapping
     if len(candidates) <= 14:
         return f"{msg}; valid keys here: {', '.join(sorted(candidates))}"
     return f"{msg} (see docs/config.md for the keys accepted here)"
+
+
+_SUGGEST_LIMIT = 100  # past this many problems, unknown keys get no "did you mean" (it is slow)
 
 
 def _resolve(key: Key, value: Any, path: str) -> Any:
@@ -110,7 +127,8 @@ def _resolve(key: Key, value: Any, path: str) -> Any:
             f"{path}={show(value)} is not supported by funczero ({key.doc}); "
             f"remove the key or set it to {show(key.default)}"
         )
-    if key.status is Status.IGNORED and out != key.default and key.default is not None:
+    ignored = key.status is Status.IGNORED and key.warn_if_set
+    if ignored and out != key.default and key.default is not None:
         warn(f"{path}={show(value)} has no effect in funczero: {key.doc}")
     return out
 
@@ -143,7 +161,8 @@ def parse_block(
         path = join_path(prefix, given)
         key = keys.get(name)
         if key is None:
-            errors.append(unknown_key(path, given, [*keys, *by_alias], elsewhere))
+            suggest = len(errors) < _SUGGEST_LIMIT
+            errors.append(unknown_key(path, given, [*keys, *by_alias], elsewhere, suggest=suggest))
             continue
         if name in seen_as:
             errors.append(

@@ -1,13 +1,25 @@
-"""The frozen dataclasses of the config's sub-blocks; defaults come from the key table."""
+"""The config's sub-blocks: their frozen dataclasses, and the ZeRO block's legacy forms.
+
+The dataclass defaults come from the key table (:mod:`funczero.config.keys`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from funczero.config.keys import default
+from funczero.config.errors import show, warn
+from funczero.config.keys import (
+    DEPRECATED_ZERO,
+    KEY_HOMES,
+    OFFLOAD_OPTIMIZER,
+    OFFLOAD_PARAM,
+    ZERO,
+    default,
+)
+from funczero.config.schema import parse_block
 
-__all__ = ["BF16Config", "FP16Config", "FunczeroConfig", "ZeroConfig"]
+__all__ = ["BF16Config", "FP16Config", "FunczeroConfig", "ZeroConfig", "parse_zero"]
 
 _frozen = dataclasses.dataclass(frozen=True)
 
@@ -77,3 +89,46 @@ class FunczeroConfig:
 
     seed: int | None = default("funczero.seed")
     raise_at_min_loss_scale: bool = default("funczero.raise_at_min_loss_scale")
+
+
+def parse_zero(value: Any, allgather_size: int, errors: list[str]) -> dict[str, Any]:
+    """Validate ``zero_optimization``, mapping its legacy boolean form and deprecated keys.
+
+    Args:
+        value: the block as given (an object, or DeepSpeed's legacy ``true``/``false``).
+        allgather_size: the top-level ``allgather_size`` (the legacy form's bucket size).
+        errors: problems are appended here.
+
+    Returns:
+        Every ZeRO key's value, defaults filled in.
+    """
+    if isinstance(value, bool):
+        warn(
+            f'"zero_optimization": {show(value)} is DeepSpeed\'s deprecated form; write '
+            f'"zero_optimization": {{"stage": {int(value)}}}'
+        )
+        value = {"stage": 1, "allgather_bucket_size": allgather_size} if value else {}
+    raw = dict(value)
+    for old, new in DEPRECATED_ZERO.items():
+        if old not in raw:
+            continue
+        v = raw.pop(old)
+        path = f"zero_optimization.{old}"
+        if old in ("cpu_offload", "cpu_offload_param") and v:
+            errors.append(
+                f"{path}={show(v)} (deprecated name of {new}) asks for CPU offload, which "
+                "funczero does not implement; remove the key"
+            )
+        elif old == "stage3_gather_fp16_weights_on_model_save":
+            if new in raw or "gather_16bit_weights_on_model_save" in raw:
+                errors.append(f"{path} and its replacement {new} are both given; keep only {new}")
+            else:
+                raw[new] = v
+                warn(f"{path} is deprecated; renamed to zero_optimization.{new}")
+        else:
+            warn(f"{path} is deprecated (replaced by {new}) and has no effect in funczero")
+    zero = parse_block(raw, "zero_optimization", ZERO, errors, KEY_HOMES)
+    for name, table in (("offload_param", OFFLOAD_PARAM), ("offload_optimizer", OFFLOAD_OPTIMIZER)):
+        if zero[name] is not None:
+            parse_block(zero[name], f"zero_optimization.{name}", table, errors, KEY_HOMES)
+    return zero
