@@ -72,22 +72,31 @@ def check_config(
     from funczero.config.source import read_source
     from funczero.monitors.settings import BLOCKS, MonitorSettings, MonitorSettingsError
 
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    problems: list[str] = []
+    monitors = cfg = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             raw = read_source(source)
-            wired = hasattr(Config, "monitors")  # the config parses the monitor blocks itself
-            monitor_raw = {k: raw[k] for k in BLOCKS if k in raw}
-            monitors = MonitorSettings.from_deepspeed({**monitor_raw, **(
-                {"wall_clock_breakdown": raw["wall_clock_breakdown"]}
-                if isinstance(raw.get("wall_clock_breakdown"), bool) else {})})
+        except ConfigError as e:
+            return [], list(e.problems), [str(w.message) for w in caught]
+        wired = hasattr(Config, "monitors")  # the config parses the monitor blocks itself
+        try:
+            wcb = raw.get("wall_clock_breakdown")
+            if not wired:
+                monitors = MonitorSettings.from_deepspeed(
+                    {**{k: raw[k] for k in BLOCKS if k in raw},
+                     **({"wall_clock_breakdown": wcb} if isinstance(wcb, bool) else {})})
+        except MonitorSettingsError as e:
+            problems += str(e).splitlines()
+        try:
             given = raw if wired else {k: v for k, v in raw.items() if k not in BLOCKS}
             cfg = Config.load(given, world_size=world_size)
-    except ConfigError as e:
-        return [], list(e.problems), [str(w.message) for w in caught]
-    except MonitorSettingsError as e:
-        return [], str(e).splitlines(), [str(w.message) for w in caught]
+        except ConfigError as e:
+            problems[:0] = e.problems
+    warned = [str(w.message) for w in caught]
+    if problems or cfg is None:
+        return [], problems, warned
     resolved = _flatten(cfg.to_dict())
     resolved.update(_monitor_values(getattr(cfg, "monitors", None) or monitors))
     given_paths = set(_flatten(raw))
@@ -99,7 +108,7 @@ def check_config(
         if not show_all and origin == "default":
             continue
         rows.append(_row(path, value, origin, key))
-    return rows, [], [str(w.message) for w in caught]
+    return rows, [], warned
 
 
 def _row(path: str, value: Any, origin: str, key: Any) -> ConfigRow:
