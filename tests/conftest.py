@@ -45,7 +45,11 @@ def make_tiny_batch(seed: int = 1, batch: int = 4) -> tuple[torch.Tensor, torch.
 
 
 def _report_rank(
-    rank: int, world_size: int, fn: Callable[..., Mapping[str, torch.Tensor] | None], out: str, *args: Any
+    rank: int,
+    world_size: int,
+    fn: Callable[..., Mapping[str, torch.Tensor] | None],
+    out: str,
+    *args: Any,
 ) -> None:
     # Spawned ranks cannot return objects; they write safetensors (no pickle) the test reads back.
     report = fn(rank, world_size, *args) or {}
@@ -63,9 +67,16 @@ def gloo_world(tmp_path_factory: pytest.TempPathFactory) -> WorldRunner:
     scoped, so a module-scoped fixture can run one world for several tests.
     """
 
-    def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Report]:
+    def run(
+        fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+    ) -> list[Report]:
         out = tmp_path_factory.mktemp(f"world-{fn.__name__}")
-        run_distributed(_report_rank, world_size, fn, str(out), *args, timeout=timeout)
+        try:
+            run_distributed(_report_rank, world_size, fn, str(out), *args, timeout=timeout)
+        except (RuntimeError, TimeoutError) as e:
+            # Name the test's function, not the reporting wrapper every world runs.
+            where = f"{fn.__module__}.{fn.__name__}"
+            raise type(e)(f"{where}: {e} (ranks' tracebacks: captured stderr)") from e
         return [load_file(out / f"rank{r}.safetensors") for r in range(world_size)]
 
     return run

@@ -1,4 +1,4 @@
-"""Each collective on 2 gloo ranks against the single-process reference built from both ranks' inputs.
+"""Each collective on 2 gloo ranks against the single-process reference from both ranks' inputs.
 
 One spawned world runs every collective (spawning is the slow part); the tests below read its
 reports. fp32 averages of two values are exact ((a + b) / 2 rounds once, however it is ordered),
@@ -31,7 +31,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make_unit(world: int = WORLD) -> Unit:
-    return Unit("blk", tuple(SHAPES), tuple(ShardSpec(n, torch.Size(s), world) for n, s in SHAPES.items()))
+    return Unit(
+        "blk", tuple(SHAPES), tuple(ShardSpec(n, torch.Size(s), world) for n, s in SHAPES.items())
+    )
 
 
 def grads_of(rank: int) -> dict[str, torch.Tensor]:
@@ -79,7 +81,9 @@ def _collectives_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
         real, recording = _record_all_reduce(calls)
         dist.all_reduce = recording  # type: ignore[assignment]
         try:
-            all_reduce_mean_(tensors, group=None, world_size=world, dtype=dtype, bucket_numel=bucket)
+            all_reduce_mean_(
+                tensors, group=None, world_size=world, dtype=dtype, bucket_numel=bucket
+            )
         finally:
             dist.all_reduce = real
         assert all(d == dtype for _, d in calls), calls
@@ -92,10 +96,20 @@ def _collectives_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
         for use_all_reduce in (False, True):
             key = f"rs/{tag}/{'ar' if use_all_reduce else 'rs'}"
             shards = reduce_scatter_unit(
-                unit, grads_of(rank), group=None, rank=rank, dtype=dtype, use_all_reduce=use_all_reduce
+                unit,
+                grads_of(rank),
+                group=None,
+                rank=rank,
+                dtype=dtype,
+                use_all_reduce=use_all_reduce,
             )
             later, pending = reduce_scatter_unit_async(
-                unit, grads_of(rank), group=None, rank=rank, dtype=dtype, use_all_reduce=use_all_reduce
+                unit,
+                grads_of(rank),
+                group=None,
+                rank=rank,
+                dtype=dtype,
+                use_all_reduce=use_all_reduce,
             )
             pending.wait()
             assert list(shards) == list(unit.params) == list(later)
@@ -108,12 +122,16 @@ def _collectives_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
             )
     # bf16 gradients (bf16 compute) reduced in fp32.
     bf16_grads = {n: g.to(torch.bfloat16) for n, g in grads_of(rank).items()}
-    for n, t in reduce_scatter_unit(unit, bf16_grads, group=None, rank=rank, dtype=torch.float32).items():
+    for n, t in reduce_scatter_unit(
+        unit, bf16_grads, group=None, rank=rank, dtype=torch.float32
+    ).items():
         out[f"rs/bf16-in/{n}"] = t
 
     # all_reduce_unit_async: full averaged gradients of out_dtype.
     for tag, dtype in DTYPES.items():
-        full, pending = all_reduce_unit_async(unit, grads_of(rank), group=None, world_size=world, dtype=dtype)
+        full, pending = all_reduce_unit_async(
+            unit, grads_of(rank), group=None, world_size=world, dtype=dtype
+        )
         pending.wait()
         for n in unit.params:
             out[f"ar/{tag}/{n}"] = full[n]
@@ -169,13 +187,17 @@ def test_all_reduce_mean_averages_in_place_in_buckets_of_at_most_bucket_numel(
     exact(reports[0][f"mean/fp32/{probe}"], torch.full((4,), 2.0 + 2.0**-10))
 
 
-def test_all_reduce_mean_reduces_in_the_requested_dtype(reports: list[dict[str, torch.Tensor]]) -> None:
+def test_all_reduce_mean_reduces_in_the_requested_dtype(
+    reports: list[dict[str, torch.Tensor]],
+) -> None:
     inputs = [mean_inputs(r) for r in range(WORLD)]
     for rep in reports:
         assert rep["mean/bf16/buckets"].tolist() == [sum(MEAN_SIZES) + 4], "one bucket"
         for i in range(len(MEAN_SIZES)):
             expected = mean_of([x[i].to(torch.bfloat16) for x in inputs])
-            torch.testing.assert_close(rep[f"mean/bf16/{i}"].double(), expected, rtol=8e-3, atol=1e-2)
+            torch.testing.assert_close(
+                rep[f"mean/bf16/{i}"].double(), expected, rtol=8e-3, atol=1e-2
+            )
         # Averaged in bf16: the 2**-10 parts were rounded away before the reduction.
         exact(rep[f"mean/bf16/{len(MEAN_SIZES)}"], torch.full((4,), 2.0))
 
@@ -198,7 +220,9 @@ def test_reduce_scatter_unit_returns_this_ranks_shard_of_the_mean_gradient(
                     exact(got, expected.float())
                 else:
                     torch.testing.assert_close(got.double(), expected, rtol=8e-3, atol=1e-2)
-            assert not rep[f"rs/{tag}/{mode}/{spec.name}"][spec.bounds(rank)[1] - spec.bounds(rank)[0] :].any()
+            assert not rep[f"rs/{tag}/{mode}/{spec.name}"][
+                spec.bounds(rank)[1] - spec.bounds(rank)[0] :
+            ].any()
 
 
 @pytest.mark.parametrize("mode", ["rs", "ar"])
@@ -208,10 +232,14 @@ def test_reduce_scatter_unit_shards_do_not_keep_the_world_sized_buffer_alive(
     unit = make_unit()
     for rep in reports:
         for tag in DTYPES:
-            assert rep[f"rs/{tag}/{mode}/storage_bytes"].tolist() == [unit.shard_numel * 4] * len(SHAPES)
+            assert rep[f"rs/{tag}/{mode}/storage_bytes"].tolist() == [unit.shard_numel * 4] * len(
+                SHAPES
+            )
 
 
-def test_reduce_scatter_unit_reduces_bf16_gradients_in_fp32(reports: list[dict[str, torch.Tensor]]) -> None:
+def test_reduce_scatter_unit_reduces_bf16_gradients_in_fp32(
+    reports: list[dict[str, torch.Tensor]],
+) -> None:
     unit = make_unit()
     mean = {n: mean_of([grads_of(r)[n].to(torch.bfloat16) for r in range(WORLD)]) for n in SHAPES}
     for rank, rep in enumerate(reports):
@@ -273,7 +301,9 @@ def test_collectives_at_world_one_communicate_nothing(monkeypatch: pytest.Monkey
     shards = reduce_scatter_unit(unit, grads, group=None, rank=0, dtype=torch.float32)
     for n in SHAPES:
         exact(shards[n], grads[n].reshape(-1))
-    full, pending = all_reduce_unit_async(unit, grads, group=None, world_size=1, dtype=torch.float32)
+    full, pending = all_reduce_unit_async(
+        unit, grads, group=None, world_size=1, dtype=torch.float32
+    )
     pending.wait()
     for n in SHAPES:
         exact(full[n], grads[n])
@@ -286,7 +316,9 @@ def test_collectives_at_world_one_communicate_nothing(monkeypatch: pytest.Monkey
 
 def test_pending_wait_finishes_once_and_returns_the_same_result() -> None:
     unit = make_unit(1)
-    shards = {n: ShardSpec(n, torch.Size(s), 1).shard(global_params()[n], 0) for n, s in SHAPES.items()}
+    shards = {
+        n: ShardSpec(n, torch.Size(s), 1).shard(global_params()[n], 0) for n, s in SHAPES.items()
+    }
     pending = all_gather_unit_async(unit, shards, group=None, dtype=torch.float32)
     first = pending.wait()
     assert pending.wait() is first

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from funczero.parallel.overlap import PrefetchOrder, Prefetcher, ReduceQueue, Regather
+from funczero.parallel.overlap import Prefetcher, PrefetchOrder, ReduceQueue, Regather
 
 
 class FakePending:
@@ -64,7 +64,9 @@ def test_reduce_queue_keeps_at_most_depth_reductions_in_flight(depth: int) -> No
     assert len(log) == 5
 
 
-def test_reduce_queue_default_depth_waits_for_the_previous_unit_when_the_next_is_submitted() -> None:
+def test_reduce_queue_default_depth_waits_for_the_previous_unit_when_the_next_is_submitted() -> (
+    None
+):
     log: list[tuple[str, Hashable]] = []
     queue = ReduceQueue()
     queue.submit(FakePending("block1", log))

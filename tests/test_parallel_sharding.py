@@ -1,4 +1,4 @@
-"""ShardSpec and Unit against a naive reference (pad, cut, torch.cat and slicing), world sizes 1-4."""
+"""ShardSpec and Unit against a naive reference (pad, cut, torch.cat, slicing), worlds 1-4."""
 
 from __future__ import annotations
 
@@ -118,7 +118,10 @@ def test_unit_pack_shards_concatenates_shards_in_parameter_order_and_casts(
     unit = make_unit(world)
     for r, shards in enumerate(rank_shards(world)):
         if stored == "mixed":
-            shards = {n: s.to(torch.bfloat16 if i % 2 else torch.float32) for i, (n, s) in enumerate(shards.items())}
+            shards = {
+                n: s.to(torch.bfloat16 if i % 2 else torch.float32)
+                for i, (n, s) in enumerate(shards.items())
+            }
         else:
             shards = {n: s.to(stored) for n, s in shards.items()}
         packed = unit.pack_shards(shards, dtype)
@@ -162,7 +165,10 @@ def test_unit_chunk_grads_puts_each_ranks_chunk_of_every_parameter_in_its_row(
     unit = make_unit(world)
     grads = values(seed=3)
     if stored == "mixed":
-        grads = {n: g.to(torch.bfloat16 if i % 2 else torch.float32) for i, (n, g) in enumerate(grads.items())}
+        grads = {
+            n: g.to(torch.bfloat16 if i % 2 else torch.float32)
+            for i, (n, g) in enumerate(grads.items())
+        }
     else:
         grads = {n: g.to(stored) for n, g in grads.items()}
     chunks = unit.chunk_grads(grads, dtype)

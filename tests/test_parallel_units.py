@@ -20,7 +20,9 @@ WORLD = 2
 
 
 def make_unit(world: int) -> Unit:
-    return Unit("blk", tuple(SHAPES), tuple(ShardSpec(n, torch.Size(s), world) for n, s in SHAPES.items()))
+    return Unit(
+        "blk", tuple(SHAPES), tuple(ShardSpec(n, torch.Size(s), world) for n, s in SHAPES.items())
+    )
 
 
 def full_params() -> dict[str, torch.Tensor]:
@@ -71,7 +73,10 @@ def boundary_grads(
     world: int, rank: int, *, replicated: bool, reduction: str, queue: bool = False, **facts: Any
 ) -> dict[str, torch.Tensor]:
     su = step_unit(world, rank, replicated=replicated, reduction=reduction, **facts)
-    ctx = StepContext(params=state_params(world, rank, replicated=replicated), queue=ReduceQueue() if queue else None)
+    ctx = StepContext(
+        params=state_params(world, rank, replicated=replicated),
+        queue=ReduceQueue() if queue else None,
+    )
     anchors = anchors_for(su, rank)
     full = materialize_unit(su, ctx, anchors)
     loss_of(full, batch_of(rank)).backward()
@@ -96,12 +101,17 @@ def expected_grads(case: str, world: int, rank: int) -> dict[str, torch.Tensor]:
     _, reduction, _ = CASES[case]
     if reduction == "all_reduce":
         return {n: m.float() for n, m in mean.items()}
-    return {n: ShardSpec(n, torch.Size(SHAPES[n]), world).shard(mean[n], rank).float() for n in TRAINABLE}
+    return {
+        n: ShardSpec(n, torch.Size(SHAPES[n]), world).shard(mean[n], rank).float()
+        for n in TRAINABLE
+    }
 
 
 @pytest.mark.parametrize("queue", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_materialize_unit_gives_anchor_gradients_equal_to_autograd_at_world_one(case: str, queue: bool) -> None:
+def test_materialize_unit_gives_anchor_gradients_equal_to_autograd_at_world_one(
+    case: str, queue: bool
+) -> None:
     replicated, reduction, facts = CASES[case]
     grads = boundary_grads(1, 0, replicated=replicated, reduction=reduction, queue=queue, **facts)
     expected = expected_grads(case, 1, 0)
@@ -200,7 +210,9 @@ def _units_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for case, (replicated, reduction, facts) in CASES.items():
         for queue in (False, True):
-            grads = boundary_grads(world, rank, replicated=replicated, reduction=reduction, queue=queue, **facts)
+            grads = boundary_grads(
+                world, rank, replicated=replicated, reduction=reduction, queue=queue, **facts
+            )
             for n, g in grads.items():
                 out[f"{case}/{queue}/{n}"] = g
     return out

@@ -54,7 +54,9 @@ def check_layouts(state: TrainState, *, persistent: set[str]) -> None:
         else:
             expected = ("scalar", "replicated")
         assert (layout.kind, layout.placement) == expected, (path, layout)
-        assert layout.group == ("model" if layout.kind in ("param", "master", "buffer") else "optim")
+        assert layout.group == (
+            "model" if layout.kind in ("param", "master", "buffer") else "optim"
+        )
         if layout.placement == "shard":
             spec = ShardSpec(last, torch.Size(shapes[last]), world)
             assert layout.param == last and layout.shape == shapes[last], path
@@ -93,7 +95,9 @@ def test_init_state_records_every_leafs_layout_by_the_stage_rules(
 def test_create_records_every_leafs_layout_for_any_world_and_rank(
     toy_state: Callable[..., TrainState], stage: int, world: int, rank: int, optimizer: str
 ) -> None:
-    state = toy_state(world_size=world, rank=rank, stage=stage, persistent=("b",), optimizer=optimizer)
+    state = toy_state(
+        world_size=world, rank=rank, stage=stage, persistent=("b",), optimizer=optimizer
+    )
     check_layouts(state, persistent={"b"})
     # The frozen parameter is sharded at stage 3 like any other (it has no master weights).
     assert state.layout.leaf("params/frozen").placement == ("shard" if stage == 3 else "replicated")
@@ -105,7 +109,9 @@ def test_leaf_names_the_unknown_path_and_how_to_build_states() -> None:
     from funczero.testing.states import toy_state
 
     layout = toy_state().layout
-    with pytest.raises(KeyError, match=r"state leaf 'params/nope' has no recorded layout.*init_state"):
+    with pytest.raises(
+        KeyError, match=r"state leaf 'params/nope' has no recorded layout.*init_state"
+    ):
         layout.leaf("params/nope")
     assert layout.leaf("params/w") == LeafLayout("param", "replicated", None, (4, 4))
 
@@ -136,7 +142,9 @@ def test_create_keeps_the_fields_and_describes_the_layout() -> None:
     state = create()
     lay = state.layout
     assert (lay.stage, lay.world_size, lay.rank, lay.precision) == (1, 2, 1, "fp32")
-    assert lay.shapes == (("w", (4, 4)),) and lay.trainable == ("w",) and lay.aliases == (("v", "w"),)
+    assert (
+        lay.shapes == (("w", (4, 4)),) and lay.trainable == ("w",) and lay.aliases == (("v", "w"),)
+    )
     assert state.master["w"].shape == (8,)
     assert lay.leaf("master/w") == LeafLayout("master", "shard", "w", (4, 4))
     assert lay.leaf("opt_state/mu/w") == LeafLayout("moment", "shard", "w", (4, 4))
@@ -150,7 +158,9 @@ def test_create_keeps_a_moment_of_another_shape_per_rank_under_zero() -> None:
     factored = {"mu": {"w": torch.zeros(8)}, "row": {"w": torch.zeros(4)}}
     sharded = create(stage=1, opt_state=factored)
     assert sharded.layout.leaf("opt_state/row/w") == LeafLayout("moment", "per_rank", None, (4,))
-    full = create(stage=0, master={"w": torch.zeros(4, 4)}, opt_state={"row": {"w": torch.zeros(4)}})
+    full = create(
+        stage=0, master={"w": torch.zeros(4, 4)}, opt_state={"row": {"w": torch.zeros(4)}}
+    )
     assert full.layout.leaf("opt_state/row/w") == LeafLayout("optim", "replicated", None, (4,))
 
 
