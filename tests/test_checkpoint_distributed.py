@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from funczero import checkpoint
-from funczero.checkpoint.layout import named_leaves
 from funczero.checkpoint.tensorfile import TensorFile, TensorFileWriter
-from funczero.testing.states import toy_state
 from funczero.testing.distributed import run_distributed
+from funczero.testing.states import toy_state
+from funczero.tree import leaves_with_path
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, root: str) -> None:
     assert torch.equal(got.rng, _state(world, rank, 2, "fp32").rng)
     # ... and loading a different stage online works on every rank.
     want = _state(world, rank, 2, "fp32")
-    for (p, x), (_, y) in zip(named_leaves(got), named_leaves(want)):
+    for (p, x), (_, y) in zip(leaves_with_path(got), leaves_with_path(want)):
         assert torch.equal(x, y), p
 
 
@@ -135,7 +135,7 @@ def test_multi_rank_checkpoints_load_into_every_world_size_and_stage(saved, prec
                     got, client = checkpoint.load(root / precision, like=like, tag=f"s{src}")
                     assert client == {"rank": 0, "shared": [1, 2]}
                     want = _state(target, rank, stage, precision)
-                    for (p, x), (_, y) in zip(named_leaves(got), named_leaves(want)):
+                    for (p, x), (_, y) in zip(leaves_with_path(got), leaves_with_path(want)):
                         if p == "params/frozen" and y.dtype != frozen_dtype:
                             y = y.to(frozen_dtype).to(y.dtype)
                         assert p == "rng" or torch.equal(x, y), (src, stage, target, rank, p)
@@ -151,5 +151,5 @@ def test_offline_reshard_of_a_multi_rank_checkpoint_matches_online_load(
         like = _state(3, rank, 1, "bf16", seed=2)
         offline, _ = checkpoint.load(tmp_path, like=like)
         online, _ = checkpoint.load(root / "bf16", like=like, tag="s3")
-        for (p, x), (_, y) in zip(named_leaves(offline), named_leaves(online)):
+        for (p, x), (_, y) in zip(leaves_with_path(offline), leaves_with_path(online)):
             assert torch.equal(x, y), p  # rng included: both derive it the same way

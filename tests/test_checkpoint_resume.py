@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from funczero import checkpoint, optim
-from funczero.module import extract_tensors, release_module_tensors
-from funczero.train.loss_scale import LossScaleConfig
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.parallel.plan import ZeroPlan, build_plan
-from funczero.train.step import init_state, make_train_step
+from funczero.module import extract_tensors, release_module_tensors
+from funczero.parallel.plan import build_plan
 from funczero.testing.distributed import run_distributed
+from funczero.train.loss_scale import LossScaleConfig
+from funczero.train.step import init_state, make_train_step
 
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3)
 GLOBAL_BATCH = 8

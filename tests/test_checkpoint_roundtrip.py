@@ -15,13 +15,13 @@ import torch
 from safetensors import safe_open
 
 from funczero import checkpoint
-from funczero.checkpoint.layout import named_leaves
 from funczero.testing.states import toy_state
+from funczero.tree import leaves_with_path
 
 
 def assert_state_equal(got, want, *, rounded_from: torch.dtype | None = None) -> None:
     """Leaf-by-leaf bitwise equality (rng excluded), dtypes and shapes included."""
-    a, b = named_leaves(got), named_leaves(want)
+    a, b = leaves_with_path(got), leaves_with_path(want)
     assert [p for p, _ in a] == [p for p, _ in b]
     for (path, x), (_, y) in zip(a, b):
         if path == "rng":

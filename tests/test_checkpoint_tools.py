@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from funczero import checkpoint, optim
 from funczero.checkpoint import reader as reader_module
-from funczero.checkpoint.layout import named_leaves
-from funczero.testing.states import toy_state
 from funczero.cli.app import app
-from funczero.module import extract_tensors, release_module_tensors
 from funczero.models.gpt import GPT, GPTConfig
-from funczero.parallel.plan import ZeroPlan, build_plan
+from funczero.module import extract_tensors, release_module_tensors
+from funczero.parallel.plan import build_plan
+from funczero.testing.states import toy_state
 from funczero.train.step import init_state
+from funczero.tree import leaves_with_path
 
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3, batch_norm=True)
 runner = CliRunner()
@@ -107,7 +107,7 @@ def test_offline_reshard_then_load_equals_direct_layout(
             tmp_path / "dst", like=toy_state(world_size=world, rank=rank, stage=stage, seed=3)
         )
         want = toy_state(world_size=world, rank=rank, stage=stage)
-        for (path, x), (_, y) in zip(named_leaves(got), named_leaves(want)):
+        for (path, x), (_, y) in zip(leaves_with_path(got), leaves_with_path(want)):
             assert path == "rng" or torch.equal(x, y), path
 
 
@@ -183,9 +183,9 @@ def test_weights_only_reads_never_open_the_optimizer_files(tmp_path: Path, monke
     opened: list[str] = []
     real = reader_module.TensorFile.__init__
 
-    def spy(self, p: Path) -> None:
+    def spy(self, p: Path, **kw) -> None:
         opened.append(p.name)
-        real(self, p)
+        real(self, p, **kw)
 
     monkeypatch.setattr(reader_module.TensorFile, "__init__", spy)
     checkpoint.consolidate(path, tmp_path / "hf")

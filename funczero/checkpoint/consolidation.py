@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 from funczero.checkpoint.atomic import fsync_dir
+from funczero.checkpoint.entry import TensorEntry
 from funczero.checkpoint.errors import CheckpointExistsError, CorruptCheckpointError
-from funczero.checkpoint.index import TensorEntry, read_index
+from funczero.checkpoint.index import read_index
 from funczero.checkpoint.reader import BLOCK_ELEMS, ShardReader
 from funczero.checkpoint.tags import resolve
 from funczero.checkpoint.tensorfile import TensorFileWriter
@@ -102,28 +103,28 @@ def consolidate(
     shapes = index.param_shapes
     tensors = index.tensors
     aliases = index.aliases
-    skip = set(index.raw["params"].get("non_persistent_buffers") or [])
+    skip = set(index.non_persistent_buffers)
 
-    plan: list[tuple[str, TensorEntry, torch.dtype]] = []
+    outputs: list[tuple[str, TensorEntry, torch.dtype]] = []
     for name in shapes:
         source = tensors.get(f"master/{name}") or tensors.get(f"params/{name}")
         if source is None:
             raise CorruptCheckpointError(
                 f"parameter {name} has neither master/ nor params/ tensor", where=str(tag_dir)
             )
-        out_dtype = target if source.torch_dtype.is_floating_point else source.torch_dtype
+        out_dtype = target if source.dtype.is_floating_point else source.dtype
         for key in [name] + sorted(a for a, c in aliases.items() if c == name and a != name):
-            plan.append((key, source, out_dtype))
+            outputs.append((key, source, out_dtype))
     for path, e in tensors.items():
         if e.kind == "buffer":
-            key = path.split("/", 1)[1]
+            key = path.split("/", 1)[1]  # the index's validation guarantees 'buffers/<fqn>'
             if key not in skip:
-                plan.append((key, e, e.torch_dtype))
+                outputs.append((key, e, e.dtype))
 
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     groups: list[list[tuple[str, TensorEntry, torch.dtype]]] = [[]]
     size = 0
-    for item in plan:
+    for item in outputs:
         nbytes = item[1].numel * item[2].itemsize
         if limit is not None and groups[-1] and size + nbytes > limit:
             groups.append([])

@@ -1,4 +1,4 @@
-"""The on-disk format's vocabulary: names, versions, dtypes, tag rules and path safety.
+"""The on-disk format's vocabulary: names, versions, dtypes, tag rules and reading limits.
 
 A checkpoint root holds one directory per tag and a ``latest`` file naming the newest one::
 
@@ -7,10 +7,10 @@ A checkpoint root holds one directory per tag and a ``latest`` file naming the n
     <root>/<tag>/model-shard-RRRRR-of-WWWWW.safetensors   # params, master, buffers of rank R
     <root>/<tag>/optim-shard-RRRRR-of-WWWWW.safetensors   # optimizer state, step, rng of rank R
 
-Tags and file names read from disk pass :func:`validate_tag` and :func:`safe_child` before
-use; JSON is parsed strictly by :func:`loads_json` (never unpickled). The index schema and its
-validation are in :mod:`funczero.checkpoint.index`; the full description is
-``docs/checkpoint-format.md``.
+Everything read from disk is untrusted: tags pass :func:`validate_tag`, files are opened and
+parsed by :mod:`funczero.checkpoint.safe_io` within the limits below (never unpickled). The
+index schema and its validation are in :mod:`funczero.checkpoint.index`; the full description
+is ``docs/checkpoint-format.md``.
 
 Example:
     >>> validate_tag("step-100")
@@ -23,18 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from funczero.checkpoint.errors import (
-    ClientStateError,
-    InvalidTagError,
-    UnsafePathError,
-)
+from funczero.checkpoint.errors import ClientStateError, InvalidTagError
 
 __all__ = [
     "DTYPE_NAMES",
@@ -46,18 +40,26 @@ __all__ = [
     "KINDS",
     "LATEST_NAME",
     "LAYOUTS",
+    "MAX_CLIENT_STATE_DEPTH",
+    "MAX_DIM",
+    "MAX_INDEX_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_LATEST_BYTES",
+    "MAX_NDIM",
+    "MAX_WORLD_SIZE",
     "PRECISIONS",
     "check_json",
+    "deeper_than",
     "dtype_from_name",
     "dtype_name",
-    "loads_json",
-    "safe_child",
     "shard_file_name",
     "validate_tag",
 ]
 
 FORMAT_NAME = "funczero.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 adds each shard file's record of its chunks (``__metadata__["tensors"]``); version
+1 checkpoints are still read."""
 INDEX_NAME = "index.json"
 LATEST_NAME = "latest"
 GROUPS = ("model", "optim")
@@ -65,6 +67,23 @@ GROUPS = ("model", "optim")
 LAYOUTS = ("shard", "replicated", "per_rank")
 KINDS = ("param", "master", "moment", "optim", "buffer", "scalar", "rng")
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Limits on what a reader accepts, checked before the data is used (a damaged or hostile
+# checkpoint must fail fast with a clear error, never hang or exhaust memory).
+MAX_INDEX_BYTES = 1 << 30
+"""Largest ``index.json`` read (1 GiB: ~5 million chunks, e.g. 5,000 tensors at 1,000 ranks)."""
+MAX_LATEST_BYTES = 4096
+"""Largest ``latest`` file read (a tag is at most 200 characters)."""
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of JSON read (index, shard headers)."""
+MAX_CLIENT_STATE_DEPTH = 64
+"""Deepest nesting of ``client_state`` and ``config`` saved (leaves room inside the index)."""
+MAX_WORLD_SIZE = 99_999
+"""Most ranks a checkpoint can have: file names carry the rank in five digits."""
+MAX_NDIM = 64
+"""Most dimensions of a tensor."""
+MAX_DIM = (1 << 63) - 1
+"""Largest size of a dimension, and of a tensor's element count (int64, as torch)."""
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,199}")
 FILE_RE = re.compile(r"(model|optim)-shard-(\d{5})-of-(\d{5})\.safetensors")
@@ -137,67 +156,49 @@ def validate_tag(tag: object) -> str:
 
 def shard_file_name(group: str, rank: int, world_size: int) -> str:
     """The file of ``group`` (``model`` or ``optim``) written by ``rank`` of ``world_size``."""
+    if not 0 <= rank < world_size <= MAX_WORLD_SIZE:
+        raise ValueError(
+            f"rank {rank} of world size {world_size}: checkpoints hold 1 to {MAX_WORLD_SIZE} ranks"
+        )
     return f"{group}-shard-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
-def safe_child(directory: Path, name: str) -> Path:
-    """Return ``directory / name`` after checking that it cannot escape ``directory``.
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON-like ``value`` nests more than ``limit`` levels (``[]`` is one level).
 
-    ``name`` must be a plain file name (no separators, no ``..``, not absolute, not hidden), and
-    its real path (symlinks resolved) must lie inside ``directory``'s real path.
+    Iterative, and it stops at ``limit``, so a value that contains itself answers ``True``.
+
+    Example:
+        >>> deeper_than({"a": [1, {"b": []}]}, 3), deeper_than({"a": [1, {"b": []}]}, 4)
+        (True, False)
     """
-    bad = (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\0" in name
-        or name.startswith(".")
-        or os.path.isabs(name)
-    )
-    if bad:
-        raise UnsafePathError(
-            f"file name {name!r} in the index is not a plain file name inside the checkpoint "
-            "directory; refusing to open it",
-            where=str(directory),
-        )
-    path = directory / name
-    root = os.path.realpath(directory)
-    real = os.path.realpath(path)
-    if os.path.commonpath([root, real]) != root:
-        raise UnsafePathError(
-            f"file {name!r} resolves to {real}, outside the checkpoint directory {root} "
-            "(a symlink?); refusing to open it",
-            where=str(directory),
-        )
-    return path
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def loads_json(text: str | bytes) -> Any:
-    """Parse JSON strictly: duplicate keys and NaN/Infinity are errors."""
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=constant)
+    stack = [(value, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, dict):
+            x = x.values()
+        elif not isinstance(x, (list, tuple)):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((v, depth + 1) for v in x if isinstance(v, (dict, list, tuple)))
+    return False
 
 
 def check_json(value: Any, what: str) -> Any:
     """Return ``value`` round-tripped through JSON, or raise naming the offending entry."""
+    if deeper_than(value, MAX_CLIENT_STATE_DEPTH):
+        raise ClientStateError(
+            f"{what} is nested more than {MAX_CLIENT_STATE_DEPTH} levels deep (or contains "
+            "itself); checkpoints refuse to read such JSON, so flatten it before saving"
+        )
 
     def find(x: Any, path: str) -> str | None:
-        if x is None or isinstance(x, (bool, int, str)):
+        if x is None or isinstance(x, (bool, str)):
             return None
+        if isinstance(x, int):
+            # Python refuses to parse integers of more than 4300 digits: they would not load.
+            return None if x.bit_length() < 14_000 else f"{path} is an integer of over 4,000 digits"
         if isinstance(x, float):
             return None if math.isfinite(x) else f"{path} = {x!r} (not finite)"
         if isinstance(x, (list, tuple)):

@@ -62,6 +62,12 @@ class Summary:
         return out
 
 
+def _text(value: Any, limit: int = 200) -> str:
+    """A free-form index value as text, cut short (the index may come from anywhere)."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def inspect(directory: str | os.PathLike[str], tag: str | None = None) -> Summary:
     """Summarise the checkpoint at ``directory`` (a root or a tag directory) and ``tag``.
 
@@ -71,18 +77,18 @@ def inspect(directory: str | os.PathLike[str], tag: str | None = None) -> Summar
     tag_dir = resolve(directory, tag)
     index = read_index(tag_dir)
     shapes = index.param_shapes
-    trainable = index.raw["params"].get("trainable") or []
+    trainable = index.trainable
     groups: dict[str, int] = {g: 0 for g in dict.fromkeys(GROUP_OF_KIND.values())}
     tensors = []
     for e in index.tensors.values():
-        stored = sum(c.numel for c in e.chunks) * e.torch_dtype.itemsize
+        stored = sum(c.numel for c in e.chunks) * e.dtype.itemsize
         groups[GROUP_OF_KIND[e.kind]] += stored
         tensors.append(
             {
                 "path": e.path,
                 "shape": list(e.shape),
-                "dtype": e.dtype,
-                "layout": e.layout,
+                "dtype": e.dtype_name,
+                "layout": e.placement,
                 "alias_of": e.alias_of,
                 "bytes": stored,
                 "chunks": [
@@ -104,17 +110,17 @@ def inspect(directory: str | os.PathLike[str], tag: str | None = None) -> Summar
         world_size=index.world_size,
         stage=index.stage,
         precision=index.precision,
-        optimizer=str(raw.get("optimizer", "")),
+        optimizer=_text(raw.get("optimizer", "")),
         param_count=sum(math.prod(s) for s in shapes.values()),
-        trainable_count=sum(math.prod(shapes[n]) for n in trainable if n in shapes),
+        trainable_count=sum(math.prod(shapes[n]) for n in trainable),
         bytes_by_group=groups,
         files=files,
         tensors=tensors,
         versions={
-            "format": str(raw.get("format_version")),
-            "funczero": str(raw.get("funczero_version")),
-            "torch": str(raw.get("torch_version")),
+            "format": str(index.format_version),
+            "funczero": _text(raw.get("funczero_version")),
+            "torch": _text(raw.get("torch_version")),
         },
-        created=str(raw.get("created", "")),
+        created=_text(raw.get("created", "")),
         client_state_keys=sorted(client) if isinstance(client, dict) else [],
     )

@@ -16,13 +16,12 @@ import torch
 
 from funczero import tree
 from funczero.checkpoint import comm
+from funczero.checkpoint.chunks import find_aliases
+from funczero.checkpoint.entry import TensorEntry, state_entries
 from funczero.checkpoint.errors import StateMismatchError
-from funczero.checkpoint.format import dtype_name
-from funczero.checkpoint.index import Index, TensorEntry, read_index
-from funczero.checkpoint.layout import LeafPlan, find_aliases, plan_state
+from funczero.checkpoint.index import Index, read_index
 from funczero.checkpoint.reader import ShardReader, derive_rng
 from funczero.checkpoint.tags import resolve
-from funczero.parallel.sharding import ShardSpec
 from funczero.parallel.precision import Precision
 from funczero.train.state import TrainState
 
@@ -30,12 +29,12 @@ __all__ = ["load"]
 
 
 def _check(
-    index: Index, like: TrainState, plans: list[tuple[LeafPlan, torch.Tensor]], where: str
+    index: Index, like: TrainState, wanted: list[tuple[TensorEntry, torch.Tensor]], where: str
 ) -> None:
     lay = like.layout
     saved = index.tensors
-    paths = {p.path for p, _ in plans}
-    missing = [p.path for p, _ in plans if p.path not in saved]
+    paths = {w.path for w, _ in wanted}
+    missing = [w.path for w, _ in wanted if w.path not in saved]
     unexpected = [p for p in saved if p not in paths]
     bad: list[str] = []
     if index.precision != lay.precision:
@@ -45,28 +44,31 @@ def _check(
         )
     compute = Precision.from_name(index.precision).compute_dtype
     same_world = index.world_size == lay.world_size
-    for plan, leaf in plans:
-        e = saved.get(plan.path)
+    for want, leaf in wanted:
+        e = saved.get(want.path)
         if e is None:
             continue
-        if plan.kind == "rng":
-            continue  # any shape: restored exactly when it fits, else re-derived
-        if tuple(e.shape) != plan.shape:
+        if want.kind == "rng":  # any shape: restored exactly when it fits, else re-derived
+            if e.placement != "per_rank":
+                bad.append(f"{want.path}: saved as a {e.placement} tensor, not per rank")
+            continue
+        if e.shape != want.shape:
             bad.append(
-                f"{plan.path}: shape {list(e.shape)} in the checkpoint, "
-                f"{list(plan.shape)} in the state"
+                f"{want.path}: shape {list(e.shape)} in the checkpoint, "
+                f"{list(want.shape)} in the state"
             )
             continue
-        dtypes = {e.torch_dtype, leaf.dtype}
-        if leaf.dtype != e.torch_dtype and not (
-            plan.kind == "param" and dtypes <= {torch.float32, compute}
+        if leaf.dtype != e.dtype and not (
+            want.kind == "param" and {e.dtype, leaf.dtype} <= {torch.float32, compute}
         ):
-            bad.append(f"{plan.path}: dtype {e.dtype} in the checkpoint, {leaf.dtype} in the state")
-        if e.layout == "per_rank" and plan.layout != "per_rank":
-            bad.append(f"{plan.path}: saved per rank, cannot be read as a {plan.layout} tensor")
-        elif e.layout == "per_rank" and not same_world:
             bad.append(
-                f"{plan.path}: saved per rank at world size {index.world_size}; it cannot be "
+                f"{want.path}: dtype {e.dtype_name} in the checkpoint, {leaf.dtype} in the state"
+            )
+        if e.placement == "per_rank" and want.placement != "per_rank":
+            bad.append(f"{want.path}: saved per rank, cannot be read as a {want.placement} tensor")
+        elif e.placement == "per_rank" and not same_world:
+            bad.append(
+                f"{want.path}: saved per rank at world size {index.world_size}; it cannot be "
                 f"resharded to {lay.world_size} ranks"
             )
     if missing or unexpected or bad:
@@ -76,26 +78,25 @@ def _check(
 
 
 def _materialise(
-    reader: ShardReader, plan: LeafPlan, leaf: torch.Tensor, entry: TensorEntry, like: TrainState
+    reader: ShardReader, want: TensorEntry, leaf: torch.Tensor, saved: TensorEntry, like: TrainState
 ) -> torch.Tensor:
     lay = like.layout
     world, rank = lay.world_size, lay.rank
-    if plan.layout == "shard":
-        assert plan.param is not None
-        spec = ShardSpec(plan.param, torch.Size(plan.shape), world)
+    if want.placement == "shard":
+        spec = want.spec(world)
         out = torch.zeros(spec.shard_numel, dtype=leaf.dtype)
         a, b = spec.bounds(rank)
-        reader.read_range(entry, a, b, out[: b - a])
-    elif plan.layout == "replicated" or entry.layout != "per_rank":
-        out = reader.read_full(entry, leaf.dtype).reshape(plan.shape)
+        reader.read_range(saved, a, b, out[: b - a])
+    elif want.placement == "replicated" or saved.placement != "per_rank":
+        out = reader.read_full(saved, leaf.dtype).reshape(want.shape)
     elif (
         reader.index.world_size == world
-        and entry.shape == plan.shape
-        and entry.dtype == dtype_name(leaf.dtype)
+        and saved.shape == tuple(leaf.shape)
+        and saved.dtype == leaf.dtype
     ):
-        out = reader.read_rank(entry, rank)
-    else:  # the RNG at a new world size (other per-rank leaves were refused in _check)
-        out = derive_rng(reader.read_rank(entry, 0), rank, leaf)
+        out = reader.read_rank(saved, rank)
+    else:  # the RNG at a new world size, or of another shape (other per-rank leaves were refused)
+        out = derive_rng(reader.read_rank(saved, 0), rank, leaf)
     return out.to(leaf.device)
 
 
@@ -141,21 +142,18 @@ def load(
     comm.check_world(lay.world_size, lay.rank, need_group=False)
     tag_dir = resolve(directory, tag)
     index = read_index(tag_dir)
-    plans = plan_state(like)
-    _check(index, like, plans, str(tag_dir))
-    alias_of = find_aliases(plans)
+    wanted = state_entries(like)
+    _check(index, like, wanted, str(tag_dir))
+    alias_of = find_aliases(wanted)
     values: dict[str, torch.Tensor] = {}
     with ShardReader(tag_dir, index, verify=verify) as reader:
-        for plan, leaf in plans:
-            if plan.path not in alias_of:
-                values[plan.path] = _materialise(reader, plan, leaf, index.tensors[plan.path], like)
-    leaves = [values[alias_of.get(p.path, p.path)] for p, _ in plans]
+        for want, leaf in wanted:
+            if want.path not in alias_of:
+                saved = index.tensors[want.path]
+                values[want.path] = _materialise(reader, want, leaf, saved, like)
+    leaves = [values[alias_of.get(w.path, w.path)] for w, _ in wanted]
     state = tree.unflatten(tree.structure(like), leaves)
-    per_rank: Any = index.raw.get("client_state_per_rank")
-    if (
-        isinstance(per_rank, list)
-        and index.world_size == lay.world_size
-        and len(per_rank) > lay.rank
-    ):
+    per_rank = index.client_state_per_rank
+    if per_rank is not None and index.world_size == lay.world_size:
         return state, per_rank[lay.rank]
     return state, index.client_state

@@ -1,8 +1,10 @@
 """Reading flat element ranges of a checkpoint's tensors, checked and streamed.
 
 :class:`ShardReader` is what every consumer uses (load, reshard, consolidate, diff): it opens
-shard files lazily, refuses files of another checkpoint, reads byte ranges straight into
-destination tensors, and checks the SHA-256 of every chunk it reads whole.
+shard files lazily, refuses files of another checkpoint (and, from format version 2, chunks
+whose file records another shape or range than the index), reads byte ranges straight into
+destination tensors, and checks the SHA-256 of every chunk it reads whole. ``per_rank``
+tensors read as a range are rank 0's copy.
 
 Example:
     >>> import tempfile
@@ -25,10 +27,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from funczero.checkpoint.chunks import (
+    Record,
+    header_limit,
+    overlaps,
+    parse_records,
+    record_mismatch,
+)
+from funczero.checkpoint.entry import Chunk, TensorEntry
 from funczero.checkpoint.errors import CorruptCheckpointError, StateMismatchError
-from funczero.checkpoint.format import safe_child
-from funczero.checkpoint.index import Chunk, Index, TensorEntry
-from funczero.checkpoint.layout import overlaps
+from funczero.checkpoint.index import Index
+from funczero.checkpoint.safe_io import safe_child
 from funczero.checkpoint.tensorfile import TensorFile, _as_bytes, _hasher
 
 if TYPE_CHECKING:
@@ -54,6 +63,7 @@ class ShardReader:
         self.index = index
         self.verify = verify
         self._files: dict[str, TensorFile] = {}
+        self._records: dict[str, dict[str, Record]] = {}
         self._pending: list[tuple[concurrent.futures.Future[str], TensorEntry, Chunk]] = []
         self.bytes_read = 0
 
@@ -61,31 +71,44 @@ class ShardReader:
         """The open file ``name``, checked to belong to this checkpoint."""
         if name not in self._files:
             path = safe_child(self.tag_dir, name)
-            if not path.is_file():
-                raise CorruptCheckpointError(
-                    f"shard file {name} is missing (written by rank {self.index.files[name].rank})",
-                    where=str(self.tag_dir),
-                )
-            f = TensorFile(path)
             entry = self.index.files[name]
-            meta = f.metadata
-            if meta.get("checkpoint_id") != self.index.checkpoint_id:
-                f.close()
+            if not path.exists():
                 raise CorruptCheckpointError(
-                    f"shard file {name} belongs to another checkpoint (its checkpoint_id is "
-                    f"{meta.get('checkpoint_id')!r}, the index's {self.index.checkpoint_id!r}); "
-                    "restore the file from the save that wrote this index",
+                    f"shard file {name} is missing (written by rank {entry.rank})",
                     where=str(self.tag_dir),
                 )
-            if meta.get("rank") != str(entry.rank) or f.size != entry.bytes:
+            f = TensorFile(path, max_header=header_limit(self.index.chunks_in(name)))
+            try:
+                self._check_file(f, name)
+            except BaseException:
                 f.close()
-                raise CorruptCheckpointError(
-                    f"shard file {name}: rank {meta.get('rank')}, {f.size} bytes; the index "
-                    f"expects rank {entry.rank}, {entry.bytes} bytes",
-                    where=str(self.tag_dir),
-                )
+                raise
             self._files[name] = f
         return self._files[name]
+
+    def _check_file(self, f: TensorFile, name: str) -> None:
+        entry = self.index.files[name]
+        meta = f.metadata
+        if meta.get("checkpoint_id") != self.index.checkpoint_id:
+            raise CorruptCheckpointError(
+                f"shard file {name} belongs to another checkpoint (its checkpoint_id is "
+                f"{meta.get('checkpoint_id')!r}, the index's {self.index.checkpoint_id!r}); "
+                "restore the file from the save that wrote this index",
+                where=str(self.tag_dir),
+            )
+        if meta.get("rank") != str(entry.rank) or f.size != entry.bytes:
+            raise CorruptCheckpointError(
+                f"shard file {name}: rank {meta.get('rank')!r}, {f.size} bytes; the index "
+                f"expects rank {entry.rank}, {entry.bytes} bytes",
+                where=str(self.tag_dir),
+            )
+        if self.index.has_file_records:
+            try:
+                self._records[name] = parse_records(meta)
+            except ValueError as e:
+                raise CorruptCheckpointError(
+                    f"shard file {name}: {e}", where=str(self.tag_dir)
+                ) from e
 
     def read_range(self, entry: TensorEntry, a: int, b: int, dst: torch.Tensor) -> None:
         """Fill the contiguous 1-D CPU tensor ``dst`` with elements ``[a, b)`` of ``entry``.
@@ -96,8 +119,8 @@ class ShardReader:
         mismatch.
         """
         entry = self.index.resolve(entry)
-        saved = entry.torch_dtype
-        chunks = entry.chunks
+        saved = entry.dtype
+        chunks = _range_chunks(entry)
         for i, lo, hi in overlaps([(c.start, c.stop) for c in chunks], a, b):
             c = chunks[i]
             f = self._chunk_file(entry, c)
@@ -123,7 +146,7 @@ class ShardReader:
         raises after the chunk's last block, so consumers must not commit before the end.
         """
         entry = self.index.resolve(entry)
-        chunks = entry.chunks
+        chunks = _range_chunks(entry)
         for i, lo, hi in overlaps([(c.start, c.stop) for c in chunks], a, b):
             c = chunks[i]
             f = self._chunk_file(entry, c)
@@ -138,14 +161,19 @@ class ShardReader:
                 raise self._checksum_error(entry, c)
 
     def _chunk_file(self, entry: TensorEntry, c: Chunk) -> TensorFile:
+        """The file of chunk ``c``, checked to hold it as the index describes it."""
         f = self.file(c.file)
         info = f.info(c.key)
-        if info.dtype != entry.torch_dtype or info.shape != (c.numel,):
+        if info.dtype != entry.dtype or info.shape != (c.numel,):
             raise CorruptCheckpointError(
                 f"tensor {entry.path}: {c.file}[{c.key!r}] is {info.dtype} {list(info.shape)}, "
-                f"the index says {entry.dtype} [{c.numel}]",
+                f"the index says {entry.dtype_name} [{c.numel}]",
                 where=str(self.tag_dir),
             )
+        records = self._records.get(c.file)
+        problem = None if records is None else record_mismatch(records, entry, c)
+        if problem:
+            raise CorruptCheckpointError(f"tensor {entry.path}: {problem}", where=str(self.tag_dir))
         return f
 
     def _checksum_error(self, entry: TensorEntry, c: Chunk) -> CorruptCheckpointError:
@@ -158,15 +186,14 @@ class ShardReader:
 
     def read_full(self, entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole tensor in its global shape."""
-        out = torch.empty(entry.numel, dtype=dtype or self.index.resolve(entry).torch_dtype)
+        out = torch.empty(entry.numel, dtype=dtype or self.index.resolve(entry).dtype)
         self.read_range(entry, 0, entry.numel, out)
         return out.view(entry.shape)
 
     def read_rank(self, entry: TensorEntry, rank: int) -> torch.Tensor:
         """Rank ``rank``'s own copy of a ``per_rank`` tensor."""
         c = entry.chunks[rank]
-        f = self.file(c.file)
-        out = f.read(c.key)
+        out = self._chunk_file(entry, c).read(c.key)
         if self.verify and hashlib.sha256(_as_bytes(out)).hexdigest() != c.sha256:
             raise CorruptCheckpointError(
                 f"tensor {entry.path} of rank {rank} in {c.file} fails its checksum",
@@ -198,6 +225,11 @@ class ShardReader:
                 self.finish()
         finally:
             self.close()
+
+
+def _range_chunks(entry: TensorEntry) -> tuple[Chunk, ...]:
+    """The chunks that tile ``entry``'s elements: all of them, or rank 0's copy (per_rank)."""
+    return entry.chunks[:1] if entry.placement == "per_rank" else entry.chunks
 
 
 def derive_rng(saved: torch.Tensor, rank: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
 """``reshard``: rewrite a checkpoint for another world size (and ZeRO stage), offline.
 
-Every tensor is stored as flat chunks split by :func:`~funczero.checkpoint.layout.chunk_bounds`,
-whatever the stage, so resharding is re-cutting each tensor's element range into ``N`` chunks.
+Every tensor is stored as flat chunks split by ``ShardSpec.bounds`` (see
+:mod:`funczero.checkpoint.chunks`), whatever the stage, so resharding is re-cutting each tensor's element range into ``N`` chunks.
 Each tensor streams once, in order, from the source chunks to the ``N`` output files of its
 group (all open at once), in blocks of :data:`BLOCK_ELEMS`: memory stays near one block,
 whatever the model or tensor size.
 
 The stage only changes labels in ``index.json`` (which leaves a state of that stage holds as
-shards): parameter dtypes and aliases are kept, and :func:`~funczero.checkpoint.load` casts
+shards, read from the stage's policy row, :data:`funczero.parallel.stages.STAGES`): parameter
+dtypes and aliases are kept, and :func:`~funczero.checkpoint.load` casts
 where a stage keeps parameters in another dtype (stage 3 shards are fp32). Offline, the stage-3
 persistence threshold is unknown, so a stage-3 target lists every parameter as sharded; a
 state that keeps some full loads it all the same. RNG states are re-derived per new rank when
@@ -29,49 +30,70 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from funczero.checkpoint.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, replace_dir
-from funczero.checkpoint.errors import CheckpointExistsError, StateMismatchError
+from funczero.checkpoint.chunks import RECORDS_KEY, records_json
+from funczero.checkpoint.entry import Chunk, TensorEntry
+from funczero.checkpoint.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StateMismatchError,
+)
 from funczero.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     GROUPS,
     INDEX_NAME,
+    MAX_WORLD_SIZE,
     shard_file_name,
     validate_tag,
 )
-from funczero.checkpoint.index import Chunk, Index, TensorEntry, read_index
-from funczero.checkpoint.layout import chunk_bounds
+from funczero.checkpoint.index import Index, read_index
 from funczero.checkpoint.reader import BLOCK_ELEMS, ShardReader, derive_rng
-from funczero.checkpoint.tags import latest_tag, resolve, write_latest
+from funczero.checkpoint.tags import check_latest_replaceable, latest_tag, resolve, write_latest
 from funczero.checkpoint.tensorfile import TensorFileWriter
+from funczero.parallel.stages import STAGES
+from funczero.train.state import LeafLayout
 
 __all__ = ["reshard"]
 
 
-def _relabel(e: TensorEntry, stage: int, sharded: set[str]) -> tuple[str, str | None]:
-    """``(layout, param)`` of ``e`` in a state of ``stage``."""
-    if e.layout == "per_rank" or e.kind not in ("param", "master", "moment"):
-        return e.layout, e.param
+def _param_of(e: TensorEntry, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The parameter a per-parameter leaf belongs to, or None.
+
+    Shards record it (``param``). A replicated leaf does not, so its documented path names it
+    (``params/<fqn>``, ``master/<fqn>``, ``opt_state/.../<fqn>``; docs/checkpoint-format.md),
+    when its shape is that parameter's.
+    """
+    if e.param is not None:
+        return e.param
     name = e.path.split("/", 1)[1] if e.kind in ("param", "master") else e.path.rsplit("/", 1)[1]
-    shard = name in sharded if e.kind == "param" else stage >= 1
-    return ("shard", name) if shard else ("replicated", None)
+    return name if shapes.get(name) == e.shape else None
 
 
-def _pieces(e: TensorEntry, world: int) -> list[tuple[int, int, int]]:
-    """``(rank, start, stop)`` of each output chunk of ``e`` (per_rank: one whole per rank)."""
-    if e.layout == "per_rank":
-        return [(r, 0, e.numel) for r in range(world)]
-    bounds = [(r, *chunk_bounds(e.numel, world, r)) for r in range(world)]
-    return [(r, a, b) for r, a, b in bounds if a < b]
+def _relabel(
+    e: TensorEntry, stage: int, sharded: set[str], shapes: Mapping[str, tuple[int, ...]]
+) -> TensorEntry:
+    """``e`` laid out as a state of ``stage`` holds it (the values do not change)."""
+    if e.placement == "per_rank" or e.kind not in ("param", "master", "moment"):
+        return e
+    name = _param_of(e, shapes)
+    if name is None:
+        return e
+    shard = name in sharded if e.kind == "param" else STAGES[stage].master_sharded
+    placement = "shard" if shard else "replicated"
+    layout = LeafLayout(e.kind, placement, name if shard else None, e.shape)  # type: ignore[arg-type]
+    return dataclasses.replace(e, layout=layout)
 
 
 def reshard(
@@ -94,8 +116,8 @@ def reshard(
     Returns:
         The new tag directory (committed atomically, like :func:`~funczero.checkpoint.save`).
     """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive int")
+    if not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise ValueError(f"world_size={world_size!r} must be an int from 1 to {MAX_WORLD_SIZE}")
     if stage is not None and stage not in (0, 1, 2, 3):
         raise ValueError(f"stage={stage!r} must be 0, 1, 2 or 3")
     src = resolve(directory, tag)
@@ -103,6 +125,7 @@ def reshard(
     new_tag = validate_tag(out_tag or reader_index.tag)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    check_latest_replaceable(root)
     if (root / new_tag).exists():
         raise CheckpointExistsError(
             f"{root / new_tag} already exists; choose another OUT or --out-tag"
@@ -110,13 +133,13 @@ def reshard(
     new_stage = reader_index.stage if stage is None else stage
     names = list(reader_index.param_shapes)
     if stage is None or stage == reader_index.stage:
-        sharded = set(reader_index.raw["params"].get("sharded") or [])
+        sharded = set(reader_index.sharded)
     else:
-        sharded = set(names) if new_stage == 3 else set()
+        sharded = set(names) if STAGES[new_stage].params_at_rest == "shard" else set()
     per_rank_bad = [
         e.path
         for e in reader_index.tensors.values()
-        if e.layout == "per_rank" and e.kind != "rng" and world_size != reader_index.world_size
+        if e.placement == "per_rank" and e.kind != "rng" and world_size != reader_index.world_size
     ]
     if per_rank_bad:
         raise StateMismatchError(
@@ -164,7 +187,11 @@ def reshard(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if latest_tag(root) != new_tag:
+    try:
+        current = latest_tag(root)
+    except CorruptCheckpointError:  # garbage in OUT/latest: replaced by the new tag
+        current = None
+    if current != new_tag:
         write_latest(root, new_tag)
     return root / new_tag
 
@@ -181,29 +208,21 @@ def _write(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "checkpoint_id": ckpt_id,
+        "tag": tag,
+        "world_size": str(world),
+    }
     with ShardReader(src, index) as reader:
         for group in GROUPS:
             stored = [e for e in index.tensors.values() if e.group == group and e.alias_of is None]
-            writers = []
-            for r in range(world):
-                entries = [
-                    (e.path, e.torch_dtype, (stop - start,))
-                    for e in stored
-                    for rank, start, stop in _pieces(e, world)
-                    if rank == r
-                ]
-                meta = {
-                    "format": FORMAT_NAME,
-                    "format_version": str(FORMAT_VERSION),
-                    "checkpoint_id": ckpt_id,
-                    "tag": tag,
-                    "rank": str(r),
-                    "world_size": str(world),
-                    "group": group,
-                }
-                writers.append(
-                    TensorFileWriter(tmp / shard_file_name(group, r, world), entries, meta)
-                )
+            pieces: list[list[tuple[TensorEntry, int, int]]] = [[] for _ in range(world)]
+            for e in stored:
+                for r, start, stop in e.stored_ranges(world):
+                    pieces[r].append((e, start, stop))
+            writers = [_writer(tmp, group, r, world, pieces[r], meta) for r in range(world)]
             try:
                 for e in stored:
                     _stream_tensor(reader, index, e, world, writers)
@@ -220,35 +239,48 @@ def _write(
                     "sha256": rec.sha256,
                 }
             for e in stored:
-                chunks = [
+                per_rank = e.placement == "per_rank"
+                chunks = tuple(
                     Chunk(
                         shard_file_name(group, r, world),
                         e.path,
                         start,
                         stop,
                         records[r].digests[e.path],
-                        r if e.layout == "per_rank" else None,
+                        r if per_rank else None,
                     )
-                    for r, start, stop in _pieces(e, world)
-                ]
-                layout, param = _relabel(e, stage, sharded)
-                tensors[e.path] = TensorEntry(
-                    e.path, e.group, e.kind, layout, param, e.shape, e.dtype, tuple(chunks)
-                ).to_json()
+                    for r, start, stop in e.stored_ranges(world)
+                )
+                relabelled = _relabel(e, stage, sharded, index.param_shapes)
+                tensors[e.path] = dataclasses.replace(relabelled, chunks=chunks).to_json()
     for e in index.tensors.values():
         if e.alias_of is not None:
-            layout, param = _relabel(e, stage, sharded)
-            tensors[e.path] = TensorEntry(
-                e.path, e.group, e.kind, layout, param, e.shape, e.dtype, alias_of=e.alias_of
-            ).to_json()
+            tensors[e.path] = _relabel(e, stage, sharded, index.param_shapes).to_json()
     tensors = {p: tensors[p] for p in index.tensors}  # keep the source order
     return dict(sorted(files.items())), tensors
+
+
+def _writer(
+    tmp: Path,
+    group: str,
+    rank: int,
+    world: int,
+    pieces: list[tuple[TensorEntry, int, int]],
+    meta: dict[str, str],
+) -> TensorFileWriter:
+    """The writer of ``group``'s file of ``rank``, for its ``(entry, start, stop)`` pieces."""
+    records = {e.path: (e.shape, start, stop) for e, start, stop in pieces}
+    return TensorFileWriter(
+        tmp / shard_file_name(group, rank, world),
+        [(e.path, e.dtype, (stop - start,)) for e, start, stop in pieces],
+        {**meta, "rank": str(rank), "group": group, RECORDS_KEY: records_json(records)},
+    )
 
 
 def _stream_tensor(
     reader: ShardReader, index: Index, e: TensorEntry, world: int, writers: list[TensorFileWriter]
 ) -> None:
-    if e.layout == "per_rank":
+    if e.placement == "per_rank":
         if world == index.world_size:
             for r in range(world):
                 writers[r].append(reader.read_rank(e, r).reshape(-1))
@@ -259,7 +291,7 @@ def _stream_tensor(
         return
     # Stream the whole tensor once (so every source chunk is checksum-verified) and route each
     # block's elements to the output ranks whose ranges they fall in.
-    pieces = _pieces(e, world)
+    pieces = e.stored_ranges(world)
     j = 0
     for pos, block in reader.iter_range(e, 0, e.numel, BLOCK_ELEMS):
         off = 0

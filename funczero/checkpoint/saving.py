@@ -10,10 +10,14 @@ Protocol (``W`` ranks, all calling :func:`save`):
 3. Rank 0 writes ``index.json``, fsyncs, renames the directory to ``<root>/<tag>`` (atomic),
    then replaces ``latest`` (atomic), then applies ``keep_last``. A SIGKILL at any point leaves
    ``latest`` on a complete checkpoint: before the rename there is only a hidden temp dir.
+
+Once ``latest`` names the new checkpoint the save has succeeded: deleting old checkpoints
+(``keep_last``) can only warn, never fail it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -38,6 +42,8 @@ from funczero.checkpoint.atomic import (
     fsync_dir,
     replace_dir,
 )
+from funczero.checkpoint.chunks import RECORDS_KEY, Record, find_aliases, local_chunk, records_json
+from funczero.checkpoint.entry import Chunk, TensorEntry, state_entries
 from funczero.checkpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -48,25 +54,24 @@ from funczero.checkpoint.format import (
     FORMAT_VERSION,
     GROUPS,
     INDEX_NAME,
+    KINDS,
+    LATEST_NAME,
+    LAYOUTS,
     check_json,
-    dtype_name,
     shard_file_name,
     validate_tag,
 )
-from funczero.checkpoint.index import Chunk, TensorEntry
-from funczero.checkpoint.layout import (
-    LeafPlan,
-    chunk_bounds,
-    find_aliases,
-    local_chunk,
-    optimizer_name,
-    plan_state,
+from funczero.checkpoint.tags import (
+    apply_retention,
+    check_latest_replaceable,
+    latest_tag,
+    list_tags,
+    write_latest,
 )
-from funczero.checkpoint.tags import apply_retention, latest_tag, list_tags, write_latest
 from funczero.checkpoint.tensorfile import TensorFileWriter
 from funczero.train.state import TrainState
 
-__all__ = ["save"]
+__all__ = ["optimizer_name", "save"]
 
 
 def _tied(
@@ -88,6 +93,26 @@ def _tied(
     return {a: c for a, c in sorted(tied.items()) if a != c}
 
 
+def optimizer_name(opt_state: Any) -> str:
+    """Human name of an optimizer state: its NamedTuple types, outermost first."""
+    names: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            names.append(type(x).__name__)
+            for v in x:
+                walk(v)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    walk(opt_state)
+    return ", ".join(dict.fromkeys(n for n in names if n != "EmptyState")) or "none"
+
+
 def _non_persistent(module: nn.Module | None) -> list[str]:
     if module is None:
         return []
@@ -98,21 +123,26 @@ def _non_persistent(module: nn.Module | None) -> list[str]:
 def _write_group(
     tmp: Path,
     group: str,
-    items: list[tuple[LeafPlan, torch.Tensor]],
+    items: list[tuple[TensorEntry, torch.Tensor]],
     world: int,
     rank: int,
     meta: dict[str, str],
 ) -> dict[str, Any]:
     pieces = []
-    for plan, leaf in items:
-        piece = local_chunk(plan, leaf, world, rank)
-        if piece.numel() or plan.layout == "per_rank":
-            pieces.append((plan, piece))
+    records: dict[str, Record] = {}
+    for entry, leaf in items:
+        piece = local_chunk(entry, leaf, world, rank)
+        if piece.numel() or entry.placement == "per_rank":
+            pieces.append((entry, piece))
+            if entry.placement == "per_rank":
+                records[entry.path] = (entry.shape, 0, piece.numel())
+            else:
+                records[entry.path] = (entry.shape, *entry.spec(world).bounds(rank))
     name = shard_file_name(group, rank, world)
     writer = TensorFileWriter(
         tmp / name,
-        [(p.path, x.dtype, (x.numel(),)) for p, x in pieces],
-        {**meta, "group": group},
+        [(e.path, x.dtype, (x.numel(),)) for e, x in pieces],
+        {**meta, "group": group, RECORDS_KEY: records_json(records)},
     )
     try:
         for _, piece in pieces:
@@ -126,12 +156,13 @@ def _write_group(
         "bytes": record.bytes,
         "sha256": record.sha256,
         "digests": dict(record.digests),
-        "per_rank_shapes": {p.path: list(x.shape) for p, x in pieces if p.layout == "per_rank"},
+        "per_rank_shapes": {e.path: list(e.shape) for e, _ in pieces if e.placement == "per_rank"},
     }
 
 
 def _prepare(root: Path, tag: str, tmp: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    check_latest_replaceable(root)
     if (root / tag).exists() and latest_tag(root) == tag:
         raise CheckpointExistsError(
             f"{root / tag} exists and {root}/latest points to it; overwriting the checkpoint "
@@ -153,13 +184,28 @@ def _prepare(root: Path, tag: str, tmp: Path) -> None:
     fsync_dir(root)
 
 
-def _collect(results: list[dict[str, Any]], what: str) -> None:
-    failed = [(i, r["error"]) for i, r in enumerate(results) if r.get("error")]
+_UNTOUCHED = "the previous checkpoint and 'latest' are untouched"
+
+
+def _collect(
+    results: list[dict[str, Any]], what: str, outcome: str = _UNTOUCHED, key: str = "error"
+) -> None:
+    failed = [(i, r[key]) for i, r in enumerate(results) if r.get(key)]
     if failed:
         lines = "; ".join(f"rank {i}: {msg}" for i, msg in failed)
-        raise SaveError(
-            f"{what} failed ({lines}); the previous checkpoint and 'latest' are untouched"
-        )
+        raise SaveError(f"{what} failed ({lines}); {outcome}")
+
+
+def _check_storable(entries: list[tuple[TensorEntry, torch.Tensor]]) -> None:
+    """Refuse, before anything is written, leaves the on-disk format cannot describe."""
+    for entry, _ in entries:
+        entry.dtype_name  # noqa: B018 - raises TypeError naming the dtype
+        if entry.kind not in KINDS or entry.placement not in LAYOUTS:
+            raise ValueError(
+                f"state leaf {entry.path!r} has kind {entry.kind!r} and placement "
+                f"{entry.placement!r}; checkpoint format {FORMAT_VERSION} stores kinds {KINDS} "
+                f"and placements {LAYOUTS} (upgrade funczero.checkpoint with the state)"
+            )
 
 
 def save(
@@ -212,8 +258,9 @@ def save(
     config = check_json(config, "config")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} must be a positive int or None")
-    plans = plan_state(state)
-    alias_of = find_aliases(plans)
+    entries = state_entries(state)
+    _check_storable(entries)
+    alias_of = find_aliases(entries)
     tied = _tied(state, aliases, module)
     tmp = root / f"{TMP_PREFIX}{tag}"
 
@@ -246,7 +293,7 @@ def save(
     error: BaseException | None = None
     try:
         for group in GROUPS:
-            items = [(p, x) for p, x in plans if p.group == group and p.path not in alias_of]
+            items = [(e, x) for e, x in entries if e.group == group and e.path not in alias_of]
             report["files"].append(_write_group(tmp, group, items, world, rank, meta))
     except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
         error = e
@@ -265,35 +312,88 @@ def save(
     if rank == 0:
         try:
             index = _build_index(
-                state, plans, alias_of, tied, results, tag, ckpt_id, config, module
+                state, entries, alias_of, tied, results, tag, ckpt_id, config, module
             )
             atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1) + "\n")
             fsync_dir(tmp)
             replace_dir(tmp, root / tag)
-            write_latest(root, tag)
         except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
             shutil.rmtree(tmp, ignore_errors=True)
             status["error"] = f"{type(e).__name__}: {e}"
             error = e
+        else:
+            status = _point_latest(root, tag)
     results = comm.all_gather_json(status, world)
     try:
         _collect(results, f"committing checkpoint {root / tag}")
+        outcome = str(results[0].get("outcome"))
+        _collect(results, f"pointing {root / LATEST_NAME} at {tag!r}", outcome, "latest_error")
     except SaveError as e:
         raise e from error
     if rank == 0 and keep_last is not None:
-        try:
-            apply_retention(root, keep_last, protect=[tag])
-        except OSError as e:  # the new checkpoint is committed; old ones just linger
-            warnings.warn(
-                f"keep_last={keep_last}: could not delete old checkpoints in {root}: {e}",
-                stacklevel=2,
-            )
+        _prune(root, keep_last, tag)
     return root / tag
+
+
+def _point_latest(root: Path, tag: str) -> dict[str, Any]:
+    """Point ``latest`` at the committed ``tag``; on failure say what did change."""
+    try:
+        previous = latest_tag(root)
+    except Exception:  # noqa: BLE001 - only for the message; every rank waits for this report
+        previous = None
+    try:
+        write_latest(root, tag)
+    except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
+        return {
+            "latest_error": f"{type(e).__name__}: {e}",
+            "outcome": f"checkpoint {root / tag} is committed and complete, but 'latest' still "
+            f"names {previous!r}; load it with tag={tag!r}",
+        }
+    return {}
+
+
+def _prune(root: Path, keep_last: int, tag: str) -> None:
+    """Apply ``keep_last`` after a committed save: problems only warn (the save succeeded)."""
+    try:
+        apply_retention(root, keep_last, protect=[tag])
+    except Exception as e:  # noqa: BLE001 - the new checkpoint is committed; old ones linger
+        warnings.warn(
+            f"keep_last={keep_last}: could not delete old checkpoints in {root} "
+            f"({type(e).__name__}: {e}); the new checkpoint {tag!r} is saved and 'latest' names it",
+            stacklevel=3,
+        )
+
+
+def _chunks(
+    entry: TensorEntry,
+    results: list[dict[str, Any]],
+    digests: dict[tuple[str, int], dict[str, str]],
+    world: int,
+) -> tuple[Chunk, ...]:
+    """Where every rank stored ``entry``, from the ranks' reports (rank 0 builds the index)."""
+    per_rank = entry.placement == "per_rank"
+    chunks = []
+    for rank, start, stop in entry.stored_ranges(world):
+        name = shard_file_name(entry.group, rank, world)
+        if per_rank:
+            shapes = results[rank]["files"][GROUPS.index(entry.group)]["per_rank_shapes"]
+            if tuple(shapes.get(entry.path, ())) != entry.shape:
+                raise SaveError(
+                    f"{entry.path}: rank {rank} holds shape {shapes.get(entry.path)}, rank 0 "
+                    f"{list(entry.shape)}; per-rank tensors must have the same shape on every rank"
+                )
+        sha = digests[(name, rank)].get(entry.path)
+        if sha is None:
+            raise SaveError(
+                f"rank {rank} did not write {entry.path}: ranks disagree on the state's structure"
+            )
+        chunks.append(Chunk(name, entry.path, start, stop, sha, rank if per_rank else None))
+    return tuple(chunks)
 
 
 def _build_index(
     state: TrainState,
-    plans: list[tuple[LeafPlan, torch.Tensor]],
+    entries: list[tuple[TensorEntry, torch.Tensor]],
     alias_of: dict[str, str],
     tied: dict[str, str],
     results: list[dict[str, Any]],
@@ -316,57 +416,12 @@ def _build_index(
                 "sha256": f["sha256"],
             }
     tensors: dict[str, Any] = {}
-    for plan, _ in plans:
-        if plan.path in alias_of:
-            entry = TensorEntry(
-                plan.path,
-                plan.group,
-                plan.kind,
-                plan.layout,
-                plan.param,
-                plan.shape,
-                dtype_name(plan.dtype),
-                alias_of=alias_of[plan.path],
-            )
-            tensors[plan.path] = entry.to_json()
-            continue
-        chunks = []
-        for rank in range(world):
-            name = shard_file_name(plan.group, rank, world)
-            if plan.layout == "per_rank":
-                shapes = results[rank]["files"][GROUPS.index(plan.group)]["per_rank_shapes"]
-                if tuple(shapes.get(plan.path, ())) != (plan.numel,):
-                    raise SaveError(
-                        f"{plan.path}: rank {rank} holds {shapes.get(plan.path)} elements, rank 0 "
-                        f"{plan.numel}; per-rank tensors must have the same shape on every rank"
-                    )
-                start, stop = 0, plan.numel
-            else:
-                start, stop = chunk_bounds(plan.numel, world, rank)
-                if start == stop:
-                    continue
-            sha = digests[(name, rank)].get(plan.path)
-            if sha is None:
-                raise SaveError(
-                    f"rank {rank} did not write {plan.path}: "
-                    "ranks disagree on the state's structure"
-                )
-            chunks.append(
-                Chunk(
-                    name, plan.path, start, stop, sha, rank if plan.layout == "per_rank" else None
-                )
-            )
-        entry = TensorEntry(
-            plan.path,
-            plan.group,
-            plan.kind,
-            plan.layout,
-            plan.param,
-            plan.shape,
-            dtype_name(plan.dtype),
-            tuple(chunks),
-        )
-        tensors[plan.path] = entry.to_json()
+    for entry, _ in entries:
+        if entry.path in alias_of:
+            stored = dataclasses.replace(entry, alias_of=alias_of[entry.path])
+        else:
+            stored = dataclasses.replace(entry, chunks=_chunks(entry, results, digests, world))
+        tensors[entry.path] = stored.to_json()
     clients = [r["client_state"] for r in results]
     now = time.time_ns()
     index: dict[str, Any] = {

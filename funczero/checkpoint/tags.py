@@ -9,31 +9,48 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from funczero.checkpoint.atomic import atomic_write_text, remove_tree
 from funczero.checkpoint.errors import (
+    CheckpointError,
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidTagError,
 )
-from funczero.checkpoint.format import FORMAT_NAME, INDEX_NAME, LATEST_NAME, validate_tag
+from funczero.checkpoint.format import (
+    FORMAT_NAME,
+    INDEX_NAME,
+    LATEST_NAME,
+    MAX_INDEX_BYTES,
+    MAX_LATEST_BYTES,
+    validate_tag,
+)
+from funczero.checkpoint.safe_io import file_kind, loads_json, read_limited
 
-__all__ = ["apply_retention", "latest_tag", "list_tags", "resolve", "write_latest"]
+__all__ = [
+    "apply_retention",
+    "check_latest_replaceable",
+    "latest_tag",
+    "list_tags",
+    "resolve",
+    "write_latest",
+]
 
 
 def latest_tag(root: str | os.PathLike[str]) -> str | None:
     """The tag ``<root>/latest`` names, or ``None`` when there is no ``latest`` file.
 
     Raises:
-        CorruptCheckpointError: ``latest`` holds something that is not a valid tag.
+        CorruptCheckpointError: ``latest`` is not a regular file (a FIFO, a device, a
+            directory), is larger than a tag can be, or holds something that is not a tag.
     """
     path = Path(root) / LATEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, MAX_LATEST_BYTES, what=LATEST_NAME).decode("utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as e:
@@ -46,21 +63,42 @@ def latest_tag(root: str | os.PathLike[str]) -> str | None:
         ) from e
 
 
+def check_latest_replaceable(root: Path) -> None:
+    """Raise unless ``<root>/latest`` is absent or a regular file (which a commit replaces).
+
+    Writers call it before writing anything: a directory named ``latest`` cannot be replaced,
+    so finding out at commit would leave a committed checkpoint that ``latest`` does not name.
+    """
+    latest = root / LATEST_NAME
+    if latest.exists() and not latest.is_file():
+        raise CheckpointExistsError(
+            f"{latest} is {file_kind(latest.stat().st_mode)}, not the pointer file funczero "
+            "writes there; move it away (nothing was written)"
+        )
+
+
 def write_latest(root: Path, tag: str) -> None:
     """Point ``<root>/latest`` at ``tag`` atomically."""
     atomic_write_text(root / LATEST_NAME, validate_tag(tag) + "\n")
 
 
 def _created(tag_dir: Path) -> tuple[int, int] | None:
-    """``(created_ns, step)`` of a committed checkpoint of ours, else ``None``."""
+    """``(created_ns, step)`` of a committed checkpoint of ours, else ``None``.
+
+    Whatever is wrong with the directory (no index, an unreadable or hostile one) it is just
+    not listed: listing must never fail, or hang, because of one bad sibling.
+    """
     try:
-        raw = json.loads((tag_dir / INDEX_NAME).read_bytes())
-    except (OSError, ValueError):
+        raw = loads_json(read_limited(tag_dir / INDEX_NAME, MAX_INDEX_BYTES, what=INDEX_NAME))
+    except (OSError, ValueError, CheckpointError):
         return None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         return None
     created, step = raw.get("created_ns", 0), raw.get("step", 0)
-    return (created if isinstance(created, int) else 0, step if isinstance(step, int) else 0)
+    return (
+        created if type(created) is int else 0,
+        step if type(step) is int else 0,
+    )
 
 
 def list_tags(root: str | os.PathLike[str]) -> list[str]:
@@ -101,7 +139,7 @@ def resolve(path: str | os.PathLike[str], tag: str | None = None) -> Path:
     if not path.is_dir():
         raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist")
     if tag is None:
-        if (path / INDEX_NAME).is_file():
+        if (path / INDEX_NAME).exists():  # read_index says what is wrong with it, if anything
             return path
         tag = latest_tag(path)
         if tag is None:
@@ -117,7 +155,7 @@ def resolve(path: str | os.PathLike[str], tag: str | None = None) -> Path:
         tag = validate_tag(tag)
         where = f"tag {tag!r} not found:"
     tag_dir = path / tag
-    if not (tag_dir / INDEX_NAME).is_file():
+    if not (tag_dir / INDEX_NAME).exists():
         tags = list_tags(path)
         raise CheckpointNotFoundError(
             f"{where} {tag_dir} is not a committed checkpoint; tags present: "

@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from funczero.checkpoint.errors import CorruptCheckpointError
+from funczero.checkpoint.format import MAX_DIM, MAX_NDIM
+from funczero.checkpoint.safe_io import loads_json, open_regular
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; only for annotations
 
-__all__ = ["FileRecord", "TensorFile", "TensorFileWriter", "file_digest", "st_dtype"]
+__all__ = ["MAX_HEADER", "FileRecord", "TensorFile", "TensorFileWriter", "file_digest", "st_dtype"]
 
 _ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -56,8 +58,8 @@ _ST: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _FROM_ST = {v: k for k, v in _ST.items()}
-# safetensors' own limit; a larger header is refused instead of read into memory.
-_MAX_HEADER = 100_000_000
+MAX_HEADER = 100_000_000
+"""safetensors' own header limit; readers that know what a file holds pass a tighter one."""
 _BLOCK = 16 << 20
 
 
@@ -218,14 +220,18 @@ class _Info:
 class TensorFile:
     """Read a safetensors file lazily: the header is parsed and validated, bytes read on demand.
 
-    Raises :class:`CorruptCheckpointError` for truncated files and malformed headers.
+    Only regular files are opened, and a header longer than ``max_header`` bytes is refused
+    before it is read. Raises :class:`CorruptCheckpointError` for those, for truncated files
+    and for malformed headers (strict JSON: no duplicate keys, ``NaN`` or ``Infinity``; sizes
+    and offsets are non-negative integers).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_header: int = MAX_HEADER) -> None:
         self.path = path
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        fd = open_regular(path, "shard file")
+        self._file = os.fdopen(fd, "rb", buffering=0)
         try:
-            self._parse()
+            self._parse(min(max_header, MAX_HEADER))
         except BaseException:
             self._file.close()
             raise
@@ -233,17 +239,22 @@ class TensorFile:
     def _bad(self, msg: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"file {self.path.name}: {msg}", where=str(self.path.parent))
 
-    def _parse(self) -> None:
+    def _parse(self, max_header: int) -> None:
         size = os.fstat(self._file.fileno()).st_size
         head = self._read_exact(0, 8) if size >= 8 else b""
         if len(head) < 8:
             raise self._bad(f"truncated: {size} bytes, too short for a safetensors header")
         n = int.from_bytes(head, "little")
-        if n > _MAX_HEADER or 8 + n > size:
+        if 8 + n > size:
             raise self._bad(f"truncated or not safetensors: header of {n} bytes, file of {size}")
+        if n > max_header:
+            raise self._bad(
+                f"header of {n:,} bytes, more than the {max_header:,} bytes the tensors the index "
+                "lists in this file can need; the file is damaged or not this checkpoint's"
+            )
         self.header = head + self._read_exact(8, n)
         try:
-            raw = json.loads(self.header[8:])
+            raw = loads_json(self.header[8:])
         except ValueError as e:
             raise self._bad(f"header is not valid JSON ({e})") from e
         if not isinstance(raw, dict):
@@ -252,17 +263,7 @@ class TensorFile:
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise self._bad("__metadata__ must map strings to strings")
         self.metadata: dict[str, str] = meta
-        infos: dict[str, _Info] = {}
-        for key, v in raw.items():
-            try:
-                dtype = _FROM_ST[v["dtype"]]
-                shape = tuple(int(d) for d in v["shape"])
-                begin, end = (int(x) for x in v["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise self._bad(f"entry {key!r} is malformed ({e!r})") from e
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise self._bad(f"entry {key!r}: byte range does not match shape and dtype")
-            infos[key] = _Info(dtype, shape, begin, end)
+        infos = {key: self._entry(key, v) for key, v in raw.items()}
         pos = 0
         for key, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
             if info.begin != pos:
@@ -276,6 +277,33 @@ class TensorFile:
             )
         self.entries = infos
         self.size = size
+
+    def _entry(self, key: str, v: Any) -> _Info:
+        def size(x: Any) -> bool:
+            return type(x) is int and 0 <= x <= MAX_DIM
+
+        ok = (
+            isinstance(v, dict)
+            and isinstance(v.get("dtype"), str)
+            and v["dtype"] in _FROM_ST
+            and isinstance(v.get("shape"), list)
+            and len(v["shape"]) <= MAX_NDIM
+            and all(size(d) for d in v["shape"])
+            and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2
+            and all(size(x) for x in v["data_offsets"])
+        )
+        if not ok:
+            raise self._bad(
+                f"entry {key!r} is malformed: it needs a known dtype, a shape and two data "
+                "offsets of non-negative integers"
+            )
+        dtype = _FROM_ST[v["dtype"]]
+        shape = tuple(v["shape"])
+        begin, end = v["data_offsets"]
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise self._bad(f"entry {key!r}: byte range does not match shape and dtype")
+        return _Info(dtype, shape, begin, end)
 
     def _read_exact(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)

@@ -1,5 +1,10 @@
 """``verify``: check a checkpoint's structure and every checksum, naming each bad file or tensor.
 
+Beyond the checksums, every chunk must be in its file as the index describes it: the dtype and
+size of the file's entry, and (format version 2) the global shape and element range the file
+recorded when it was written. So an ``index.json`` edited on its own is damage, even when the
+edit is consistent with itself (a tensor reshaped, a chunk listed under another tensor).
+
 Example:
     >>> import tempfile
     >>> from funczero.checkpoint import save
@@ -17,9 +22,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from funczero.checkpoint.chunks import header_limit, parse_records, record_mismatch
+from funczero.checkpoint.entry import Chunk, TensorEntry
 from funczero.checkpoint.errors import CorruptCheckpointError
-from funczero.checkpoint.format import INDEX_NAME, safe_child
-from funczero.checkpoint.index import Chunk, Index, read_index
+from funczero.checkpoint.format import INDEX_NAME, LATEST_NAME
+from funczero.checkpoint.index import Index, read_index
+from funczero.checkpoint.safe_io import safe_child
 from funczero.checkpoint.tags import resolve
 from funczero.checkpoint.tensorfile import TensorFile, file_digest
 
@@ -72,17 +80,14 @@ class VerifyReport:
 
 def _check_file(tag_dir: Path, index: Index, name: str, report: VerifyReport) -> None:
     entry = index.files[name]
-    expected: dict[str, tuple[str, Chunk]] = {}
-    for t in index.tensors.values():
-        for c in t.chunks:
-            if c.file == name:
-                expected[c.key] = (t.path, c)
+    chunks = index.chunks_in(name)
+    expected: dict[str, tuple[TensorEntry, Chunk]] = {c.key: (e, c) for e, c in chunks}
 
     def lost(why: str) -> None:
         report.problems.append(Problem(name, why))
-        for path, c in expected.values():
+        for e, c in expected.values():
             report.problems.append(
-                Problem(path, f"elements [{c.start}, {c.stop}) in {name} are unreadable")
+                Problem(e.path, f"elements [{c.start}, {c.stop}) in {name} are unreadable")
             )
 
     try:
@@ -90,11 +95,11 @@ def _check_file(tag_dir: Path, index: Index, name: str, report: VerifyReport) ->
     except CorruptCheckpointError as e:
         report.problems.append(Problem(name, str(e)))
         return
-    if not path.is_file():
+    if not path.exists():
         lost(f"missing (the {entry.group} shard of rank {entry.rank})")
         return
     try:
-        f = TensorFile(path)
+        f = TensorFile(path, max_header=header_limit(chunks))
     except CorruptCheckpointError as e:
         lost(e.problems[0])
         return
@@ -111,51 +116,76 @@ def _check_file(tag_dir: Path, index: Index, name: str, report: VerifyReport) ->
             return
         if f.metadata.get("rank") != str(entry.rank):
             report.problems.append(
-                Problem(name, f"written by rank {f.metadata.get('rank')}, expected {entry.rank}")
+                Problem(name, f"written by rank {f.metadata.get('rank')!r}, expected {entry.rank}")
             )
-        for key in f.entries:
-            if key not in expected:
-                report.problems.append(
-                    Problem(name, f"holds tensor {key!r}, which the index does not list")
-                )
-        digests = []
-        for key, info in sorted(f.entries.items(), key=lambda kv: kv[1].begin):
-            digest = f.entry_digest(key)
-            report.bytes_checked += info.end - info.begin
-            digests.append(digest)
-            if key not in expected:
-                continue
-            tpath, c = expected[key]
-            dtype = index.tensors[tpath].torch_dtype
-            if info.dtype != dtype or info.shape != (c.numel,):
-                report.problems.append(
-                    Problem(
-                        tpath,
-                        f"{name}[{key!r}] is {info.dtype} {list(info.shape)}, "
-                        f"expected {dtype} [{c.numel}]",
-                    )
-                )
-            elif digest != c.sha256:
-                report.problems.append(
-                    Problem(tpath, f"elements [{c.start}, {c.stop}) in {name} fail their checksum")
-                )
-        for key, (tpath, c) in expected.items():
-            if key not in f.entries:
-                report.problems.append(
-                    Problem(tpath, f"elements [{c.start}, {c.stop}) are missing from {name}")
-                )
+        records = None
+        if index.has_file_records:
+            try:
+                records = parse_records(f.metadata)
+            except ValueError as e:
+                report.problems.append(Problem(name, str(e)))
+        digests = _check_entries(f, name, expected, records, report)
         if file_digest(f.header, digests) != entry.sha256:
             report.problems.append(Problem(name, "file checksum mismatch"))
+
+
+def _check_entries(
+    f: TensorFile,
+    name: str,
+    expected: dict[str, tuple[TensorEntry, Chunk]],
+    records: dict[str, Any] | None,
+    report: VerifyReport,
+) -> list[str]:
+    """Check that each chunk the index places in ``f`` is there, as described, with its
+    checksum; return the digest of every entry in file order (each byte is read once)."""
+    digests = []
+    for key, info in sorted(f.entries.items(), key=lambda kv: kv[1].begin):
+        digest = f.entry_digest(key)
+        digests.append(digest)
+        report.bytes_checked += info.end - info.begin
+        if key not in expected:
+            report.problems.append(
+                Problem(name, f"holds tensor {key!r}, which the index does not list")
+            )
+            continue
+        e, c = expected[key]
+        if info.dtype != e.dtype or info.shape != (c.numel,):
+            report.problems.append(
+                Problem(
+                    e.path,
+                    f"{name}[{key!r}] is {info.dtype} {list(info.shape)}, "
+                    f"expected {e.dtype} [{c.numel}]",
+                )
+            )
+            continue
+        mismatch = None if records is None else record_mismatch(records, e, c)
+        if mismatch:
+            report.problems.append(Problem(e.path, mismatch))
+        elif digest != c.sha256:
+            report.problems.append(
+                Problem(e.path, f"elements [{c.start}, {c.stop}) in {name} fail their checksum")
+            )
+    for key, (e, c) in expected.items():
+        if key not in f.entries:
+            report.problems.append(
+                Problem(e.path, f"elements [{c.start}, {c.stop}) are missing from {name}")
+            )
+    return digests
 
 
 def verify(directory: str | os.PathLike[str], tag: str | None = None) -> VerifyReport:
     """Check ``index.json``, every shard file and every chunk's SHA-256.
 
-    Reads every byte once, streaming (bounded memory). Missing directories, tags or ``latest``
-    raise :class:`~funczero.checkpoint.CheckpointNotFoundError`; everything else wrong with the
-    checkpoint is reported in the returned :class:`VerifyReport`.
+    Reads every byte once, streaming (bounded memory). Missing directories and tags raise
+    :class:`~funczero.checkpoint.CheckpointNotFoundError`; everything else wrong with the
+    checkpoint (``latest`` included) is reported in the returned :class:`VerifyReport`.
     """
-    tag_dir = resolve(directory, tag)
+    try:
+        tag_dir = resolve(directory, tag)
+    except CorruptCheckpointError as e:  # a damaged 'latest': nothing further to check
+        report = VerifyReport(Path(directory))
+        report.problems.extend(Problem(LATEST_NAME, p) for p in e.problems)
+        return report
     report = VerifyReport(tag_dir)
     try:
         index = read_index(tag_dir)

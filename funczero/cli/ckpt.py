@@ -1,16 +1,22 @@
 """``funczero ckpt``: inspect, verify, reshard, consolidate and diff checkpoints.
 
 Every command takes a checkpoint root (the directory with ``latest``) or a tag directory,
-prints a rich summary, or one JSON object with ``--json``. Exit codes: 0 success, 1 a negative
-answer (``verify`` found problems, ``diff`` found differences), 2 an error (missing or
-damaged checkpoint, bad arguments). :mod:`funczero.checkpoint` (and torch) is imported only
-when a command runs, so ``funczero --help`` stays fast.
+prints a rich summary, or one JSON object with ``--json``. Text taken from a checkpoint (tensor
+paths, the optimizer name...) is printed with control characters escaped, so a hostile index
+cannot send escape sequences to the terminal. :mod:`funczero.checkpoint` (and torch) is
+imported only when a command runs, so ``funczero --help`` stays fast.
+
+Exit codes (see :data:`EXIT_CODES`): 0 success; 1 a negative answer (``verify`` found damage,
+``diff`` found differences); 2 the command could not run (bad arguments, a missing checkpoint,
+one too damaged to read, an I/O error); 3 funczero crashed (a bug: the traceback is printed);
+130 interrupted (Ctrl+C).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +30,18 @@ try:  # typer >= 0.20 vendors click as typer._click; older releases use click it
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import UsageError  # type: ignore[no-redef]
 
-__all__ = ["CkptCommand", "ckpt_app"]
+__all__ = ["EXIT_CODES", "CkptCommand", "ckpt_app"]
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = {
+    EXIT_OK: "success (verify: sound; diff: no differences)",
+    EXIT_NEGATIVE: "a negative answer: verify found damage, diff found differences",
+    EXIT_ERROR: "the command could not run: bad arguments, missing or unreadable checkpoint, "
+    "existing output, I/O error (the message names it)",
+    EXIT_CRASH: "funczero crashed: a bug, reported with its traceback",
+    EXIT_INTERRUPTED: "interrupted (Ctrl+C)",
+}
+"""Exit code -> meaning, for every ``funczero ckpt`` command."""
 
 
 class CkptCommand(TyperCommand):
@@ -68,22 +85,52 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _emit_json(obj: Any) -> None:
+    # ensure_ascii (the default) writes control characters as \u escapes: safe in a terminal
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _safe(value: object) -> str:
+    """``value`` as text with control and other non-printable characters escaped (``\x1b``).
+
+    Example:
+        >>> _safe("w\x1b[2J")
+        'w\\x1b[2J'
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in text)
+
+
+def _fail(command: str, as_json: bool, e: BaseException, code: int, what: str) -> None:
+    if as_json:
+        _emit_json({"ok": False, "error": str(e), "type": type(e).__name__, "exit_code": code})
+    else:
+        _console(stderr=True).print(f"funczero ckpt {command}: {what}: {_safe(e)}", style="red")
+    raise typer.Exit(code)
 
 
 @contextmanager
 def _errors(command: str, as_json: bool) -> Iterator[None]:
-    """Turn checkpoint errors into one clear message and exit code 2."""
+    """Turn failures into one clear message and an exit code that says which kind it was."""
     from funczero.checkpoint import CheckpointError
 
     try:
         yield
     except (CheckpointError, ValueError, OSError) as e:
-        if as_json:
-            _emit_json({"ok": False, "error": str(e), "type": type(e).__name__})
-        else:
-            _console(stderr=True).print(f"funczero ckpt {command}: error: {e}", style="red")
-        raise typer.Exit(2) from None
+        _fail(command, as_json, e, EXIT_ERROR, "error")
+    except KeyboardInterrupt:
+        typer.echo(f"funczero ckpt {command}: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say so, with the traceback
+        traceback.print_exc(file=sys.stderr)
+        _fail(
+            command,
+            as_json,
+            e,
+            EXIT_CRASH,
+            "internal error (a bug in funczero; please report it with the traceback above)",
+        )
 
 
 def _bytes(n: int) -> str:
@@ -106,7 +153,7 @@ def _table(
     for c in columns:
         table.add_column(c, justify=justify(c) if justify else "left")  # type: ignore[arg-type]
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(_safe(cell) for cell in r))
     return table
 
 
@@ -126,7 +173,7 @@ def list_cmd(directory: DirArg, as_json: JsonOpt = False) -> None:
     for t in tags:
         con.print(f"{t}{'  <- latest' if t == latest else ''}")
     if not tags:
-        con.print(f"no checkpoints in {directory}")
+        con.print(_safe(f"no checkpoints in {directory}"))
 
 
 @ckpt_app.command("inspect", cls=CkptCommand)
@@ -148,7 +195,7 @@ def inspect_cmd(
         _emit_json({"ok": True, **s.to_json(tensors=tensors)})
         return
     con = _console()
-    con.print(f"checkpoint {s.tag_dir}", style="bold")
+    con.print(_safe(f"checkpoint {s.tag_dir}"), style="bold")
     for k, v in [
         ("tag", s.tag),
         ("step", s.step),
@@ -161,7 +208,7 @@ def inspect_cmd(
         ("versions", ", ".join(f"{k} {v}" for k, v in s.versions.items())),
         ("client state", ", ".join(s.client_state_keys) or "-"),
     ]:
-        con.print(f"  {k:<13} {v}")
+        con.print(_safe(f"  {k:<13} {v}"))
     groups = [[g, _bytes(n)] for g, n in s.bytes_by_group.items() if n]
     groups.append(["total", _bytes(sum(s.bytes_by_group.values()))])
     con.print(
@@ -207,20 +254,23 @@ def verify_cmd(directory: DirArg, tag: TagOpt = None, as_json: JsonOpt = False) 
         con = _console()
         if report.ok:
             con.print(
-                f"OK {report.tag_dir}: {report.files_checked} files, "
-                f"{_bytes(report.bytes_checked)} checked",
+                _safe(
+                    f"OK {report.tag_dir}: {report.files_checked} files, "
+                    f"{_bytes(report.bytes_checked)} checked"
+                ),
                 style="green",
             )
         else:
             con.print(
-                f"DAMAGED {report.tag_dir}: {len(report.problems)} problems", style="bold red"
+                _safe(f"DAMAGED {report.tag_dir}: {len(report.problems)} problems"),
+                style="bold red",
             )
             for p in report.problems:
-                con.print(f"  {p.where}: {p.message}")
+                con.print(_safe(f"  {p.where}: {p.message}"))
         for note in report.notes:
-            con.print(f"  note: {note}", style="yellow")
+            con.print(_safe(f"  note: {note}"), style="yellow")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_NEGATIVE)
 
 
 @ckpt_app.command("reshard", cls=CkptCommand)
@@ -251,7 +301,10 @@ def reshard_cmd(
         _emit_json({"ok": True, "checkpoint": str(path), "world_size": world_size, "stage": stage})
     else:
         _console().print(
-            f"wrote {path} (world size {world_size}{'' if stage is None else f', stage {stage}'})"
+            _safe(
+                f"wrote {path} (world size {world_size}"
+                f"{'' if stage is None else f', stage {stage}'})"
+            )
         )
 
 
@@ -286,7 +339,7 @@ def consolidate_cmd(
     else:
         con = _console()
         for f in files:
-            con.print(f"wrote {f} ({_bytes(f.stat().st_size)})")
+            con.print(_safe(f"wrote {f} ({_bytes(f.stat().st_size)})"))
 
 
 @ckpt_app.command("diff", cls=CkptCommand)
@@ -300,14 +353,30 @@ def diff_cmd(
     tag_a: Annotated[str | None, typer.Option("--tag-a", help="Tag in A.")] = None,
     tag_b: Annotated[str | None, typer.Option("--tag-b", help="Tag in B.")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Also list equal tensors.")] = False,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore",
+            metavar="PATTERN",
+            help="Do not compare tensors whose path matches this glob (repeatable), e.g. 'rng'.",
+        ),
+    ] = None,
+    resharded: Annotated[
+        bool,
+        typer.Option(
+            "--resharded",
+            help="B is a reshard of A: compare what resharding preserves (every value; not the "
+            "RNG states when the world sizes differ, since resharding re-derives them).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-tensor max absolute and relative difference; exit 1 when anything differs."""
     with _errors("diff", as_json):
         from funczero.checkpoint import diff
 
-        diffs = diff(a, b, tag_a=tag_a, tag_b=tag_b)
-    differ = [d for d in diffs if d.status != "equal"]
+        diffs = diff(a, b, tag_a=tag_a, tag_b=tag_b, ignore=ignore or (), resharded=resharded)
+    differ = [d for d in diffs if d.status not in ("equal", "ignored")]
     if as_json:
         _emit_json({"ok": True, "equal": not differ, "tensors": [d.to_json() for d in diffs]})
     else:
@@ -331,6 +400,10 @@ def diff_cmd(
                     rows,
                 )
             )
-        con.print(f"{len(differ)} of {len(diffs)} tensors differ")
+        ignored = sum(d.status == "ignored" for d in diffs)
+        con.print(
+            f"{len(differ)} of {len(diffs)} tensors differ"
+            + (f" ({ignored} ignored)" if ignored else "")
+        )
     if differ:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_NEGATIVE)

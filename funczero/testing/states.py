@@ -18,8 +18,8 @@ import torch
 
 from funczero.optim.base import EmptyState
 from funczero.optim.moments import ScaleByAdamState, TraceState
-from funczero.parallel.sharding import ShardSpec
 from funczero.parallel.precision import Precision
+from funczero.parallel.sharding import ShardSpec
 from funczero.train.rng import init_rng
 from funczero.train.state import TrainState
 
