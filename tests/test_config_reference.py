@@ -46,11 +46,11 @@ def test_docs_mark_keys_without_effect_as_ignored() -> None:
         assert status[path] == "ignored", path
 
 
-def test_config_doc_python_blocks_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_doc_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = [body for info, body in FENCE.findall(DOCS.read_text(encoding="utf-8"))
               if info.strip() == "python"]
     assert blocks
-    monkeypatch.chdir(ROOT)  # the snippets name files relative to the repository root
+    monkeypatch.chdir(tmp_path)  # as tests/test_docs.py runs the other docs: files go there
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     namespace: dict[str, object] = {"__name__": "docs_config"}
     with torch.random.fork_rng():

@@ -68,6 +68,7 @@ def test_overlap_comm_follows_deepspeed_code_default() -> None:
     assert ZeroConfig(stage=3).overlap_comm is True
 
 
+@pytest.mark.filterwarnings("ignore:zero_optimization.*has no effect:funczero.config.ConfigWarning")
 def test_legacy_and_deprecated_zero_forms() -> None:
     with pytest.warns(ConfigWarning, match="deprecated form"):
         cfg = load({"train_batch_size": 8, "zero_optimization": True, "allgather_size": 1e6})

@@ -97,7 +97,9 @@ def _read_path_or_base64(source: str | os.PathLike[str]) -> Any:
             f"config '{key_text(source)}' is neither an existing file (cwd: {os.getcwd()}) nor "
             "base64-encoded JSON"
         )
-    name = key_text(os.fspath(source)) if isinstance(os.fspath(source), str) else repr(source)
+    name = os.fspath(source)
+    if not isinstance(name, str) or not name.isprintable() or len(name) > 4096:
+        name = key_text(name) if isinstance(name, str) else repr(name)[:100]
     raise ConfigError(f"config file '{name}' does not exist (cwd: {os.getcwd()})")
 
 
