@@ -61,7 +61,7 @@ def state_params(world: int, rank: int, *, replicated: bool) -> dict[str, torch.
     return {n: ShardSpec(n, torch.Size(s), world).shard(full[n], rank) for n, s in SHAPES.items()}
 
 
-def anchors_for(su: StepUnit, rank: int) -> dict[str, torch.Tensor]:
+def anchors_for(su: StepUnit) -> dict[str, torch.Tensor]:
     """fp32 anchors in the layout gradients are reduced into (values are not read)."""
     spec = {s.name: s for s in su.unit.specs}
     if su.reduction == "all_reduce":
@@ -77,7 +77,7 @@ def boundary_grads(
         params=state_params(world, rank, replicated=replicated),
         queue=ReduceQueue() if queue else None,
     )
-    anchors = anchors_for(su, rank)
+    anchors = anchors_for(su)
     full = materialize_unit(su, ctx, anchors)
     loss_of(full, batch_of(rank)).backward()
     if ctx.queue is not None:
@@ -123,7 +123,7 @@ def test_materialize_unit_passes_replicated_parameters_through_without_history()
     su = step_unit(1, 0, replicated=True, reduction="all_reduce")
     params = full_params()
     ctx = StepContext(params=params)
-    full = materialize_unit(su, ctx, anchors_for(su, 0))
+    full = materialize_unit(su, ctx, anchors_for(su))
     for n in SHAPES:
         torch.testing.assert_close(full[n], params[n], rtol=0, atol=0)
         assert full[n].untyped_storage().data_ptr() == params[n].untyped_storage().data_ptr()
@@ -134,7 +134,7 @@ def test_materialize_unit_passes_replicated_parameters_through_without_history()
 def test_materialize_unit_gathers_a_sharded_unit_into_one_buffer() -> None:
     su = step_unit(1, 0, replicated=False, reduction="reduce_scatter")
     ctx = StepContext(params=state_params(1, 0, replicated=False))
-    full = materialize_unit(su, ctx, anchors_for(su, 0))
+    full = materialize_unit(su, ctx, anchors_for(su))
     for n, v in full_params().items():
         torch.testing.assert_close(full[n], v, rtol=0, atol=0)
     assert len({t.untyped_storage().data_ptr() for t in full.values()}) == 1
@@ -144,7 +144,7 @@ def test_materialize_unit_gathers_a_sharded_unit_into_one_buffer() -> None:
 def test_materialize_unit_gives_frozen_parameters_no_gradient(replicated: bool) -> None:
     su = step_unit(1, 0, replicated=replicated, reduction="reduce_scatter")
     assert su.trainable == TRAINABLE and su.grad_unit.params == TRAINABLE
-    anchors = anchors_for(su, 0)
+    anchors = anchors_for(su)
     frozen_anchor = torch.zeros(3, requires_grad=True)  # ignored: f is not trainable
     ctx = StepContext(params=state_params(1, 0, replicated=replicated))
     full = materialize_unit(su, ctx, {**anchors, "f": frozen_anchor})
@@ -156,7 +156,7 @@ def test_materialize_unit_gives_frozen_parameters_no_gradient(replicated: bool) 
 
 def test_materialize_unit_gives_zero_gradients_to_parameters_the_loss_does_not_use() -> None:
     su = step_unit(1, 0, replicated=False, reduction="reduce_scatter")
-    anchors = anchors_for(su, 0)
+    anchors = anchors_for(su)
     full = materialize_unit(su, StepContext(params=state_params(1, 0, replicated=False)), anchors)
     (full["w"] ** 2).sum().backward()
     torch.testing.assert_close(anchors["b"].grad, torch.zeros(2))
@@ -176,7 +176,7 @@ def test_boundary_regathers_in_backward_and_releases_the_copy_after_reducing() -
     ctx.regather = Regather(counting_gather)
     ctx.prefetch = Prefetcher([su], ctx.gather_async)
     ctx.prefetch.start(roots=())
-    anchors = anchors_for(su, 0)
+    anchors = anchors_for(su)
     with ctx.regather.hooks():
         full = materialize_unit(su, ctx, anchors)
         loss = loss_of(full, batch_of(0))
