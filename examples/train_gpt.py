@@ -66,7 +66,9 @@ def parse_args() -> argparse.Namespace:
     )
     add_config_arguments(ap, default_config=str(HERE / "configs" / "fp32.json"))
     ap.add_argument("--data", default=str(HERE / "data" / "shakespeare.txt"))
-    ap.add_argument("--steps", type=int, default=None, help="default: the scheduler's total_num_steps")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="default: the scheduler's total_num_steps"
+    )
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -124,7 +126,9 @@ def main() -> None:
         )
     )
     n_params = sum(p.numel() for p in model.parameters())
-    run = funczero.initialize(model, config, cross_entropy_loss, training_data=dataset, seed=args.seed)
+    run = funczero.initialize(
+        model, config, cross_entropy_loss, training_data=dataset, seed=args.seed
+    )
     state, loader = run.state, run.loader
     assert loader is not None
 
@@ -172,9 +176,9 @@ def train(
             m = read_metrics(
                 metrics, step=step, raise_at_min_scale=config.funczero.raise_at_min_loss_scale
             )
-            dt = time.perf_counter() - t0
+            tokens_per_s = tokens_per_step * (done - last) / (time.perf_counter() - t0)
             if rank == 0:
-                print(log_line(step, m, int(state.skipped), tokens_per_step * (done - last) / dt), flush=True)
+                print(log_line(step, m, int(state.skipped), tokens_per_s), flush=True)
             if not math.isfinite(m["loss"]):
                 raise SystemExit(f"loss is {m['loss']} at step {step}; stopping")
             t0, last = time.perf_counter(), done
