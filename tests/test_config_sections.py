@@ -92,11 +92,11 @@ def test_unsupported_features_are_rejected_with_the_fix() -> None:
         "(CPU/NVMe offload is not implemented: funczero keeps everything on the accelerator); "
         'remove the key or set it to "none"'
     )
-    assert "remove the 'wandb' block or set \"enabled\": false" in error_of(
-        {"train_batch_size": 8, "wandb": {"enabled": True}})
+    assert "remove the 'elasticity' block or set \"enabled\": false" in error_of(
+        {"train_batch_size": 8, "elasticity": {"enabled": True}})
     assert "'pipeline': pipeline parallelism is not supported" in error_of(
         {"train_batch_size": 8, "pipeline": {"stages": 2}})
-    load({"train_batch_size": 8, "wandb": {"enabled": False, "project": "x"},
+    load({"train_batch_size": 8, "elasticity": {"enabled": False, "max_train_batch_size": 9},
           "zero_optimization": {"zero_quantized_weights": False}})
 
 
