@@ -236,10 +236,12 @@ def test_bind_cores_to_rank_pins_each_rank_and_sets_omp_threads(tmp_path: Path) 
 
 def test_dry_run_prints_each_rank_command_and_runs_nothing(tmp_path: Path) -> None:
     result = run_launch(
-        ["--num_gpus", "2", "--dry_run", DUMP, "a b"], cwd=tmp_path, env=launch_env(tmp_path)
+        ["--num_gpus", "2", "--master_port", "29555", "--dry_run", DUMP, "a b"],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
-    assert "world size 2, master 127.0.0.1:29500" in result.stdout
+    assert "world size 2, master 127.0.0.1:29555" in result.stdout
     assert "env RANK=1 WORLD_SIZE=2 LOCAL_RANK=1" in result.stdout
     assert f"{DUMP} --local_rank=1 'a b'" in result.stdout
     assert not list(tmp_path.glob("rank-*.json"))

@@ -11,7 +11,13 @@ from funczero.launch.errors import LaunchError
 from funczero.launch.options import LaunchOptions
 from funczero.launch.plan import make_plan
 from funczero.launch.resources import resolve_world
-from funczero.launch.spec import Node, World, worker_environment
+from funczero.launch.spec import (
+    Node,
+    World,
+    decode_node_table,
+    encode_node_table,
+    worker_environment,
+)
 
 
 @pytest.fixture
@@ -115,15 +121,33 @@ def test_num_nodes_above_one_without_hostfile_needs_node_rank() -> None:
 
 def test_global_ranks_are_contiguous_per_node_even_with_unequal_slot_counts() -> None:
     world = World((Node("a", (0, 1, 2)), Node("b", (0, 1))), "cuda")
-    env = [worker_environment(world, 1, local, "a", 29500) for local in range(2)]
+    env = [worker_environment(world.assignment(1), local, "a", 29500) for local in range(2)]
     assert [(e["RANK"], e["LOCAL_RANK"]) for e in env] == [("3", "0"), ("4", "1")]
     assert env[0]["WORLD_SIZE"] == "5" and env[0]["LOCAL_WORLD_SIZE"] == "2"
     assert env[0]["NODE_RANK"] == "1" and env[0]["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
-def test_world_survives_encoding_for_remote_nodes() -> None:
-    world = World((Node("fe80::1", (0, 2)), Node("b", (1,), ("GPU-x",))), "cuda")
-    assert World.decode(world.encode()) == world
+def test_node_assignments_survive_the_node_table_for_remote_nodes() -> None:
+    world = World(
+        (
+            Node("fe80::1", (0, 2)),
+            Node("b", (1,), ("GPU-x",)),
+            Node("c%h 'q'", (0, 1)),
+            Node("d", (0, 1)),
+        ),
+        "cuda",
+    )
+    everyone = [world.assignment(i) for i in range(4)]
+    table = encode_node_table(everyone)
+    assert [decode_node_table(table, node.host) for node in everyone] == everyone
+    assert table.count("[0,1]") == 1  # alike neighbours share one group
+    assert decode_node_table(encode_node_table(everyone[1:2])) == everyone[1]
+    with pytest.raises(ValueError, match="lists no node for host 'zz'"):
+        decode_node_table(table, "zz")
+    with pytest.raises(ValueError, match="lists 4 nodes for host None"):
+        decode_node_table(table)
+    with pytest.raises(ValueError, match="malformed node table"):
+        decode_node_table('{"groups": 3}', "b")
 
 
 def test_env_file_allows_comments_blank_lines_export_and_quotes() -> None:

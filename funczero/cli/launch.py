@@ -232,14 +232,16 @@ def launch(
         ),
     ] = None,
     master_port: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--master_port",
             "--master-port",
-            help="Rendezvous port; 0 picks a free port (single node).",
+            help="Rendezvous port. Default: a free port on a single node, else 29500; 0 also "
+            "picks a free port (single node).",
             rich_help_panel=_MULTINODE,
+            show_default=False,
         ),
-    ] = 29500,
+    ] = None,
     node_rank: Annotated[
         int | None,
         typer.Option(

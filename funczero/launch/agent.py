@@ -2,8 +2,10 @@
 
 The ssh and pdsh runners start ``python -u -m funczero.launch.agent [options] --
 SCRIPT [ARGS...]`` on every node (see :func:`funczero.launch.runners.agent_argv`).
-This is an internal interface: options mirror ``funczero launch`` but the world is
-passed pre-resolved in ``--world_info``.
+This is an internal interface: options mirror ``funczero launch``, but the node's
+part of the world comes pre-resolved in ``--nodes`` (a table made by
+:func:`funczero.launch.spec.encode_node_table`: this node alone for ssh, a batch of
+nodes looked up by ``--node_host`` for pdsh).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 from funczero.launch.errors import LaunchError
 from funczero.launch.options import DEFAULT_KILL_TIMEOUT, parse_core_list
-from funczero.launch.spec import Program, World
+from funczero.launch.spec import NodeAssignment, Program, decode_node_table
 
 __all__ = ["main", "parse_args"]
 
@@ -26,8 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m funczero.launch.agent", add_help=True)
-    parser.add_argument("--world_info", required=True)
-    parser.add_argument("--node_rank", type=int)
+    parser.add_argument("--nodes", required=True)
     parser.add_argument("--node_host")
     parser.add_argument("--master_addr", required=True)
     parser.add_argument("--master_port", type=int, required=True)
@@ -61,26 +62,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return _parser().parse_args(argv[:cut]), command
 
 
-def _node_rank(args: argparse.Namespace, world: World) -> int:
-    if args.node_rank is not None:
-        rank = int(args.node_rank)
-    elif args.node_host is not None and args.node_host in world.hosts:
-        rank = world.hosts.index(args.node_host)
-    else:
-        raise LaunchError(
-            f"funczero.launch.agent: node {args.node_host!r} is not in the job's hosts "
-            f"({', '.join(world.hosts)})"
-        )
-    if not 0 <= rank < len(world.nodes):
-        raise LaunchError(f"funczero.launch.agent: --node_rank {rank} is out of range")
-    return rank
+def _assignment(args: argparse.Namespace) -> NodeAssignment:
+    try:
+        return decode_node_table(args.nodes, args.node_host)
+    except ValueError as exc:
+        raise LaunchError(f"funczero.launch.agent: --nodes: {exc}") from None
 
 
 def run(argv: Sequence[str]) -> int:
     """Run this node's part of the job; return its exit code."""
     args, command = parse_args(argv)
-    world = World.decode(args.world_info)
-    node_rank = _node_rank(args, world)
+    node = _assignment(args)
     program = Program(
         script=command[0],
         args=tuple(command[1:]),
@@ -91,7 +83,6 @@ def run(argv: Sequence[str]) -> int:
     if args.elastic:
         from funczero.launch.elastic import ElasticConfig, run_elastic
 
-        node = world.nodes[node_rank]
         return run_elastic(
             ElasticConfig(
                 program=program,
@@ -104,7 +95,7 @@ def run(argv: Sequence[str]) -> int:
                 run_id=args.run_id,
                 log_dir=args.log_dir,
                 kill_timeout=args.kill_timeout,
-                visible_devices=node.visible_devices() if world.accelerator == "cuda" else None,
+                visible_devices=node.visible_devices() if node.accelerator == "cuda" else None,
                 save_pid=args.save_pid,
             )
         )
@@ -112,8 +103,7 @@ def run(argv: Sequence[str]) -> int:
 
     return run_node(
         NodeConfig(
-            world=world,
-            node_rank=node_rank,
+            node=node,
             master_addr=args.master_addr,
             master_port=args.master_port,
             program=program,

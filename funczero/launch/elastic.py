@@ -4,9 +4,9 @@ Nothing is re-implemented: the agent, the c10d rendezvous (on
 ``master_addr:master_port``), gang restarts and ``max_restarts`` are torch's
 (``torch.distributed.launcher.api.elastic_launch``). funczero adds:
 
-* a parent-death signal for every worker (``pdeath.py`` exec wrapper), which
-  torchrun lacks, so a SIGKILLed agent does not orphan its workers, and a watchdog
-  that then kills the workers' process groups (their children);
+* a keeper for every worker (:mod:`.keeper`): it gets a parent-death signal, which
+  torchrun lacks, and holds the worker's whole tree as a child subreaper, so a
+  SIGKILLed agent orphans neither the workers nor anything they started;
 * ``--local_rank=${local_rank}`` (torch substitutes the macro per worker);
 * short failure reports and shell-style exit codes.
 
@@ -15,17 +15,19 @@ torch is imported lazily: the launcher CLI must stay fast to import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
-import shutil
+import re
 import sys
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from funczero.launch.errors import exit_code_for
-from funczero.launch.procs import Watchdog, write_pid_file
+from funczero.launch.procs import KEEPERS_AVAILABLE, keeper_argv, set_child_subreaper, write_pid_file
 from funczero.launch.spec import SCHEDULER_RANK_VARS, Program
 
 __all__ = [
@@ -36,7 +38,10 @@ __all__ = [
     "run_elastic",
 ]
 
-_PDEATH_SCRIPT = Path(__file__).with_name("pdeath.py")
+#: Extra seconds torch's agent waits, beyond the kill timeout, before it SIGKILLs a
+#: keeper: the keeper's own escalation (at the kill timeout) must come first, or the
+#: SIGKILL would orphan the worker's tree.
+_SHUTDOWN_MARGIN = 2
 #: The macro torch.distributed.elastic replaces with each worker's local rank.
 LOCAL_RANK_MACRO = "${local_rank}"
 
@@ -82,10 +87,44 @@ class ElasticConfig:
     save_pid: str | None = None
 
 
-def elastic_entrypoint(program: Program, agent_pid: int) -> tuple[str, list[str]]:
-    """Return ``(executable, args)`` for torch's agent: the wrapped user command."""
+def elastic_entrypoint(
+    program: Program, agent_pid: int, kill_timeout: float = 30.0
+) -> tuple[str, list[str]]:
+    """Return ``(executable, args)`` for torch's agent: the user command under a keeper."""
     argv = program.argv(LOCAL_RANK_MACRO)
-    return sys.executable, ["-I", str(_PDEATH_SCRIPT), str(agent_pid), "--", *argv]
+    if not KEEPERS_AVAILABLE:
+        return argv[0], argv[1:]
+    executable, *args = keeper_argv(agent_pid, kill_timeout, argv)
+    return executable, args
+
+
+class _OnePrefix:
+    """Console stream for torch's log tailer: ``[rankN]: [rankN]: `` becomes ``[rankN]: ``.
+
+    torch prefixes each worker line, and its own excepthook in the worker already
+    prefixed traceback lines the same way.
+    """
+
+    _DOUBLE = re.compile(r"^(\[rank\d+\]: )\1", re.MULTILINE)
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(self._DOUBLE.sub(r"\1", text))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _single_prefixes() -> Iterator[None]:
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _OnePrefix(sys.stdout), _OnePrefix(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def _say(message: str) -> None:
@@ -131,22 +170,19 @@ def run_elastic(config: ElasticConfig) -> int:
         # console, with the same "[rankN]:" prefix as non-elastic runs.
         logs_specs=DefaultLogsSpecs(log_dir=config.log_dir, tee=Std.ALL),
         log_line_prefix_template="[rank${rank}]: ",
-        shutdown_timeout=max(1, round(config.kill_timeout)),
+        shutdown_timeout=math.ceil(config.kill_timeout) + _SHUTDOWN_MARGIN,
     )
-    entrypoint, args = elastic_entrypoint(config.program, os.getpid())
+    entrypoint, args = elastic_entrypoint(config.program, os.getpid(), config.kill_timeout)
     _say(
         f"elastic agent: {config.nproc} worker(s), nodes {config.min_nodes}-{config.max_nodes}, "
         f"max_restarts {config.max_restarts}, rendezvous c10d at "
         f"{config.master_addr}:{config.master_port} id {config.run_id}"
     )
     pid_file = write_pid_file(config.save_pid) if config.save_pid is not None else None
-    # Workers register their process groups here (pdeath.py); if this agent is
-    # killed, the watchdog kills those groups, grandchildren included.
-    watchdog_dir = tempfile.mkdtemp(prefix="funczero-watchdog-")
-    os.environ["FUNCZERO_WATCHDOG_DIR"] = watchdog_dir
-    watchdog = Watchdog(config.kill_timeout, watchdog_dir)
+    set_child_subreaper()  # a keeper killed by torch leaves its orphans with us, not init
     try:
-        elastic_launch(launch_config, entrypoint)(*args)
+        with _single_prefixes():
+            elastic_launch(launch_config, entrypoint)(*args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = exit_code_for(failure.exitcode) or 1
@@ -162,9 +198,6 @@ def run_elastic(config: ElasticConfig) -> int:
         _say(f"rendezvous at {config.master_addr}:{config.master_port} failed: {exc}")
         return 1
     finally:
-        watchdog.close()
-        shutil.rmtree(watchdog_dir, ignore_errors=True)
-        os.environ.pop("FUNCZERO_WATCHDOG_DIR", None)
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
     return 0

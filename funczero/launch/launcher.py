@@ -13,8 +13,8 @@ from funczero.launch.remote import Supervisor
 from funczero.launch.runners import (
     Command,
     mpi_command,
-    pdsh_command,
-    pdsh_stop_command,
+    pdsh_commands,
+    pdsh_stop_commands,
     ssh_commands,
 )
 
@@ -39,7 +39,7 @@ def runner_commands(plan: Plan) -> list[Command]:
     if plan.launcher == "ssh":
         return ssh_commands(plan)
     if plan.launcher == "pdsh":
-        return [pdsh_command(plan)]
+        return pdsh_commands(plan)
     if plan.launcher in MPI_LAUNCHERS:
         return [mpi_command(plan)]
     return []
@@ -70,7 +70,7 @@ def execute(plan: Plan) -> int:
         commands,
         kill_timeout=plan.opts.kill_timeout,
         hold_stdin=plan.launcher == "ssh",
-        stop_command=pdsh_stop_command(plan) if plan.launcher == "pdsh" else None,
+        stop_commands=pdsh_stop_commands(plan) if plan.launcher == "pdsh" else (),
         job_id=plan.job_id if plan.launcher == "pdsh" else None,
     )
     return supervisor.run()
@@ -84,7 +84,7 @@ def render_plan(plan: Plan) -> str:
         f"world size {world.world_size}, master {plan.master_addr}:{plan.master_port}"
     )
     lines = [header]
-    for rank, node in enumerate(world.nodes):
+    for rank, node in enumerate(world.nodes):  # linear: ranks() is O(1)
         ranks = world.ranks(rank)
         lines.append(
             f"# node {rank} ({node.host}): ranks {ranks.start}-{ranks.stop - 1}, "
@@ -96,7 +96,9 @@ def render_plan(plan: Plan) -> str:
     if plan.launcher != "local":
         lines.extend(command.render() for command in runner_commands(plan))
         if plan.launcher == "pdsh":
-            lines.append("# on failure or signal: " + pdsh_stop_command(plan).render())
+            lines.extend(
+                "# on failure or signal: " + stop.render() for stop in pdsh_stop_commands(plan)
+            )
         return "\n".join(lines)
     node_rank = plan.local_node_rank
     if plan.opts.elastic:

@@ -10,8 +10,10 @@ Supervision contract:
   (``128 + N`` when killed by signal ``N``), naming the rank and printing its last lines;
 * SIGINT / SIGTERM / SIGHUP to the launcher do the same and exit ``128 + signal``;
   a second signal skips the grace period;
-* if the launcher itself dies (even by SIGKILL) the workers get SIGTERM from the
-  kernel (parent-death signal) and a watchdog kills their process groups.
+* each worker runs under a keeper (:mod:`.keeper`, Linux), a child subreaper that
+  holds the worker's whole tree, however it regroups (``setsid``, new process
+  groups); if the launcher dies, even by SIGKILL, every keeper gets SIGTERM from the
+  kernel (parent-death signal) and stops its tree.
 """
 
 from __future__ import annotations
@@ -29,15 +31,18 @@ from pathlib import Path
 from types import FrameType
 
 from funczero.launch.errors import LaunchError, exit_code_for
-from funczero.launch.output import RankOutput
+from funczero.launch.output import RankOutput, TracebackRegistry
 from funczero.launch.procs import (
-    Watchdog,
+    KEEPERS_AVAILABLE,
+    keeper_argv,
     make_preexec,
     set_child_subreaper,
+    spawn_error,
     terminate_descendants,
+    worker_pid,
     write_pid_file,
 )
-from funczero.launch.spec import SCHEDULER_RANK_VARS, Program, World, worker_environment
+from funczero.launch.spec import SCHEDULER_RANK_VARS, NodeAssignment, Program, worker_environment
 
 __all__ = [
     "JOB_FAILED_MARKER",
@@ -64,8 +69,7 @@ class NodeConfig:
     """Everything one node's launcher needs.
 
     Attributes:
-        world: All nodes of the job.
-        node_rank: Index of this node in ``world.nodes``.
+        node: This node's assignment (host, slots, ranks).
         master_addr: Address of the rank-0 host.
         master_port: Rendezvous port on the rank-0 host.
         program: The user's command.
@@ -80,8 +84,7 @@ class NodeConfig:
         job_id: Job id of a pdsh launch (enables the PID file and failure marker).
     """
 
-    world: World
-    node_rank: int
+    node: NodeAssignment
     master_addr: str
     master_port: int
     program: Program
@@ -106,15 +109,36 @@ class WorkerPlan:
     cpus: tuple[int, ...] | None
 
 
+def _format_cores(cores: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    spans: list[str] = []
+    for core in cores:
+        if spans and core == last + 1:
+            first = spans.pop().split("-")[0]
+            spans.append(f"{first}-{core}")
+        else:
+            spans.append(str(core))
+        last = core
+    return ",".join(spans)
+
+
 def _core_shares(config: NodeConfig, count: int) -> list[tuple[int, ...]] | None:
     if not config.bind_cores:
         return None
-    cores = list(config.core_list or sorted(os.sched_getaffinity(0)))
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = list(config.core_list or allowed)
+    missing = sorted(set(cores) - set(allowed))
+    if missing:
+        raise LaunchError(
+            f"--bind_core_list: core(s) {_format_cores(missing)[:60]} are not available on node "
+            f"{config.node.node_rank} ({config.node.host}), which may use cores "
+            f"{_format_cores(allowed)}; list only those"
+        )
     per_rank = len(cores) // count
     if per_rank == 0:
         raise LaunchError(
-            f"--bind_cores_to_rank: {count} ranks on node {config.node_rank} but only "
-            f"{len(cores)} core(s) ({','.join(map(str, cores))}); use fewer ranks or more cores"
+            f"--bind_cores_to_rank: {count} ranks on node {config.node.node_rank} but only "
+            f"{len(cores)} core(s) ({_format_cores(cores)}); use fewer ranks or more cores"
         )
     return [tuple(cores[i * per_rank : (i + 1) * per_rank]) for i in range(count)]
 
@@ -128,15 +152,13 @@ def plan_workers(config: NodeConfig, environ: Mapping[str, str] | None = None) -
             ``OMP_NUM_THREADS``.
     """
     environ = os.environ if environ is None else environ
-    count = len(config.world.nodes[config.node_rank].slots)
+    count = len(config.node.slots)
     shares = _core_shares(config, count)
     plans = []
     for local_rank in range(count):
         env = dict(config.extra_env)
         env.update(
-            worker_environment(
-                config.world, config.node_rank, local_rank, config.master_addr, config.master_port
-            )
+            worker_environment(config.node, local_rank, config.master_addr, config.master_port)
         )
         cpus = None if shares is None else shares[local_rank]
         if cpus is not None:
@@ -161,8 +183,13 @@ class _Worker:
         self, plan: WorkerPlan, popen: subprocess.Popen[bytes], output: RankOutput
     ) -> None:
         self.plan = plan
-        self.popen = popen
+        self.popen = popen  # the keeper, or the worker itself without keepers
         self.output = output
+        self.pid: int | None = None if KEEPERS_AVAILABLE else popen.pid  # the worker's own
+
+    def find_pid(self) -> None:
+        if self.pid is None:
+            self.pid = worker_pid(self.popen)
 
 
 class NodeLauncher:
@@ -170,13 +197,12 @@ class NodeLauncher:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.node = config.world.nodes[config.node_rank]
+        self.node = config.node
         self.workers: list[_Worker] = []
         self._signal: int | None = None
         self._hurry = False
         self._stdin_closed = threading.Event()
         self._pid_files: list[Path] = []
-        self._watchdog: Watchdog | None = None
         self._previous_handlers: dict[int, object] = {}
         self._failed: _Worker | None = None
 
@@ -203,14 +229,16 @@ class NodeLauncher:
 
     # -- setup -----------------------------------------------------------------------------
     def _write_pid_files(self) -> None:
+        node_rank = self.node.node_rank
         if self.config.save_pid is not None:
-            path = self.config.save_pid.replace("{node_rank}", str(self.config.node_rank))
+            path = self.config.save_pid.replace("{node_rank}", str(node_rank))
             self._pid_files.append(write_pid_file(path))
         if self.config.job_id is not None:
-            path = job_pid_file(self.config.job_id, self.config.node_rank)
+            path = job_pid_file(self.config.job_id, node_rank)
             self._pid_files.append(write_pid_file(path, "job pid file"))
 
     def _spawn(self, plans: list[WorkerPlan]) -> None:
+        tracebacks = TracebackRegistry()
         console_lock = threading.Lock()
         base_env = {k: v for k, v in os.environ.items() if k not in SCHEDULER_RANK_VARS}
         stdin = subprocess.DEVNULL if self.config.watch_stdin else None
@@ -223,10 +251,14 @@ class NodeLauncher:
         # Spawn every worker before any output thread starts: preexec_fn is only safe
         # in a single-threaded parent.
         for plan in plans:
+            argv = plan.argv
+            if KEEPERS_AVAILABLE:
+                argv = keeper_argv(launcher_pid, self.config.kill_timeout, argv)
+            env = {**base_env, **plan.env}
             try:
                 popen = subprocess.Popen(
-                    plan.argv,
-                    env={**base_env, **plan.env},
+                    argv,
+                    env=env,
                     stdin=stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -234,14 +266,9 @@ class NodeLauncher:
                     # Safe: no thread of ours is running yet (see the comment above).
                     preexec_fn=preexec(plan.cpus),  # noqa: PLW1509
                 )
-            except OSError as exc:
-                raise LaunchError(
-                    f"cannot start rank {plan.rank}: {plan.argv[0]!r}: {exc.strerror}; check "
-                    "the script path (and that it is executable with --no_python)"
-                ) from None
-            if self._watchdog is not None:
-                self._watchdog.watch(popen.pid)
-            output = RankOutput(plan.rank, console_lock, self.config.log_dir)
+            except (OSError, ValueError) as exc:
+                raise LaunchError(spawn_error(f"rank {plan.rank}", argv, env, exc)) from None
+            output = RankOutput(plan.rank, console_lock, self.config.log_dir, tracebacks)
             self.workers.append(_Worker(plan, popen, output))
             outputs.append((output, popen))
         for output, popen in outputs:
@@ -259,27 +286,27 @@ class NodeLauncher:
 
     # -- supervision -----------------------------------------------------------------------
     def _supervise(self) -> int:
+        node_rank = self.node.node_rank
         while True:
             if self._signal is not None:
                 name = signal.Signals(self._signal).name
-                _say(
-                    f"node {self.config.node_rank}: received {name}; stopping "
-                    f"{len(self.workers)} worker(s)"
-                )
+                _say(f"node {node_rank}: received {name}; stopping {len(self.workers)} worker(s)")
                 return 128 + self._signal
             if self._stdin_closed.is_set():
                 _say(
-                    f"node {self.config.node_rank}: the connection to the runner closed "
+                    f"node {node_rank}: the connection to the runner closed "
                     "(stdin end-of-file); stopping the workers"
                 )
                 return 128 + signal.SIGHUP
             running = 0
             for worker in self.workers:
+                worker.find_pid()
                 code = worker.popen.poll()
                 if code is None:
                     running += 1
                 elif code != 0:
                     return self._report_failure(worker, code)
+                worker.output.release_held()
             if running == 0:
                 return 0
             time.sleep(_POLL_SECONDS)
@@ -293,28 +320,21 @@ class NodeLauncher:
         )
         others = sum(1 for w in self.workers if w is not worker and w.popen.poll() is None)
         _say(
-            f"rank {worker.plan.rank} (node {self.config.node_rank} {self.node.host}, local rank "
-            f"{worker.plan.local_rank}, pid {worker.popen.pid}) {how}; stopping {others} other "
-            f"worker(s); exit code {code}"
+            f"rank {worker.plan.rank} (node {self.node.node_rank} {self.node.host}, local rank "
+            f"{worker.plan.local_rank}, pid {worker.pid or worker.popen.pid}) {how}; stopping "
+            f"{others} other worker(s); exit code {code}"
         )
         self._failed = worker
+        # Its last traceback is printed once, in the report; other ranks' copies of the
+        # same traceback now point there instead of repeating it.
+        worker.output.claim_held()
         if self.config.job_id is not None:
             print(
-                f"{JOB_FAILED_MARKER} {self.config.job_id} node={self.config.node_rank} "
+                f"{JOB_FAILED_MARKER} {self.config.job_id} node={self.node.node_rank} "
                 f"code={code}",
                 flush=True,
             )
         return code
-
-    def _print_tail(self, worker: _Worker) -> None:
-        if worker.output.log_file:
-            _say(f"full log of rank {worker.plan.rank}: {worker.output.log_file}")
-        for stream in ("stdout", "stderr"):
-            lines = worker.output.tail(stream)
-            if lines:
-                _say(f"last {len(lines)} {stream} line(s) of rank {worker.plan.rank}:")
-                print("".join(f"  | {line}\n" for line in lines), end="", file=sys.stderr)
-        sys.stderr.flush()
 
     def run(self) -> int:
         """Run the workers to completion; return the node's exit code."""
@@ -326,11 +346,10 @@ class NodeLauncher:
                 _prepare_log_dir(config.log_dir)
             self._write_pid_files()
             set_child_subreaper()
-            self._watchdog = Watchdog(config.kill_timeout)
-            ranks = config.world.ranks(config.node_rank)
+            ranks = self.node.ranks
             _say(
-                f"node {config.node_rank} ({self.node.host}): starting ranks {ranks.start}-"
-                f"{ranks.stop - 1} of world size {config.world.world_size}, master "
+                f"node {self.node.node_rank} ({self.node.host}): starting ranks {ranks.start}-"
+                f"{ranks.stop - 1} of world size {self.node.world_size}, master "
                 f"{config.master_addr}:{config.master_port}"
             )
             self._spawn(plans)
@@ -338,17 +357,18 @@ class NodeLauncher:
         finally:
             self._teardown()
         if self._failed is not None:
-            self._print_tail(self._failed)
+            self._failed.output.report(_say, master_port=config.master_port)
         return code
 
     def _teardown(self) -> None:
         terminate_descendants(
-            [w.popen for w in self.workers], self.config.kill_timeout, hurry=lambda: self._hurry
+            [w.popen for w in self.workers],
+            self.config.kill_timeout,
+            hurry=lambda: self._hurry,
+            keepers=KEEPERS_AVAILABLE,
         )
         for worker in self.workers:
-            worker.output.close()
-        if self._watchdog is not None:
-            self._watchdog.close()
+            worker.output.close(show_held=worker is not self._failed)
         for path in self._pid_files:
             with contextlib.suppress(OSError):
                 path.unlink()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 from funczero.launch.errors import LaunchError
@@ -12,6 +14,9 @@ __all__ = [
     "DEFAULT_MASTER_PORT",
     "DEFAULT_MAX_RESTARTS",
     "LAUNCHERS",
+    "MAX_CORE_ID",
+    "MAX_NODES",
+    "MAX_SLOTS_PER_NODE",
     "MPI_LAUNCHERS",
     "LaunchOptions",
     "parse_core_list",
@@ -21,6 +26,11 @@ DEFAULT_HOSTFILE = "/job/hostfile"
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_KILL_TIMEOUT = 30.0
 DEFAULT_MAX_RESTARTS = 3
+#: Upper bounds that keep a typo from allocating the impossible (no real job is near them).
+MAX_NODES = 100_000
+MAX_SLOTS_PER_NODE = 4096
+#: Core ids above this cannot exist (Linux's largest CONFIG_NR_CPUS).
+MAX_CORE_ID = 8191
 LAUNCHERS = ("local", "ssh", "pdsh", "openmpi", "mpich", "slurm")
 #: Runners that start the workers themselves (ranks come from the scheduler's env).
 MPI_LAUNCHERS = ("openmpi", "mpich", "slurm")
@@ -41,7 +51,7 @@ class LaunchOptions:
     num_nodes: int | None = None
     num_gpus: int | None = None
     master_addr: str | None = None
-    master_port: int = DEFAULT_MASTER_PORT
+    master_port: int | None = None
     node_rank: int | None = None
     launcher: str | None = None
     launcher_args: str = ""
@@ -105,18 +115,26 @@ class LaunchOptions:
             )
 
     def _validate_numbers(self) -> None:
-        for flag, value in (("--num_nodes", self.num_nodes), ("--num_gpus", self.num_gpus)):
-            if value is not None and value < 1:
-                raise LaunchError(f"{flag} {value} must be >= 1")
-        if not 0 <= self.master_port <= 65535:
+        for flag, value, most in (
+            ("--num_nodes", self.num_nodes, MAX_NODES),
+            ("--num_gpus", self.num_gpus, MAX_SLOTS_PER_NODE),
+            ("--min_nodes", self.min_nodes, MAX_NODES),
+            ("--max_nodes", self.max_nodes, MAX_NODES),
+        ):
+            if value is not None and not 1 <= value <= most:
+                raise LaunchError(f"{flag} {value} is out of range; use 1-{most}")
+        if self.master_port is not None and not 0 <= self.master_port <= 65535:
             raise LaunchError(
                 f"--master_port {self.master_port} is out of range; use 1-65535, or 0 to "
                 "pick a free port on a single node"
             )
-        if self.node_rank is not None and self.node_rank < 0:
-            raise LaunchError(f"--node_rank {self.node_rank} must be >= 0")
-        if self.kill_timeout < 0:
-            raise LaunchError(f"--kill_timeout {self.kill_timeout} must be >= 0 seconds")
+        if self.node_rank is not None and not 0 <= self.node_rank < MAX_NODES:
+            raise LaunchError(f"--node_rank {self.node_rank} is out of range; use 0-{MAX_NODES - 1}")
+        if not (math.isfinite(self.kill_timeout) and 0 <= self.kill_timeout <= 86400):
+            raise LaunchError(
+                f"--kill_timeout {self.kill_timeout} is not a number of seconds in 0-86400; "
+                "pass e.g. 30"
+            )
 
     def _validate_launcher(self) -> None:
         launcher = self.launcher
@@ -173,9 +191,6 @@ class LaunchOptions:
             raise LaunchError(
                 "--bind_cores_to_rank is not supported with --elastic; drop one of them"
             )
-        for flag, value in (("--min_nodes", self.min_nodes), ("--max_nodes", self.max_nodes)):
-            if value is not None and value < 1:
-                raise LaunchError(f"{flag} {value} must be >= 1")
         if (
             self.min_nodes is not None
             and self.max_nodes is not None
@@ -184,25 +199,35 @@ class LaunchOptions:
             raise LaunchError(
                 f"--min_nodes {self.min_nodes} is larger than --max_nodes {self.max_nodes}"
             )
-        if self.max_restarts is not None and self.max_restarts < 0:
-            raise LaunchError(f"--max_restarts {self.max_restarts} must be >= 0")
+        if self.max_restarts is not None and not 0 <= self.max_restarts <= 1_000_000:
+            raise LaunchError(f"--max_restarts {self.max_restarts} is out of range; use 0-1000000")
 
 
 def parse_core_list(text: str) -> list[int]:
     """Parse ``--bind_core_list`` such as ``"0-3,8,10-11"``.
 
+    Example:
+        >>> parse_core_list("0-3,8,10-11")
+        [0, 1, 2, 3, 8, 10, 11]
+
     Raises:
-        LaunchError: On malformed items, descending ranges or repeated cores.
+        LaunchError: On malformed items, descending ranges, repeated cores or core ids
+            beyond any machine's.
     """
     cores: list[int] = []
     for item in text.split(","):
         item = item.strip()
         low, sep, high = item.partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
+        if not (low.isascii() and low.isdigit()) or (sep and not (high.isascii() and high.isdigit())):
             raise LaunchError(
                 f"--bind_core_list {text!r}: {item!r} is not a core id or range; use e.g. '0-3,8'"
             )
         first, last = int(low), int(high) if sep else int(low)
+        if last > MAX_CORE_ID:
+            raise LaunchError(
+                f"--bind_core_list {text!r}: core {last} does not exist (core ids are at most "
+                f"{MAX_CORE_ID}); list this machine's cores, e.g. '0-{(os.cpu_count() or 1) - 1}'"
+            )
         if last < first:
             raise LaunchError(f"--bind_core_list {text!r}: range {item!r} is descending")
         cores.extend(range(first, last + 1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -15,11 +17,16 @@ from funczero.launch.elastic import ElasticConfig, default_run_id
 from funczero.launch.envfile import exported_environment, load_env_files
 from funczero.launch.errors import LaunchError
 from funczero.launch.node import NodeConfig
-from funczero.launch.options import DEFAULT_MAX_RESTARTS, LaunchOptions, parse_core_list
+from funczero.launch.options import (
+    DEFAULT_MASTER_PORT,
+    DEFAULT_MAX_RESTARTS,
+    LaunchOptions,
+    parse_core_list,
+)
 from funczero.launch.resources import resolve_world
 from funczero.launch.spec import Program, World
 
-__all__ = ["Plan", "free_port", "make_plan"]
+__all__ = ["Plan", "check_port_free", "free_port", "make_plan"]
 
 REMOTE_SHELL_LAUNCHERS = ("ssh", "pdsh")
 
@@ -77,8 +84,7 @@ class Plan:
         """Configuration of the per-node launcher for ``node_rank``."""
         core_list = self.opts.bind_core_list
         return NodeConfig(
-            world=self.world,
-            node_rank=node_rank,
+            node=self.world.assignment(node_rank),
             master_addr=self.master_addr,
             master_port=self.master_port,
             program=self.program,
@@ -117,10 +123,72 @@ class Plan:
 
 
 def free_port() -> int:
-    """Return a TCP port that is free on this machine right now."""
+    """Return a TCP port that is free on this machine right now.
+
+    Example:
+        >>> 0 < free_port() < 65536
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
+
+
+def check_port_free(addr: str, port: int) -> None:
+    """Fail early, with a hint, when ``port`` is taken on this machine at ``addr``.
+
+    Only an IP address (or ``localhost``) is checked, and only if this machine has
+    it; host names are not resolved here (a slow DNS must not delay every launch).
+
+    Raises:
+        LaunchError: If the port is in use.
+    """
+    bare = addr.strip("[]")
+    if bare == "localhost":
+        bare = "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(bare).version == 6 else socket.AF_INET
+    except ValueError:
+        return  # a host name
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # Same option as the rendezvous store: a port in TIME_WAIT is reusable there too.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bare, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return  # not an address of this machine, or not resolvable here
+            raise LaunchError(
+                f"--master_port {port} is in use on this machine ({addr}:{port}; another job "
+                "or a previous run still exiting?); pass a free port, or leave --master_port "
+                "out on a single node to get one"
+            ) from None
+
+
+def _standalone(opts: LaunchOptions, world: World, launcher: str) -> bool:
+    """One node, nobody else joining: the rendezvous port can be any free port."""
+    if launcher != "local" or len(world.nodes) != 1 or opts.node_rank is not None:
+        return False
+    if opts.master_addr is not None:
+        return False  # other launchers may rendezvous at this address
+    return not (opts.elastic and (opts.max_nodes or 1) > 1)
+
+
+def _master_port(opts: LaunchOptions, world: World, launcher: str, master_addr: str) -> int:
+    standalone = _standalone(opts, world, launcher)
+    if opts.master_port == 0 or (opts.master_port is None and standalone):
+        if not standalone:
+            raise LaunchError(
+                "--master_port 0 picks a free port on this machine, which only works for "
+                "a single-node local run; pass a fixed port such as 29500"
+            )
+        return free_port()
+    port = DEFAULT_MASTER_PORT if opts.master_port is None else opts.master_port
+    hosts_rank0 = launcher == "local" and (opts.node_rank or 0) == 0
+    if hosts_rank0 and not opts.elastic:
+        # rank 0's store listens here; elastic agents share the port among themselves.
+        check_port_free(master_addr, port)
+    return port
 
 
 def _choose_launcher(opts: LaunchOptions, world: World) -> str:
@@ -225,14 +293,7 @@ def make_plan(
         )
     _check_program(opts, launcher)
     master_addr = _master_addr(opts, world, launcher, hostfile, environ)
-    master_port = opts.master_port
-    if master_port == 0:
-        if launcher != "local" or (len(world.nodes) > 1 and opts.node_rank is not None):
-            raise LaunchError(
-                "--master_port 0 picks a free port on this machine, which only works for "
-                "a single-node local run; pass a fixed port such as 29500"
-            )
-        master_port = free_port()
+    master_port = _master_port(opts, world, launcher, master_addr)
     if opts.bind_core_list:
         parse_core_list(opts.bind_core_list)  # report a bad list before starting anything
     assert opts.script is not None

@@ -1,14 +1,15 @@
-"""Process-tree plumbing: parent-death signals, subreaping, tree kill, watchdog.
+"""Process-tree plumbing: parent-death signals, keepers, subreaping, tree kill.
 
-Three layers keep workers from outliving the launcher:
+Layers that keep workers and everything they start from outliving the launcher:
 
-* every worker gets ``PR_SET_PDEATHSIG`` (SIGTERM when the launcher dies, even by
-  SIGKILL, which torchrun lacks);
-* the launcher is a *child subreaper*, so grandchildren whose parent died are
-  re-parented to it (not to init) and are still found and reaped by the tree kill;
-* a watchdog process in its own session holds a pipe from the launcher; when the
-  launcher dies the pipe closes and the watchdog kills each worker's process group
-  (grandchildren included), escalating SIGTERM to SIGKILL after the kill timeout.
+* every worker runs under a keeper (:mod:`.keeper`), a child subreaper that is
+  the worker's parent: descendants whose parent died are re-parented to it, whatever
+  process group or session they moved to, so it can always stop the whole tree;
+* every keeper gets ``PR_SET_PDEATHSIG`` (SIGTERM when the launcher dies, even by
+  SIGKILL, which torchrun lacks) and then stops its tree, escalating to SIGKILL
+  after the kill timeout;
+* the launcher itself is a child subreaper too, so if a keeper is killed its
+  orphans come back to the launcher and are still found and reaped by the tree kill.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import signal
 import subprocess
@@ -27,17 +29,29 @@ from pathlib import Path
 import psutil
 
 __all__ = [
-    "Watchdog",
+    "ARG_STRLEN_MAX",
+    "KEEPERS_AVAILABLE",
+    "keeper_argv",
     "make_preexec",
     "reap_adopted_zombies",
     "set_child_subreaper",
+    "spawn_error",
     "terminate_descendants",
+    "worker_pid",
     "write_pid_file",
 ]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-_WATCHDOG_SCRIPT = Path(__file__).with_name("watchdog.py")
+_KEEPER_SCRIPT = Path(__file__).with_name("keeper.py")
+#: Keepers need Linux (prctl, /proc); elsewhere workers are started directly.
+KEEPERS_AVAILABLE = sys.platform.startswith("linux")
+#: Extra seconds the launcher gives keepers, beyond the kill timeout, to stop their trees
+#: before it kills what is left itself.
+_KEEPER_MARGIN = 2.0
+#: Linux's limit on one argument or one ``KEY=VALUE`` string of a new program (bytes,
+#: with the terminating NUL): ``MAX_ARG_STRLEN``, 32 pages.
+ARG_STRLEN_MAX = 131072
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -80,6 +94,55 @@ def make_preexec(
             os.sched_setaffinity(0, cpu_set)
 
     return preexec
+
+
+def keeper_argv(parent_pid: int, kill_timeout: float, argv: Sequence[str]) -> list[str]:
+    """Command line that runs ``argv`` under a keeper (see :mod:`.keeper`).
+
+    Example:
+        >>> keeper_argv(4242, 30.0, ["python", "train.py"])[2:]  # doctest: +ELLIPSIS
+        ['.../keeper.py', '4242', '30.0', '--', 'python', 'train.py']
+    """
+    return [sys.executable, "-I", str(_KEEPER_SCRIPT), str(parent_pid), str(kill_timeout), "--", *argv]
+
+
+def worker_pid(keeper: subprocess.Popen[bytes]) -> int | None:
+    """The PID of the worker a running keeper started, once it has started it."""
+    if keeper.poll() is not None:
+        return None
+    with contextlib.suppress(psutil.Error):
+        children = psutil.Process(keeper.pid).children()
+        if children:
+            return min(children, key=lambda p: p.create_time()).pid
+    return None
+
+
+def spawn_error(what: str, argv: Sequence[str], env: dict[str, str], exc: Exception) -> str:
+    """Explain why starting ``argv`` with ``env`` failed, naming the value at fault."""
+    if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
+        items = [(len(a.encode()) + 1, f"argument {a[:40]!r}") for a in argv] + [
+            (len(f"{k}={v}".encode()) + 1, f"variable {k}") for k, v in env.items()
+        ]
+        size, name = max(items)
+        total = sum(n for n, _ in items)
+        if size > ARG_STRLEN_MAX:
+            return (
+                f"cannot start {what}: its {name} is {size:,} bytes, over Linux's limit of "
+                f"{ARG_STRLEN_MAX:,} bytes for one argument or variable; pass large data in a "
+                "file and its path in the variable"
+            )
+        return (
+            f"cannot start {what}: its arguments and environment take {total:,} bytes, over "
+            f"the system's limit (largest: {name}, {size:,} bytes); export fewer or smaller "
+            "variables"
+        )
+    if isinstance(exc, ValueError):  # e.g. "embedded null byte"
+        return f"cannot start {what}: {exc}; remove NUL characters from its arguments and variables"
+    strerror = getattr(exc, "strerror", None) or str(exc)
+    return (
+        f"cannot start {what}: {argv[0]!r}: {strerror}; check the script path (and that it "
+        "is executable with --no_python)"
+    )
 
 
 def _is_alive(proc: psutil.Process, children: dict[int, subprocess.Popen[bytes]]) -> bool:
@@ -136,25 +199,37 @@ def terminate_descendants(
     timeout: float,
     *,
     hurry: Callable[[], bool] = lambda: False,
+    keepers: bool = False,
 ) -> None:
-    """SIGTERM every worker's whole tree, SIGKILL survivors after ``timeout``, reap.
+    """Stop every worker's whole tree, SIGKILL survivors after the grace period, reap.
 
-    Covers the workers, their descendants, their process groups and anything of
-    theirs re-parented to this process (see :func:`set_child_subreaper`). Returns
-    once all of it is gone and reaped.
+    With ``keepers``, each child is a keeper (:mod:`.keeper`) that stops its own tree
+    on SIGTERM and escalates to SIGKILL after ``timeout``; this function sends SIGTERM
+    to the keepers only, so each process gets exactly one SIGTERM, and kills what is
+    left a margin later. Without keepers it SIGTERMs the workers, their descendants,
+    their process groups and anything of theirs re-parented to this process (see
+    :func:`set_child_subreaper`). Returns once all of it is gone and reaped.
 
     Args:
-        children: The worker ``Popen`` objects (reaped through ``Popen.poll``).
+        children: The ``Popen`` objects started (reaped through ``Popen.poll``).
         timeout: Seconds between SIGTERM and SIGKILL.
         hurry: Returns True to skip the rest of the grace period (a second Ctrl+C).
+        keepers: Whether ``children`` are keepers.
     """
     by_pid = {c.pid: c for c in children}
     live_groups = [c.pid for c in children if c.poll() is None]
     procs = _worker_processes(children)
-    for pgid in live_groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-    _signal_all(procs.values(), signal.SIGTERM)
+    if keepers:
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        timeout += _KEEPER_MARGIN
+    else:
+        for pgid in live_groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+        _signal_all(procs.values(), signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not hurry():
         procs.update(_worker_processes(children))  # late forks
@@ -175,22 +250,23 @@ def terminate_descendants(
     for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=1.0)
-    reap_adopted_zombies(sessions={c.pid for c in children})
+    reap_adopted_zombies(sessions={c.pid for c in children}, pids=set(procs))
 
 
-def reap_adopted_zombies(sessions: Iterable[int]) -> None:
-    """``waitpid`` exited children adopted as subreaper from the given sessions.
+def reap_adopted_zombies(sessions: Iterable[int], pids: Iterable[int] = ()) -> None:
+    """``waitpid`` exited children adopted as subreaper from the given sessions (or PIDs).
 
-    Only zombies whose session is a worker's are reaped, so ``Popen`` objects of
-    an embedding process keep their return codes.
+    Only zombies whose session is a worker's, or that were seen in a worker's tree, are
+    reaped, so ``Popen`` objects of an embedding process keep their return codes.
     """
-    sessions = set(sessions)
+    sessions, pids = set(sessions), set(pids)
     with contextlib.suppress(psutil.NoSuchProcess):
         for proc in psutil.Process().children():
             if proc.pid in sessions:
                 continue  # the workers themselves: Popen reaps them
             with contextlib.suppress(ChildProcessError, psutil.NoSuchProcess):
-                if proc.status() == psutil.STATUS_ZOMBIE and _session(proc.pid) in sessions:
+                ours = proc.pid in pids or _session(proc.pid) in sessions
+                if proc.status() == psutil.STATUS_ZOMBIE and ours:
                     os.waitpid(proc.pid, os.WNOHANG)
 
 
@@ -207,73 +283,39 @@ def _pid_alive(pid: int) -> bool:
 def write_pid_file(path: str | Path, flag: str = "--save_pid") -> Path:
     """Write this process's PID to ``path``; the caller removes the file when done.
 
+    An existing file is replaced only if it is a stale PID file (empty, or the PID of
+    a process that is gone): anything else may be the user's data.
+
     Raises:
-        LaunchError: If the file already names a running process.
+        LaunchError: If the file names a running process, is not a PID file, or
+            cannot be written.
     """
     from funczero.launch.errors import LaunchError
 
     path = Path(path)
-    if path.exists():
-        old = path.read_text().strip()
-        if old.isdigit() and int(old) != os.getpid() and _pid_alive(int(old)):
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
             raise LaunchError(
-                f"{flag} {path}: the file names running process {old}; stop it or choose "
-                "another path"
+                f"{flag} {str(path)!r} exists and is not a regular file; pass a file path"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n")
+        try:
+            with open(path, "rb") as f:
+                old = f.read(64).strip()
+        except OSError as exc:
+            raise LaunchError(f"{flag} {str(path)!r} cannot be read: {exc.strerror}") from None
+        if old and not (old.isdigit() and len(old) < 20):
+            raise LaunchError(
+                f"{flag} {str(path)!r} exists and does not hold a PID (it starts with "
+                f"{old[:20]!r}); it is not overwritten: remove it or choose another path"
+            )
+        if old and int(old) != os.getpid() and _pid_alive(int(old)):
+            raise LaunchError(
+                f"{flag} {str(path)!r}: the file names running process {int(old)}; stop it "
+                "or choose another path"
+            )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        raise LaunchError(f"{flag} {str(path)!r} cannot be written: {exc.strerror}") from None
     return path
-
-
-class Watchdog:
-    """Kill the workers' process groups if this launcher dies without cleaning up.
-
-    The watchdog runs ``watchdog.py`` in its own session with ``python -I`` (no
-    package import, so it starts fast). It reads ``pgid N`` lines from a pipe; on
-    ``exit`` it leaves quietly, on end-of-file (the launcher died) it kills.
-    With ``pgid_dir``, groups may also register as files in that directory.
-    """
-
-    def __init__(self, kill_timeout: float, pgid_dir: str | None = None) -> None:
-        self._proc: subprocess.Popen[bytes] | None = None
-        extra = [] if pgid_dir is None else [pgid_dir]
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", str(_WATCHDOG_SCRIPT), str(kill_timeout), *extra],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:  # the PDEATHSIG layer still protects the workers
-            print(f"funczero launch: warning: watchdog not started: {exc}", file=sys.stderr)
-
-    @property
-    def pid(self) -> int | None:
-        """The watchdog's PID, or None if it could not start."""
-        return None if self._proc is None else self._proc.pid
-
-    def _send(self, line: str) -> None:
-        if self._proc is None or self._proc.stdin is None:
-            return
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            self._proc.stdin.write(line.encode() + b"\n")
-            self._proc.stdin.flush()
-
-    def watch(self, pgid: int) -> None:
-        """Add a worker's process group."""
-        self._send(f"pgid {pgid}")
-
-    def close(self) -> None:
-        """Tell the watchdog that cleanup is done and wait for it to exit."""
-        if self._proc is None:
-            return
-        self._send("exit")
-        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
-            assert self._proc.stdin is not None
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()

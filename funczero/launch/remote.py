@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import IO
 
-from funczero.launch.errors import exit_code_for
+from funczero.launch.errors import LaunchError, exit_code_for
 from funczero.launch.node import JOB_FAILED_MARKER
-from funczero.launch.procs import make_preexec
+from funczero.launch.procs import make_preexec, spawn_error
 from funczero.launch.runners import Command
 
 __all__ = ["Supervisor"]
@@ -48,7 +48,7 @@ class Supervisor:
         commands: Processes to start (all run concurrently).
         kill_timeout: The nodes' SIGTERM-to-SIGKILL grace period.
         hold_stdin: Give each process a stdin pipe and close it to stop (ssh).
-        stop_command: Command that stops the remote launchers (pdsh).
+        stop_commands: Commands that stop the remote launchers (pdsh).
         job_id: Watch stdout for this job's failure marker (pdsh).
     """
 
@@ -58,13 +58,13 @@ class Supervisor:
         *,
         kill_timeout: float,
         hold_stdin: bool = False,
-        stop_command: Command | None = None,
+        stop_commands: Sequence[Command] = (),
         job_id: str | None = None,
     ) -> None:
         self.commands = list(commands)
         self.kill_timeout = kill_timeout
         self.hold_stdin = hold_stdin
-        self.stop_command = stop_command
+        self.stop_commands = list(stop_commands)
         self.job_id = job_id
         self.procs: list[subprocess.Popen[bytes]] = []
         self._signal: int | None = None
@@ -81,10 +81,11 @@ class Supervisor:
 
     def _start(self) -> None:
         for command in self.commands:
-            self.procs.append(
-                subprocess.Popen(
+            env = {**os.environ, **command.env}
+            try:
+                proc = subprocess.Popen(
                     command.argv,
-                    env={**os.environ, **command.env},
+                    env=env,
                     stdin=subprocess.PIPE if self.hold_stdin else None,
                     stdout=subprocess.PIPE if self.job_id else None,
                     # If the runner dies, its ssh/pdsh/mpirun children go too, which
@@ -92,7 +93,9 @@ class Supervisor:
                     # Safe: the output threads start only after every fork.
                     preexec_fn=make_preexec(os.getpid(), signal.SIGTERM),  # noqa: PLW1509
                 )
-            )
+            except (OSError, ValueError) as exc:
+                raise LaunchError(spawn_error(command.label, command.argv, env, exc)) from None
+            self.procs.append(proc)
         if self.job_id:  # threads only after every fork (preexec_fn safety)
             for proc in self.procs:
                 assert proc.stdout is not None
@@ -155,16 +158,24 @@ class Supervisor:
             if proc.stdin is not None:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
-        if self.stop_command is not None and any(p.poll() is None for p in self.procs):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    self.stop_command.argv,
-                    env={**os.environ, **self.stop_command.env},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    timeout=self.kill_timeout + _STOP_MARGIN,
-                    check=False,
-                )
+        if self.stop_commands and any(p.poll() is None for p in self.procs):
+            stops = []
+            for stop in self.stop_commands:  # all batches at once
+                with contextlib.suppress(OSError):
+                    stops.append(
+                        subprocess.Popen(
+                            stop.argv,
+                            env={**os.environ, **stop.env},
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL,
+                        )
+                    )
+            for stop_proc in stops:
+                try:
+                    stop_proc.wait(timeout=self.kill_timeout + _STOP_MARGIN)
+                except subprocess.TimeoutExpired:
+                    stop_proc.kill()
+                    stop_proc.wait()
         elif not self.hold_stdin:
             self._signal_all(signal.SIGTERM)  # mpirun / srun forward it to the ranks
         self._wait(self.kill_timeout + _STOP_MARGIN)

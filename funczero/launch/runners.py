@@ -11,6 +11,7 @@ the workers themselves; the workers read their rank from ``OMPI_COMM_WORLD_*``,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -18,14 +19,16 @@ from dataclasses import dataclass, field
 
 from funczero.launch.errors import LaunchError
 from funczero.launch.plan import Plan
+from funczero.launch.procs import ARG_STRLEN_MAX
+from funczero.launch.spec import encode_node_table
 
 __all__ = [
     "AGENT_MODULE",
     "Command",
     "agent_argv",
     "mpi_command",
-    "pdsh_command",
-    "pdsh_stop_command",
+    "pdsh_commands",
+    "pdsh_stop_commands",
     "remote_shell_command",
     "ssh_commands",
 ]
@@ -33,6 +36,9 @@ __all__ = [
 AGENT_MODULE = "funczero.launch.agent"
 _HOST_PLACEHOLDER = "FUNCZERO_NODE_HOST_PLACEHOLDER"
 _PDSH_FANOUT = "1024"
+#: Budget for one remote command (ssh's command argument, pdsh's, and the remote
+#: shell's ``-c`` argument): Linux's per-argument limit with room to spare.
+_REMOTE_COMMAND_MAX = 96 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,25 +63,41 @@ class Command:
 
 def agent_argv(
     plan: Plan,
+    nodes: str,
     *,
-    node_rank: int | None = None,
     node_host: str | None = None,
     watch_stdin: bool = False,
     job_id: str | None = None,
 ) -> list[str]:
-    """Command line of the per-node launcher on a remote node."""
+    """Command line of the per-node launcher on a remote node.
+
+    Args:
+        plan: The launch.
+        nodes: Node table (:func:`~funczero.launch.spec.encode_node_table`) holding
+            this node's assignment.
+        node_host: The host to look up in ``nodes`` (pdsh's ``%h``); None when the
+            table holds one node.
+        watch_stdin: Stop the node when stdin closes (ssh).
+        job_id: Job id for the pdsh PID file and failure marker.
+    """
+    head, tail = _agent_parts(plan, watch_stdin=watch_stdin, job_id=job_id)
+    host = [f"--node_host={node_host}"] if node_host is not None else []
+    return [*head, f"--nodes={nodes}", *host, *tail]
+
+
+def _agent_parts(
+    plan: Plan, *, watch_stdin: bool, job_id: str | None
+) -> tuple[list[str], list[str]]:
+    """The agent's command line before and after the per-node ``--nodes``/``--node_host``."""
     opts = plan.opts
-    argv = [
+    # "--flag=value": argparse would take a value starting with "-" for an option.
+    head = [
         sys.executable, "-u", "-m", AGENT_MODULE,
-        "--world_info", plan.world.encode(),
-        "--master_addr", plan.master_addr,
-        "--master_port", str(plan.master_port),
-        "--kill_timeout", str(opts.kill_timeout),
+        f"--master_addr={plan.master_addr}",
+        f"--master_port={plan.master_port}",
+        f"--kill_timeout={opts.kill_timeout}",
     ]  # fmt: skip
-    if node_rank is not None:
-        argv += ["--node_rank", str(node_rank)]
-    if node_host is not None:
-        argv += ["--node_host", node_host]
+    tail = []
     for flag, value in (
         ("--log_dir", opts.log_dir),
         ("--save_pid", opts.save_pid),
@@ -83,7 +105,7 @@ def agent_argv(
         ("--job_id", job_id),
     ):
         if value is not None:
-            argv += [flag, value]
+            tail.append(f"{flag}={value}")
     for flag, enabled in (
         ("--bind_cores_to_rank", opts.bind_cores_to_rank),
         ("--module", opts.module),
@@ -92,25 +114,28 @@ def agent_argv(
         ("--watch_stdin", watch_stdin),
     ):
         if enabled:
-            argv.append(flag)
+            tail.append(flag)
     if opts.elastic:
         min_nodes, max_nodes = plan.elastic_nodes
-        config = plan.elastic_config(0)
-        argv += [
+        tail += [
             "--elastic",
-            "--min_nodes", str(min_nodes),
-            "--max_nodes", str(max_nodes),
-            "--max_restarts", str(config.max_restarts),
-            "--run_id", plan.run_id,
-        ]  # fmt: skip
-    return [*argv, "--", plan.program.script, *plan.program.args]
+            f"--min_nodes={min_nodes}",
+            f"--max_nodes={max_nodes}",
+            f"--max_restarts={plan.elastic_config(0).max_restarts}",
+            f"--run_id={plan.run_id}",
+        ]
+    return head, [*tail, "--", plan.program.script, *plan.program.args]
 
 
 def remote_shell_command(plan: Plan, argv: list[str]) -> str:
     """Return ``cd CWD && exec env K=V ... ARGV`` with every token shell-quoted."""
+    return f"{_remote_prefix(plan)} {shlex.join(argv)}"
+
+
+def _remote_prefix(plan: Plan) -> str:
     assignments = [f"{k}={v}" for k, v in plan.exports.items()]
-    run = ["env", *assignments, *argv] if assignments else argv
-    return f"cd {shlex.quote(plan.cwd)} && exec {shlex.join(run)}"
+    run = shlex.join(["env", *assignments]) if assignments else ""
+    return f"cd {shlex.quote(plan.cwd)} && exec {run}".rstrip()
 
 
 def _launcher_args(plan: Plan) -> list[str]:
@@ -122,47 +147,104 @@ def _launcher_args(plan: Plan) -> list[str]:
         ) from None
 
 
-def ssh_commands(plan: Plan) -> list[Command]:
-    """One ``ssh HOST 'cd ... && exec ... agent --node_rank i'`` per node.
+def _too_big(plan: Plan, what: str, size: int) -> LaunchError:
+    exports = sorted(plan.exports.items(), key=lambda kv: len(kv[0]) + len(kv[1]))
+    largest = f"; the largest exported variable is {exports[-1][0]}" if exports else ""
+    return LaunchError(
+        f"{what} is {size:,} bytes, over the {_REMOTE_COMMAND_MAX:,}-byte budget of one remote "
+        f"command (Linux takes at most {ARG_STRLEN_MAX:,} bytes in one argument); the "
+        f"{len(plan.exports)} exported variable(s) take "
+        f"{sum(len(k) + len(v) + 1 for k, v in plan.exports.items()):,} bytes{largest}. "
+        "Export less (env file, NCCL*/PYTHON*/UCX* variables) or pass large data in a file"
+    )
 
-    The agent watches stdin: when the ssh connection closes (the runner stopped or
-    died) it stops its workers.
+
+def ssh_commands(plan: Plan) -> list[Command]:
+    """One ``ssh HOST 'cd ... && exec ... agent --nodes THIS_NODE'`` per node.
+
+    Each node's command carries only that node's assignment, so building them is
+    linear in the number of nodes and each stays small. The agent watches stdin:
+    when the ssh connection closes (the runner stopped or died) it stops its workers.
     """
     extra = _launcher_args(plan)
+    head, tail = _agent_parts(plan, watch_stdin=True, job_id=None)
+    prefix = f"{_remote_prefix(plan)} {shlex.join(head)}"
+    suffix = shlex.join(tail)
     commands = []
     for rank, node in enumerate(plan.world.nodes):
-        remote = remote_shell_command(plan, agent_argv(plan, node_rank=rank, watch_stdin=True))
+        table = encode_node_table([plan.world.assignment(rank)])
+        remote = f"{prefix} {shlex.quote('--nodes=' + table)} {suffix}"
+        if len(remote.encode()) > _REMOTE_COMMAND_MAX:
+            raise _too_big(plan, f"the ssh command of node {rank} ({node.host})", len(remote))
         argv = ["ssh", "-o", "BatchMode=yes", *extra, node.host, remote]
         commands.append(Command(f"node {rank} ({node.host})", argv))
     return commands
 
 
 def _pdsh_base(plan: Plan) -> tuple[list[str], dict[str, str]]:
+    """``pdsh`` options up to (not including) ``-w HOSTS``, and its environment."""
     # Respect a user's PDSH_RCMD_TYPE (DeepSpeed overwrote it, #4370).
     env = {} if "PDSH_RCMD_TYPE" in os.environ else {"PDSH_RCMD_TYPE": "ssh"}
-    hosts = ",".join(plan.world.hosts)
-    return ["pdsh", "-S", "-f", _PDSH_FANOUT, "-w", hosts, *_launcher_args(plan)], env
+    return ["pdsh", "-S", "-f", _PDSH_FANOUT], env
 
 
-def pdsh_command(plan: Plan) -> Command:
-    """One ``pdsh -S -w HOSTS '...agent --node_host %h'`` for all nodes.
+def _pdsh_batches(plan: Plan, budget: int) -> list[range]:
+    """Split the nodes into runs whose host table fits ``budget`` bytes (linear)."""
+    batches, start, used, last = [], 0, 0, None
+    for rank, node in enumerate(plan.world.nodes):
+        cost = 2 * len(json.dumps(node.host)) + 2  # in the table and in -w; '%' doubled
+        if (node.slots, node.devices) != last:
+            cost += 2 * len(json.dumps([node.slots, node.devices])) + 64  # a new group
+        if used + cost > budget and rank > start:
+            batches.append(range(start, rank))
+            start, used = rank, 0
+            cost += 2 * len(json.dumps([node.slots, node.devices])) + 64
+        used += cost
+        last = (node.slots, node.devices)
+    batches.append(range(start, len(plan.world.nodes)))
+    return batches
 
-    pdsh expands ``%h``/``%n``/``%u`` in the command, so every ``%`` of ours is
-    doubled; each node finds its rank by looking its ``%h`` name up in the world.
+
+def pdsh_commands(plan: Plan) -> list[Command]:
+    """``pdsh -S -w HOSTS '...agent --nodes TABLE --node_host %h'``, one per batch of nodes.
+
+    pdsh runs one command on many hosts, so the command holds a table of its hosts'
+    assignments and each node finds its own by its ``%h`` name. Large jobs are split
+    into batches (one pdsh each) so every command stays under Linux's per-argument
+    limit. pdsh expands ``%h``/``%n``/``%u`` in the command, so every ``%`` of ours
+    is doubled.
     """
     base, env = _pdsh_base(plan)
-    argv = agent_argv(plan, node_host=_HOST_PLACEHOLDER, job_id=plan.job_id)
-    remote = remote_shell_command(plan, argv).replace("%", "%%")
-    remote = remote.replace(_HOST_PLACEHOLDER, "%h")
-    return Command(f"pdsh ({len(plan.world.nodes)} nodes)", [*base, remote], env)
+    extra = _launcher_args(plan)
+    head, tail = _agent_parts(plan, watch_stdin=False, job_id=plan.job_id)
+    prefix = f"{_remote_prefix(plan)} {shlex.join(head)}".replace("%", "%%")
+    suffix = f"--node_host={_HOST_PLACEHOLDER} {shlex.join(tail)}".replace("%", "%%")
+    suffix = suffix.replace(_HOST_PLACEHOLDER, "%h")
+    fixed = len(prefix.encode()) + len(suffix.encode()) + 16
+    if fixed > _REMOTE_COMMAND_MAX // 2:
+        raise _too_big(plan, "the pdsh command without its host table", fixed)
+    commands = []
+    for batch in _pdsh_batches(plan, _REMOTE_COMMAND_MAX - fixed):
+        table = encode_node_table(plan.world.assignment(rank) for rank in batch)
+        remote = f"{prefix} {shlex.quote('--nodes=' + table).replace('%', '%%')} {suffix}"
+        if len(remote.encode()) > ARG_STRLEN_MAX - 1:
+            raise _too_big(plan, f"the pdsh command of nodes {batch.start}-{batch.stop - 1}", len(remote))
+        hosts = ",".join(plan.world.hosts[batch.start : batch.stop])
+        label = f"pdsh (nodes {batch.start}-{batch.stop - 1})"
+        commands.append(Command(label, [*base, "-w", hosts, *extra, remote], env))
+    return commands
 
 
-def pdsh_stop_command(plan: Plan) -> Command:
-    """``pdsh`` command that sends SIGTERM to this job's agents on every node."""
+def pdsh_stop_commands(plan: Plan) -> list[Command]:
+    """``pdsh`` commands that send SIGTERM to this job's agents (same batches of hosts)."""
     base, env = _pdsh_base(plan)
     pid_glob = f"/tmp/funczero-{plan.job_id}-node*.pid"
     script = f'for f in {pid_glob}; do kill -TERM "$(cat "$f")"; done 2>/dev/null; true'
-    return Command("pdsh stop", [*base, script], env)
+    stops = []
+    for command in pdsh_commands(plan):
+        hosts = command.argv[command.argv.index("-w") + 1]
+        stops.append(Command("pdsh stop", [*base, "-w", hosts, *_launcher_args(plan), script], env))
+    return stops
 
 
 def _ranks_per_node(plan: Plan, launcher: str, ragged_ok: bool) -> list[int]:

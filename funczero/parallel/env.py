@@ -33,6 +33,9 @@ __all__ = ["Topology", "detect", "init_distributed", "shutdown"]
 # leaves alone a group the user created or re-created themselves.
 _owned_group: object | None = None
 _exit_hook_registered = False
+# Set when the main thread dies of an exception: then the exit hook leaves the group alone, because
+# destroying it waits for this rank's pending collectives, which peers may never join.
+_unhandled_exception = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,15 +137,25 @@ def _adopt_default_group() -> None:
     if not _exit_hook_registered:
         # Registered after torch's import, so it runs before torch's own exit handlers.
         atexit.register(_shutdown_at_exit)
+        previous_hook = sys.excepthook
+
+        def note_unhandled_exception(*args: object) -> None:
+            global _unhandled_exception
+            _unhandled_exception = True
+            previous_hook(*args)  # type: ignore[arg-type]
+
+        sys.excepthook = note_unhandled_exception
         _exit_hook_registered = True
 
 
 def shutdown() -> None:
     """Destroy the default process group if :func:`init_distributed` created it.
 
-    Runs by itself at interpreter exit; call it to tear the group down earlier. Idempotent, and a
-    no-op in a single process, after ``torch.distributed.destroy_process_group()``, or for a group
-    initialised by other code. It waits for no other rank: each process tears down its own part.
+    Runs by itself at interpreter exit, except after an unhandled exception (the rank fails anyway,
+    and tearing down would wait for its unfinished collectives, which other ranks may never join);
+    call it to tear the group down earlier. Idempotent, and a no-op in a single process, after
+    ``torch.distributed.destroy_process_group()``, or for a group initialised by other code. It
+    waits for no other rank, only for this rank's own pending collectives.
 
     Example:
         >>> from funczero.parallel import env
@@ -159,6 +172,8 @@ def shutdown() -> None:
 
 
 def _shutdown_at_exit() -> None:
+    if _unhandled_exception:
+        return
     try:
         shutdown()
     except Exception as exc:  # noqa: BLE001 - at exit, a one-line warning beats a traceback
