@@ -17,14 +17,28 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModuleSpec", "apply_module", "extract_tensors", "module_spec", "release_module_tensors"]
+__all__ = [
+    "ModuleBinding",
+    "ModuleSpec",
+    "Slots",
+    "apply_module",
+    "extract_tensors",
+    "module_spec",
+    "release_module_tensors",
+    "tensor_slots",
+]
+
+Slots = tuple[tuple[nn.Module, str, str], ...]
+"""``(submodule, attribute, key)``: where each tensor of a module sits, and its key (canonical
+parameter name, or buffer FQN)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +151,72 @@ def apply_module(
     tensors.update(new_buffers)
     out = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
     return out, new_buffers
+
+
+def tensor_slots(module: nn.Module, spec: ModuleSpec) -> tuple[Slots, Slots]:
+    """``(parameter slots, buffer slots)`` of ``module``: every alias of every tensor.
+
+    A tied parameter has one slot per alias, all keyed by its canonical name.
+    """
+    params = tuple(
+        (module.get_submodule(path), attr, canonical)
+        for alias, canonical in spec.aliases.items()
+        for path, _, attr in [alias.rpartition(".")]
+    )
+    buffers = tuple(
+        (module.get_submodule(path), attr, name)
+        for name in spec.buffers
+        for path, _, attr in [name.rpartition(".")]
+    )
+    return params, buffers
+
+
+class ModuleBinding:
+    """Point a module's parameters and buffers at given tensors until the binding ends.
+
+    Unlike ``torch.func.functional_call``, whose binding ends when the call returns, a binding
+    spans forward *and* backward, so anything that runs the module again during backward
+    (activation checkpointing's recompute, including a Hugging Face model's own
+    ``gradient_checkpointing_enable()``) sees the same tensors. Keys missing from a
+    :meth:`bind` call keep what the module holds (``strict=False``).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> spec = module_spec(lin)
+        >>> with ModuleBinding(*tensor_slots(lin, spec)) as binding:
+        ...     binding.bind({"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, {})
+        ...     lin(torch.ones(1, 2))
+        tensor([[2.]], grad_fn=<AddmmBackward0>)
+    """
+
+    def __init__(self, param_slots: Slots, buffer_slots: Slots) -> None:
+        self.param_slots = param_slots
+        self.buffer_slots = buffer_slots
+        self._saved: list[tuple[dict[str, Any], str, Any]] = []
+
+    def __enter__(self) -> ModuleBinding:
+        self._saved = [(m._parameters, a, m._parameters[a]) for m, a, _ in self.param_slots]
+        self._saved += [(m._buffers, a, m._buffers[a]) for m, a, _ in self.buffer_slots]
+        return self
+
+    def bind(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
+        for mod, attr, key in self.param_slots:
+            if key in params:
+                mod._parameters[attr] = params[key]  # type: ignore[assignment]
+        for mod, attr, key in self.buffer_slots:
+            if key in buffers:
+                mod._buffers[attr] = buffers[key]
+
+    def __exit__(self, *exc: object) -> None:
+        for table, attr, old in self._saved:
+            table[attr] = old
+        self._saved = []
+
+
+@contextlib.contextmanager
+def swap_parameters(slots: Slots, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily point the parameters at ``slots`` to ``tensors`` (keyed by slot key)."""
+    with ModuleBinding(slots, ()) as binding:
+        binding.bind(tensors, {})
+        yield

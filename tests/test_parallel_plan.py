@@ -254,12 +254,6 @@ def _run_one_step(model: GPT, plan: ZeroPlan, batch: Any) -> torch.Tensor:
     return metrics["loss"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_plan accepts a module named twice in wrap: the plan holds two units of it, and "
-    "at stage 3 the step wraps its forward twice and fails deleting it twice (AttributeError: "
-    "'Block' object has no attribute 'forward')",
-)
 @pytest.mark.parametrize("stage", [1, 3])
 def test_a_module_named_twice_in_wrap_is_rejected_or_planned_once(
     tiny_model: Callable[..., GPT], tiny_batch: Callable[..., Any], stage: int
@@ -274,12 +268,6 @@ def test_a_module_named_twice_in_wrap_is_rejected_or_planned_once(
     assert torch.isfinite(_run_one_step(model, plan, tiny_batch()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_plan accepts the root '' in wrap: stages 0-2 plan the root unit twice, and "
-    "stage 3 fails with an unrelated AttributeError ('GPT has no attribute `te`': the alias "
-    "'wte.weight' is cut as if it were under a unit named '')",
-)
 @pytest.mark.parametrize("stage", [1, 3])
 def test_the_root_in_wrap_is_rejected_or_planned_once(
     tiny_model: Callable[..., GPT], tiny_batch: Callable[..., Any], stage: int

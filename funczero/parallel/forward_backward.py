@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funczero import tree
-from funczero.module import apply_module
+from funczero.module import ModuleBinding
 from funczero.parallel.overlap import PrefetchOrder, Prefetcher, ReduceQueue, Regather
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.units import StepContext, materialize_unit, wrap_unit_forward
@@ -82,31 +82,41 @@ def forward_backward(
             (:meth:`~funczero.parallel.stages.Stage.reduces_in_backward`).
         order: stage 3's prefetch order, learned by each forward for the next.
     """
-    out_buffers: dict[str, Tensors] = {}
-
-    def run(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        def model(*args: Any, **kwargs: Any) -> Any:
-            y, new = apply_module(plan.module, plan.spec, tensors, buffers, *args, **kwargs)
-            out_buffers["b"] = new
-            return y
-
-        return _loss_and_aux(loss_fn(model, batch))
-
     trainable = plan.trainable
     reduced = plan.policy.reduces_in_backward(
         single_micro_batch=single_micro_batch, world_size=plan.world_size
     )
     ctx = StepContext(params=params, queue=ReduceQueue())
+    binding = ModuleBinding(plan.param_slots, plan.buffer_slots)
+    out_buffers: dict[str, Tensors] = {}
+    tensors: dict[str, Mapping[str, torch.Tensor]] = {}
+
+    def model(*args: Any, **kwargs: Any) -> Any:
+        # Every call starts from the state's buffers: in-place updates (BatchNorm statistics)
+        # land on copies, which become the new buffers.
+        new = {k: v.clone() for k, v in buffers.items()}
+        binding.bind(tensors["params"], new)
+        out_buffers["b"] = new
+        return plan.module(*args, **kwargs)
+
+    def run(bound: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        tensors["params"] = bound
+        return _loss_and_aux(loss_fn(model, batch))
+
+    leaves = {n: (params if not reduced else master)[n].detach().requires_grad_() for n in trainable}
+    sharded = reduced and plan.policy.params_at_rest == "shard"
+    if sharded:
+        ctx.regather = Regather(ctx.gather)
+        ctx.prefetch = Prefetcher(order.planned(plan.blocks), ctx.gather_async)
     try:
-        with torch.enable_grad():
+        # The binding and the unit forwards span backward too: a recompute (activation
+        # checkpointing, ours or the model's own) runs the units again there.
+        with torch.enable_grad(), binding, _unit_forwards(plan, ctx if sharded else None, leaves):
             if not reduced:
-                leaves = {n: params[n].detach().requires_grad_() for n in trainable}
                 loss, aux = run({**params, **leaves})
-                inputs = list(leaves.values())
-            else:
-                anchors = {n: master[n].detach().requires_grad_() for n in trainable}
-                loss, aux = _run_units(plan, ctx, anchors, run, order)
-                inputs = [anchors[n] for n in trainable]
+            else:  # leaves are the fp32 anchors the unit boundaries reduce gradients into
+                loss, aux = _run_units(plan, ctx, leaves, run, order)
+            inputs = list(leaves.values())
             grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
     finally:
         # Every issued collective is waited (its buffers are held until then), even on error.
@@ -146,11 +156,11 @@ def _run_units(
         for su in (*plan.root_parts, *plan.blocks):
             tensors.update(materialize_unit(su, ctx, anchors))
         return run(tensors)
-    # Sharded parameters: each block gathers on use, one ahead, and again in backward.
-    ctx.regather = Regather(ctx.gather)
-    ctx.prefetch = Prefetcher(order.planned(plan.blocks), ctx.gather_async)
+    # Sharded parameters: each block gathers on use (see _unit_forwards), one ahead, and again
+    # in backward.
+    assert ctx.prefetch is not None and ctx.regather is not None
     ctx.prefetch.start(plan.root_parts)
-    with ctx.regather.hooks(), _gather_on_use(plan, ctx, anchors):
+    with ctx.regather.hooks():
         root: Tensors = {}
         for su in plan.root_parts:
             root.update(materialize_unit(su, ctx, anchors))
@@ -165,17 +175,22 @@ def _run_units(
 
 
 @contextlib.contextmanager
-def _gather_on_use(
-    plan: ZeroPlan, ctx: StepContext, anchors: Mapping[str, torch.Tensor]
+def _unit_forwards(
+    plan: ZeroPlan, ctx: StepContext | None, anchors: Mapping[str, torch.Tensor]
 ) -> Iterator[None]:
-    """Make each block module gather its parameters when called, for this step only."""
+    """For this step only, make unit modules gather their shards when called (``ctx`` given:
+    stage 3) and recompute their forward in backward (``plan.remat_units``)."""
+    gathered = {su.unit.name: su for su in plan.blocks} if ctx is not None else {}
     wrapped = []
     try:
-        for su in plan.blocks:
-            mod = plan.module.get_submodule(su.unit.name)
-            mod.forward = wrap_unit_forward(  # type: ignore[method-assign]
-                mod, plan.slots[su.unit.name], su, ctx, anchors, remat=plan.remat
-            )
+        for name in plan.wrapped:
+            su = gathered.get(name)
+            remat = name in plan.remat_units
+            if su is None and not remat:
+                continue
+            mod = plan.module.get_submodule(name)
+            gather = (su, ctx, anchors, plan.slots[name]) if su is not None and ctx is not None else None
+            mod.forward = wrap_unit_forward(mod, gather=gather, remat=remat)  # type: ignore[method-assign]
             wrapped.append(mod)
         yield
     finally:

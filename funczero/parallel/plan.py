@@ -24,14 +24,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from funczero.module import ModuleSpec, module_spec
+from funczero.module import ModuleSpec, Slots, module_spec, tensor_slots
 from funczero.parallel.collectives import all_reduce_sum
 from funczero.parallel.precision import Precision
 from funczero.parallel.sharding import ShardSpec, Unit
 from funczero.parallel.stages import STAGES, Stage
-from funczero.parallel.units import Slots, StepUnit
+from funczero.parallel.units import StepUnit
 
-__all__ = ["ZeroPlan", "build_plan", "default_wrap_policy"]
+__all__ = ["Remat", "ZeroPlan", "build_plan", "default_wrap_policy"]
+
+Remat = bool | int | Sequence[str] | Callable[[str], bool]
+"""Which units recompute their forward in backward: all, every k-th, by name, or a predicate."""
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ZeroPlan:
@@ -59,8 +62,11 @@ class ZeroPlan:
         persistent_units: the boundary of the persistent unit (stage 3), or none.
         use_all_reduce: reduce gradients with all-reduce plus slice (``reduce_scatter: false``).
         bucket_numel: stage 0 all-reduce bucket size in elements (``reduce_bucket_size``).
-        remat: stage 3: recompute each unit's forward in backward instead of saving its
-            activations (activation checkpointing per unit).
+        wrapped: the wrapped unit modules' FQNs (transformer blocks), in model order.
+        remat_units: wrapped units whose forward is recomputed in backward instead of keeping
+            its activations (activation checkpointing per unit, any stage).
+        param_slots, buffer_slots: where every parameter alias and buffer sits in the module
+            (for binding the step's tensors to it).
         buffer_sync: how buffers (BatchNorm statistics) agree across ranks after a step:
             ``"mean"`` (all-reduce average of floating buffers) or ``"none"``.
     """
@@ -81,9 +87,12 @@ class ZeroPlan:
     root_parts: tuple[StepUnit, ...]
     blocks: tuple[StepUnit, ...]
     persistent_units: tuple[StepUnit, ...]
+    wrapped: tuple[str, ...] = ()
+    remat_units: frozenset[str] = frozenset()
+    param_slots: Slots = ()
+    buffer_slots: Slots = ()
     use_all_reduce: bool = False
     bucket_numel: int = 500_000_000
-    remat: bool = False
     buffer_sync: str = "mean"
 
     @property
@@ -144,7 +153,7 @@ def build_plan(
     param_persistence_threshold: int = 0,
     reduce_scatter: bool = True,
     reduce_bucket_size: int = 500_000_000,
-    remat: bool = False,
+    remat: Remat = False,
     buffer_sync: str = "mean",
 ) -> ZeroPlan:
     """Plan ZeRO ``stage`` for ``module`` on the current process group.
@@ -159,11 +168,15 @@ def build_plan(
         param_persistence_threshold: stage 3 keeps parameters with fewer elements replicated.
         reduce_scatter: False reduces with all-reduce plus slice.
         reduce_bucket_size: stage 0 all-reduce bucket size (elements).
-        remat: stage 3: recompute unit forwards in backward (activation checkpointing).
+        remat: activation checkpointing per unit, at any stage: ``True`` (every unit), an int
+            ``k`` (every k-th unit: the 1st, the (k+1)-th, ...), unit names, or a predicate on a
+            unit's name. A recomputed unit keeps only its inputs for backward and runs its
+            forward again there; gradients are bit-identical.
         buffer_sync: ``"mean"`` or ``"none"``.
     """
-    if stage not in (0, 1, 2, 3):
+    if stage not in STAGES:
         raise ValueError(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    policy = STAGES[stage]
     if buffer_sync not in ("mean", "none"):
         raise ValueError(f"buffer_sync={buffer_sync!r} must be 'mean' or 'none'")
     precision = Precision.from_name(precision) if isinstance(precision, str) else precision
@@ -180,15 +193,13 @@ def build_plan(
     specs = {n: ShardSpec(n, spec.shapes[n], world_size) for n in spec.params}
     unit_names = list(wrap(module) if callable(wrap) else (wrap or default_wrap_policy(module)))
     known = dict(module.named_modules())
-    for u in unit_names:
-        if u not in known:
-            raise ValueError(f"wrap: {u!r} is not a submodule of the model; known: {sorted(known)[:8]}...")
+    _check_wrap(unit_names, known)
     order = [""] + unit_names
     owners = {alias: _owner(alias, unit_names) for alias in spec.aliases}
 
     persistent: Unit | None = None
     slots: dict[str, Slots] = {}
-    if stage == 3:
+    if policy.params_at_rest == "shard":
         kept = [n for n in spec.params if specs[n].numel < param_persistence_threshold]
         if kept:
             persistent = Unit("<persistent>", tuple(kept), tuple(specs[n] for n in kept))
@@ -212,8 +223,8 @@ def build_plan(
     units = tuple(
         Unit(u, tuple(members[u]), tuple(specs[n] for n in members[u])) for u in order if members[u]
     )
-    policy = STAGES[stage]
     trainable = spec.trainable
+    param_slots, buffer_slots = tensor_slots(module, spec)
     grad_units = tuple(gu for gu in (u.restrict(trainable) for u in units) if gu.params)
     persistent_grad_unit = persistent.restrict(trainable) if persistent is not None else None
     boundaries = _boundaries(
@@ -243,11 +254,50 @@ def build_plan(
         root_parts=boundaries[0],
         blocks=boundaries[1],
         persistent_units=boundaries[2],
+        wrapped=tuple(unit_names),
+        remat_units=_remat_units(remat, unit_names),
+        param_slots=param_slots,
+        buffer_slots=buffer_slots,
         use_all_reduce=not reduce_scatter,
         bucket_numel=int(reduce_bucket_size),
-        remat=remat,
         buffer_sync=buffer_sync,
     )
+
+
+def _check_wrap(unit_names: Sequence[str], known: Mapping[str, nn.Module]) -> None:
+    """Each wrapped module exists, is named once, and is not the root (always a unit)."""
+    seen: set[str] = set()
+    for u in unit_names:
+        if u == "":
+            raise ValueError(
+                "wrap: '' is the root module, which is always a unit of its own; "
+                "list only submodules (e.g. transformer blocks)"
+            )
+        if u not in known:
+            raise ValueError(f"wrap: {u!r} is not a submodule of the model; known: {sorted(known)[:8]}...")
+        if u in seen:
+            raise ValueError(f"wrap: {u!r} is named more than once; name each unit module once")
+        seen.add(u)
+
+
+def _remat_units(remat: Remat, units: Sequence[str]) -> frozenset[str]:
+    """The unit names ``remat`` selects (see :func:`build_plan`)."""
+    if isinstance(remat, bool):
+        return frozenset(units) if remat else frozenset()
+    if isinstance(remat, int):
+        if remat < 1:
+            raise ValueError(f"remat={remat} must be True/False, a unit interval >= 1, names or a predicate")
+        return frozenset(u for i, u in enumerate(units) if i % remat == 0)
+    if callable(remat):
+        return frozenset(u for u in units if remat(u))
+    names = frozenset(remat)
+    unknown = sorted(names - set(units))
+    if unknown:
+        raise ValueError(
+            f"remat: {unknown} are not units of the model; units are the wrapped modules "
+            f"{list(units)[:8]}... (change `wrap` to make other modules units)"
+        )
+    return names
 
 
 def _boundaries(

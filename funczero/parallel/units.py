@@ -30,14 +30,14 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from funczero.module import Slots, swap_parameters
 from funczero.parallel.collectives import (
     Pending,
     all_gather_unit_async,
@@ -47,18 +47,9 @@ from funczero.parallel.collectives import (
 from funczero.parallel.overlap import Prefetcher, ReduceQueue, Regather
 from funczero.parallel.sharding import Unit
 
-__all__ = [
-    "Slots",
-    "StepContext",
-    "StepUnit",
-    "materialize_unit",
-    "swap_parameters",
-    "wrap_unit_forward",
-]
+__all__ = ["StepContext", "StepUnit", "materialize_unit", "wrap_unit_forward"]
 
 Reduction = Literal["all_reduce", "reduce_scatter"]
-Slots = tuple[tuple[nn.Module, str, str], ...]
-"""``(submodule, attribute, canonical name)`` for each use of a unit's sharded parameters."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -208,37 +199,29 @@ def materialize_unit(
     return full
 
 
-@contextlib.contextmanager
-def swap_parameters(slots: Slots, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily point module attributes at ``tensors``.
-
-    Args:
-        slots: ``(submodule, attribute, canonical name)`` for each parameter use to replace.
-        tensors: canonical name -> tensor.
-    """
-    saved = [(mod, attr, mod._parameters[attr]) for mod, attr, _ in slots]
-    try:
-        for mod, attr, name in slots:
-            mod._parameters[attr] = tensors[name]  # type: ignore[assignment]
-        yield
-    finally:
-        for mod, attr, old in saved:
-            mod._parameters[attr] = old
-
-
 def wrap_unit_forward(
     module: nn.Module,
-    slots: Slots,
-    su: StepUnit,
-    ctx: StepContext,
-    anchors: Mapping[str, torch.Tensor],
     *,
+    gather: tuple[StepUnit, StepContext, Mapping[str, torch.Tensor], Slots] | None,
     remat: bool,
 ) -> Callable[..., Any]:
-    """Build a forward for a stage-3 unit module: gather, run, free (optionally recompute)."""
+    """A unit module's forward for one step: gather its shards on use, and/or recompute it.
+
+    Args:
+        module: the unit's module.
+        gather: stage 3: ``(step unit, step context, anchors, slots)``: materialise the unit's
+            parameters through its boundary, point the ``slots`` at them while it runs, and
+            forget them after (the backward gathers them again). None: run on what is bound.
+        remat: recompute the forward in backward instead of keeping its activations
+            (non-reentrant ``torch.utils.checkpoint``; the RNG state is replayed, so gradients
+            are bit-identical). The recompute runs inside the step's module binding, so
+            parameters passed to the step are still in place.
+    """
     inner = type(module).forward.__get__(module)
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        assert gather is not None
+        su, ctx, anchors, slots = gather
         full = materialize_unit(su, ctx, anchors)
         try:
             with swap_parameters(slots, full):
@@ -247,10 +230,11 @@ def wrap_unit_forward(
             if ctx.regather is not None:
                 ctx.regather.unregister(full)
 
+    body = run if gather is not None else inner
     if not remat:
-        return run
+        return body
 
     def run_checkpointed(*args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(body, *args, use_reentrant=False, **kwargs)
 
     return run_checkpointed
