@@ -182,16 +182,11 @@ def test_logger_from_config_with_a_real_train_step(tmp_path: Path) -> None:
               "fp16": {"enabled": True, "initial_scale_power": 4},
               "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
                               "job_name": "job"}}
-    run = funczero.initialize(torch.nn.Linear(3, 1), {k: v for k, v in config.items()
-                                                      if k != "csv_monitor"},
-                              lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
-    cfg = funczero.Config.load({k: v for k, v in config.items() if k != "csv_monitor"})
-    from funczero.monitors.settings import MonitorSettings
-
+    run = funczero.initialize(torch.nn.Linear(3, 1), config,
+                              lambda m, b: ((m(b[0].half()).float() - b[1]) ** 2).mean())
     state = run.state
     batch = (torch.ones(4, 3), torch.zeros(4, 1))
-    with MetricsLogger.from_config(cfg, tmp_path, monitors=MonitorSettings.from_deepspeed(config),
-                                   echo=False, rank=0) as logger:
+    with MetricsLogger.from_config(run.config, tmp_path, echo=False, rank=0) as logger:
         assert logger.log_every == 2 and logger.samples_per_step == 4
         for _ in range(4):
             state, metrics = run.train_step(state, batch)

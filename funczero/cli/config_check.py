@@ -8,6 +8,7 @@ default, defaults that differ). ``--all`` lists every key, not only those given 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -44,8 +45,6 @@ def _show(v: Any) -> str:
 
 
 def _monitor_values(settings: Any) -> dict[str, Any]:
-    import dataclasses
-
     from funczero.monitors.settings import BLOCKS
 
     out = {f"{b}.{f.name}": getattr(getattr(settings, b), f.name)
@@ -80,7 +79,7 @@ def check_config(
             raw = read_source(source)
         except ConfigError as e:
             return [], list(e.problems), [str(w.message) for w in caught]
-        wired = hasattr(Config, "monitors")  # the config parses the monitor blocks itself
+        wired = "monitors" in {f.name for f in dataclasses.fields(Config)}  # parses them itself
         try:
             wcb = raw.get("wall_clock_breakdown")
             if not wired:

@@ -22,7 +22,15 @@ from funczero.config.checks import (
     optional,
     string,
 )
+from funczero.config.checks import _BAD, Check
 from funczero.config.schema import Auto, Key, Status
+from funczero.monitors.settings import (
+    CometSettings,
+    CSVSettings,
+    FlopsProfilerSettings,
+    TensorBoardSettings,
+    WandbSettings,
+)
 
 __all__ = [
     "MAX_BATCH",
@@ -156,6 +164,14 @@ TOP: dict[str, Key] = {
     ),
     "data_types": Key(mapping(), {}, "dtype overrides (see data_types.*)"),
     "funczero": Key(mapping(), {}, "funczero-only settings (DeepSpeed ignores this block)"),
+    # DeepSpeed's monitors (funczero.monitors; the keys are in the tables below).
+    "tensorboard": Key(mapping(), {}, "TensorBoard event files (docs/monitoring.md)"),
+    "wandb": Key(mapping(), {}, "Weights & Biases logging (docs/monitoring.md)"),
+    "csv_monitor": Key(mapping(), {}, "one CSV file per event (docs/monitoring.md)"),
+    "comet": Key(mapping(), {}, "Comet logging (docs/monitoring.md)"),
+    "flops_profiler": Key(
+        mapping(), {}, "FLOPs per step and MFU from a FLOPs-per-token count (docs/monitoring.md)"
+    ),
     # Foreign feature blocks: present in many DeepSpeed configs, usually switched off.
     **{
         name: Key(
@@ -165,11 +181,6 @@ TOP: dict[str, Key] = {
         for name, what in {
             "amp": "Apex AMP (use the fp16 or bf16 block)",
             "torch_autocast": "torch.autocast mixed precision (use the fp16 or bf16 block)",
-            "flops_profiler": "the DeepSpeed FLOPs profiler",
-            "tensorboard": "DeepSpeed's TensorBoard monitor",
-            "wandb": "DeepSpeed's Weights & Biases monitor",
-            "csv_monitor": "DeepSpeed's CSV monitor",
-            "comet": "DeepSpeed's Comet monitor",
             "comms_logger": "DeepSpeed's communication logger",
             "elasticity": "DeepSpeed elastic batch sizing",
             "autotuning": "the DeepSpeed autotuner",
@@ -456,6 +467,54 @@ SCHEDULER_BLOCK: dict[str, Key] = {
     ),
 }
 
+def _monitor(cls: type, docs: Mapping[str, str], checks: Mapping[str, Check]) -> dict[str, Key]:
+    """A monitor block's table; the defaults are those of its funczero.monitors.settings class."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return _ds_block({name: Key(checks[name], defaults[name], docs[name]) for name in defaults})
+
+
+_OUT = {
+    "enabled": "write the events (MetricsLogger, rank 0)",
+    "output_path": "directory the job directory goes in; \"\": the working directory",
+    "job_name": "the job directory: files go to output_path/job_name",
+}
+_ANY_STRING = Check("a string", lambda v: v if isinstance(v, str) else _BAD)  # "" is meaningful
+_OUT_CHECKS = {"enabled": boolean(), "output_path": _ANY_STRING, "job_name": string()}
+TENSORBOARD = _monitor(TensorBoardSettings, _OUT, _OUT_CHECKS)
+CSV_MONITOR = _monitor(CSVSettings, _OUT, _OUT_CHECKS)
+WANDB = _monitor(WandbSettings, {
+    "enabled": "log the events to W&B (MetricsLogger, rank 0)",
+    "group": "W&B group of the run",
+    "team": "W&B entity (team or user)",
+    "project": "W&B project",
+}, {"enabled": boolean(), "group": optional(string()), "team": optional(string()),
+    "project": string()})
+COMET = _monitor(CometSettings, {
+    "enabled": "log the events to Comet (MetricsLogger, rank 0)",
+    "samples_log_interval": "send each event at most once per this many samples",
+    "project": "Comet project (or COMET_PROJECT_NAME)",
+    "workspace": "Comet workspace (or COMET_WORKSPACE)",
+    "api_key": "Comet API key (or COMET_API_KEY)",
+    "experiment_name": "name of the experiment",
+    "experiment_key": "key of an existing experiment to continue",
+    "online": "false: log to an offline experiment",
+    "mode": "comet_ml.start mode: get, create or get_or_create",
+}, {"enabled": boolean(), "samples_log_interval": integer(ge=1), "project": optional(string()),
+    "workspace": optional(string()), "api_key": optional(string()),
+    "experiment_name": optional(string()), "experiment_key": optional(string()),
+    "online": optional(boolean()), "mode": optional(string())})
+FLOPS_PROFILER = _monitor(FlopsProfilerSettings, {
+    "enabled": "report FLOPs per step and MFU (needs MetricsLogger(flops_per_token=...))",
+    "recompute_fwd_factor": "share of the forward FLOPs recomputed in backward (checkpointing)",
+    "profile_step": "report at the first log step at or after this step",
+    "module_depth": "depth of the per-module table of FlopsCount.table (-1: all)",
+    "top_modules": "modules per depth in that table",
+    "detailed": "accepted for DeepSpeed compatibility; the report has one form",
+    "output_file": "also write the report to this file",
+}, {"enabled": boolean(), "recompute_fwd_factor": number(ge=0), "profile_step": integer(ge=1),
+    "module_depth": integer(ge=-1), "top_modules": integer(ge=1), "detailed": boolean(),
+    "output_file": optional(string())})
+
 SECTIONS: dict[str, dict[str, Key]] = {
     "": TOP,
     "optimizer": OPTIMIZER_BLOCK,
@@ -467,6 +526,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "zero_optimization.offload_optimizer": OFFLOAD_OPTIMIZER,
     "data_types": DATA_TYPES,
     "funczero": FUNCZERO,
+    "tensorboard": TENSORBOARD,
+    "wandb": WANDB,
+    "csv_monitor": CSV_MONITOR,
+    "comet": COMET,
+    "flops_profiler": FLOPS_PROFILER,
 }
 
 # --- optimizer params ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from funczero.config.keys import (
     FP16,
     FUNCZERO,
     KEY_HOMES,
+    SECTIONS,
     TOP,
     UNSUPPORTED_FEATURES,
 )
@@ -32,6 +33,8 @@ from funczero.config.optimizer import (
 from funczero.config.schema import AUTO, parse_block
 from funczero.config.sections import BF16Config, FP16Config, FunczeroConfig, ZeroConfig, parse_zero
 from funczero.config.source import read_source, world_size_from
+from funczero.monitors.settings import BLOCKS as MONITOR_BLOCKS
+from funczero.monitors.settings import MonitorSettings
 
 __all__ = ["Config"]
 
@@ -90,6 +93,7 @@ class Config:
     zero_allow_untested_optimizer: bool
     dataloader_drop_last: bool
     funczero: FunczeroConfig
+    monitors: MonitorSettings
     raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -163,6 +167,8 @@ class Config:
         out["zero_optimization"] = dataclasses.asdict(self.zero)
         out.update({name: getattr(self, name) for name in _TOP_SCALARS})
         out["funczero"] = dataclasses.asdict(self.funczero)
+        for block in MONITOR_BLOCKS:
+            out[block] = dataclasses.asdict(getattr(self.monitors, block))
         return out
 
 
@@ -215,6 +221,10 @@ def _resolve(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
         "bf16": pick(BF16Config, blocks["bf16"]),
         "zero": pick(ZeroConfig, blocks["zero"]),
         "funczero": pick(FunczeroConfig, blocks["funczero"]),
+        "monitors": MonitorSettings(
+            **{b: pick(MONITOR_BLOCKS[b], blocks[b]) for b in MONITOR_BLOCKS},
+            wall_clock_breakdown=top["wall_clock_breakdown"],
+        ),
         "raw": raw,
         **{name: top[name] for name in _TOP_SCALARS},
     }
@@ -232,6 +242,7 @@ def _parse_blocks(raw: dict[str, Any], top: dict[str, Any], errors: list[str]) -
     zero = parse_zero(top["zero_optimization"], top["allgather_size"], errors)
     parse_block(top["data_types"], "data_types", DATA_TYPES, errors, KEY_HOMES)
     fz = parse_block(top["funczero"], "funczero", FUNCZERO, errors, KEY_HOMES)
+    monitors = {b: parse_block(top[b], b, SECTIONS[b], errors, KEY_HOMES) for b in MONITOR_BLOCKS}
     optimizer = None if top["optimizer"] is None else parse_optimizer(top["optimizer"], errors)
     scheduler = None
     if top["scheduler"] is not None:
@@ -250,4 +261,4 @@ def _parse_blocks(raw: dict[str, Any], top: dict[str, Any], errors: list[str]) -
             f"{fp16['min_loss_scale']:g}; raise initial_scale_power or lower min_loss_scale"
         )
     return {"fp16": fp16, "bf16": bf16, "zero": zero, "funczero": fz,
-            "optimizer": optimizer, "scheduler": scheduler}
+            "optimizer": optimizer, "scheduler": scheduler, **monitors}

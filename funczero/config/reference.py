@@ -34,6 +34,11 @@ _TITLES = {
     "zero_optimization.offload_optimizer": "`zero_optimization.offload_optimizer`",
     "data_types": "`data_types`",
     "funczero": "`funczero` (funczero only)",
+    "tensorboard": "`tensorboard` (docs/monitoring.md)",
+    "wandb": "`wandb` (docs/monitoring.md)",
+    "csv_monitor": "`csv_monitor` (docs/monitoring.md)",
+    "comet": "`comet` (docs/monitoring.md)",
+    "flops_profiler": "`flops_profiler` (docs/monitoring.md)",
 }
 _AUTO = {
     Auto.NO: "no",
