@@ -304,7 +304,9 @@ def lion(
     lr, wd = _lr_and_decay("lion", learning_rate, weight_decay)
     b1, b2 = _betas("lion", b1, b2, closed=True)
     decays = decay_mask("lion", mask, shapes)
-    tx = chain(scale_by_lion(b1, b2), add_decayed_weights(wd, mask=decays), scale_by_learning_rate(lr))
+    tx = chain(
+        scale_by_lion(b1, b2), add_decayed_weights(wd, mask=decays), scale_by_learning_rate(lr)
+    )
     update_ = lion_update_(tx, learning_rate=lr, b1=b1, b2=b2, weight_decay=wd, mask=decays)
     return _optimizer(tx, lr, update_)
 

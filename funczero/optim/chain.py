@@ -149,7 +149,7 @@ def _transform_reason(tx: Any, where: str) -> str:
     """Why ``tx`` (at ``where``) has no ``transform_``."""
     members: Sequence[Any] = getattr(tx, "members", ())
     if members:
-        return _transform_chain_reason(members, where + "member ")
+        return _transform_chain_reason(members, where + ", member ")
     if supports_in_place(tx):
         return (
             f"{where} ({_name(tx)}) steps the parameters itself (update_), so it must be the "

@@ -94,7 +94,9 @@ def clip_coefficient(grad_norm: Tensor, max_norm: float) -> Tensor:
         tensor(1.)
     """
     if not max_norm > 0:
-        raise ValueError(f"clip_coefficient: max_norm={max_norm!r} must be > 0 (0 disables clipping)")
+        raise ValueError(
+            f"clip_coefficient: max_norm={max_norm!r} must be > 0 (0 disables clipping)"
+        )
     return torch.clamp(max_norm / (grad_norm + CLIP_NORM_EPS), max=1.0)
 
 

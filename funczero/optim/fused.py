@@ -5,7 +5,8 @@ costs page faults and is 3-4x slower than ``torch._fused_adamw_`` mutating buffe
 ``docs/optimizers.md``). ``Optimizer.update_`` takes the parameters and state as *donated*: it
 mutates them and returns the new state (same moment tensors, new ``count``).
 
-Dispatch, per alias:
+Every alias's ``update_`` is one mechanism, :func:`in_place_step`, given the alias's
+:class:`InPlaceRecipe` (its moments, its kernel and how to call it, its foreach step). Dispatch:
 
 * Adam/AdamW/SGD/Adagrad use ``torch._fused_adam_`` / ``_fused_adamw_`` / ``_fused_sgd_`` /
   ``_fused_adagrad_`` when the op exists in this torch, the device type supports it, every tensor
@@ -22,6 +23,9 @@ Dispatch, per alias:
 and leave everything untouched; the fallback selects old values with ``torch.where``; ``count``
 advances by ``found_inf == 0``. Note the fused kernels never advance their ``state_steps`` tensor:
 we pass a fresh ``count + 1`` and manage ``count`` ourselves.
+
+A weight-decay mask splits each kernel call in two groups (decay, no decay): the kernels take one
+``weight_decay`` per call, as torch.optim does per parameter group.
 """
 
 from __future__ import annotations
@@ -233,6 +237,29 @@ def _adam_moments(state: OptState) -> list[Params]:
     return [adam.mu, adam.nu]
 
 
+def _adam_foreach(
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    mask: DecayMask | None,
+    **lamb: Any,
+) -> ForeachStep:
+    """The foreach step of Adam, AdamW and (with ``lamb``'s trust-ratio arguments) LAMB."""
+
+    def step(grads: Updates, params: Params, state: OptState, reduce_fn: ReduceFn | None) -> None:
+        # Looked up at call time (not bound at import) so tests can observe the foreach path.
+        _foreach.adam_step_(
+            grads, params, find_state(state, ScaleByAdamState),
+            learning_rate=current_lr(learning_rate, state), b1=b1, b2=b2, eps=eps,
+            weight_decay=weight_decay, decoupled=decoupled, mask=mask, reduce_fn=reduce_fn, **lamb,
+        )  # fmt: skip
+
+    return step
+
+
 def adam_update_(
     tx: GradientTransformation,
     *,
@@ -258,18 +285,12 @@ def adam_update_(
                 amsgrad=False, maximize=False, grad_scale=None, found_inf=_on(found_inf, g.device),
             )  # fmt: skip
 
-    def foreach(grads: Updates, params: Params, state: OptState, reduce_fn: ReduceFn | None):
-        _foreach.adam_step_(
-            grads, params, find_state(state, ScaleByAdamState),
-            learning_rate=current_lr(learning_rate, state), b1=b1, b2=b2, eps=eps,
-            weight_decay=weight_decay, decoupled=decoupled, mask=mask,
-        )  # fmt: skip
-
+    kernel = "_fused_adamw_" if decoupled else "_fused_adam_"
     recipe = InPlaceRecipe(
         moments=_adam_moments,
-        kernel=("_fused_adamw_" if decoupled else "_fused_adam_") if isinstance(b1, float) else None,
+        kernel=kernel if isinstance(b1, float) else None,  # the kernel takes a host-float beta1
         run_kernel=run_kernel,
-        foreach=foreach,
+        foreach=_adam_foreach(learning_rate, b1, b2, eps, weight_decay, decoupled, mask),
     )
     name = "adamw" if decoupled else "adam"
     return in_place_step(tx, recipe, name=name, weight_decay=weight_decay, mask=mask)
@@ -375,14 +396,10 @@ def lamb_update_(
 ) -> InPlaceUpdateFn:
     """In-place LAMB with ``torch._foreach_*`` ops (torch has no fused LAMB kernel)."""
 
-    def foreach(grads: Updates, params: Params, state: OptState, reduce_fn: ReduceFn | None):
-        _foreach.adam_step_(
-            grads, params, find_state(state, ScaleByAdamState),
-            learning_rate=current_lr(learning_rate, state), b1=b1, b2=b2, eps=eps,
-            weight_decay=weight_decay, decoupled=True, bias_correction=bias_correction,
-            trust_ratio=(min_coeff, max_coeff), reduce_fn=reduce_fn, mask=mask,
-        )  # fmt: skip
-
+    foreach = _adam_foreach(
+        learning_rate, b1, b2, eps, weight_decay, True, mask,
+        bias_correction=bias_correction, trust_ratio=(min_coeff, max_coeff),
+    )  # fmt: skip
     recipe = InPlaceRecipe(moments=lambda state: _adam_moments(state)[:1], foreach=foreach)
     return in_place_step(tx, recipe, name="lamb", weight_decay=weight_decay, mask=mask)
 

@@ -26,14 +26,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["DecayMask", "WeightDecayMask", "no_decay_for_norms_and_biases"]
 
-WeightDecayMask = Union[Callable[[str, torch.Size], bool], Collection[str], Mapping[str, bool]]
+WeightDecayMask = Callable[[str, torch.Size], bool] | Collection[str] | Mapping[str, bool]
 """A predicate ``(name, global_shape) -> decay?``, a collection of names to decay, or a dict."""
 
 
@@ -113,15 +112,13 @@ class DecayMask:
             raise ValueError(
                 f"{who}: shapes are only read by a predicate mask; a mask of names needs none"
             )
-        self._shapes = (
-            None if shapes is None else {k: torch.Size(v) for k, v in shapes.items()}
-        )
+        self._shapes = None if shapes is None else {k: torch.Size(v) for k, v in shapes.items()}
         self._memo: dict[object, bool] = {}
 
     def __call__(self, name: str, tensor: Tensor) -> bool:
         """Whether parameter ``name`` (this rank's ``tensor`` of it) is decayed."""
-        key: object = name if self._shapes is not None or self._predicate is None else (
-            name, tensor.shape
+        key: object = (
+            name if self._shapes is not None or self._predicate is None else (name, tensor.shape)
         )
         found = self._memo.get(key)
         if found is None:
@@ -173,8 +170,10 @@ class DecayMask:
         if self._shapes is not None:
             for name, p in params.items():
                 shape = self._shapes.get(name)
-                if shape is not None and p.shape != shape and not (
-                    p.dim() == 1 and p.numel() <= shape.numel()
+                if (
+                    shape is not None
+                    and p.shape != shape
+                    and not (p.dim() == 1 and p.numel() <= shape.numel())
                 ):
                     raise ValueError(
                         f"{self.who}: shapes[{name!r}]={tuple(shape)} cannot be the global shape "

@@ -58,16 +58,27 @@ def _scaled(updates: Updates, factor: float | Tensor) -> Updates:
     return {k: u * factor for k, u in updates.items()}
 
 
+# torch._foreach_mul_ rounds a Python scalar to bf16/fp16 before multiplying (u * s does not), so
+# the foreach form is used only where it gives the same bits.
+_FOREACH_EXACT = (torch.float32, torch.float64)
+
+
 def _scale_(updates: Updates, factor: float | Tensor) -> None:
     """:func:`_scaled` written into the updates (bit for bit the same products)."""
     us = list(updates.values())
     if not us:
         return
     if not isinstance(factor, Tensor):
-        torch._foreach_mul_(us, factor)
+        if all(u.dtype in _FOREACH_EXACT for u in us):
+            torch._foreach_mul_(us, factor)
+        else:
+            for u in us:
+                u.mul_(factor)
         return
     first = us[0]
-    if all(u.dtype == first.dtype and u.device == first.device for u in us):
+    if first.dtype in _FOREACH_EXACT and all(
+        u.dtype == first.dtype and u.device == first.device for u in us
+    ):
         torch._foreach_mul_(us, factor.to(device=first.device, dtype=first.dtype))
         return
     for u in us:
