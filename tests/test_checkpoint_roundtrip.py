@@ -210,3 +210,65 @@ def test_diff_reports_equal_for_a_reshard_and_max_differences_otherwise(tmp_path
     d = {d.path: d for d in checkpoint.diff(a, c)}["master/w"]
     want = (toy_state().master["w"] - toy_state(seed=1).master["w"]).abs().max()
     assert d.status == "different" and d.max_abs == pytest.approx(float(want))
+
+
+def test_keep_last_ignores_a_sibling_whose_index_cannot_be_parsed(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, toy_state(step=1))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    for step in (2, 3):
+        checkpoint.save(tmp_path, toy_state(step=step), keep_last=1)
+    assert checkpoint.list_tags(tmp_path) == ["3"] and checkpoint.latest_tag(tmp_path) == "3"
+    assert (tmp_path / "odd" / "index.json").exists()  # not ours: never deleted
+
+
+def test_keep_last_failing_after_the_commit_warns_and_the_save_succeeds(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from funczero.checkpoint import tags
+
+    checkpoint.save(tmp_path, toy_state(step=1))
+
+    def fail(path: Path) -> None:
+        raise RuntimeError(f"cannot delete {path.name}")
+
+    monkeypatch.setattr(tags, "remove_tree", fail)
+    with pytest.warns(UserWarning, match="keep_last=1: .*cannot delete 1.*'2' is saved"):
+        path = checkpoint.save(tmp_path, toy_state(step=2), keep_last=1)
+    assert path == tmp_path / "2" and checkpoint.latest_tag(tmp_path) == "2"
+    assert checkpoint.list_tags(tmp_path) == ["1", "2"] and checkpoint.verify(tmp_path).ok
+
+
+def test_a_latest_that_is_a_directory_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    checkpoint.save(tmp_path, toy_state(step=1))
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "mine.txt").write_text("keep")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(checkpoint.CheckpointExistsError, match="latest is a directory, not the"):
+        checkpoint.save(tmp_path, toy_state(step=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "latest" / "mine.txt").read_text() == "keep"
+
+
+def test_a_failure_to_move_latest_after_the_commit_says_what_was_committed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from funczero.checkpoint import saving
+
+    checkpoint.save(tmp_path, toy_state(step=1))
+
+    def fail(root: Path, tag: str) -> None:
+        raise OSError(f"cannot replace {root}/latest")
+
+    monkeypatch.setattr(saving, "write_latest", fail)
+    with pytest.raises(
+        checkpoint.SaveError,
+        match=r"checkpoint .*/2 is committed and complete, but 'latest' still names '1'; "
+        r"load it with tag='2'",
+    ):
+        checkpoint.save(tmp_path, toy_state(step=2))
+    assert checkpoint.latest_tag(tmp_path) == "1"
+    assert checkpoint.verify(tmp_path, tag="2").ok

@@ -200,3 +200,81 @@ def test_cli_usage_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
         app, ["ckpt", "consolidate", str(tmp_path), str(tmp_path / "o"), "--dtype", "fp8"]
     )
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_diff_resharded_compares_what_a_reshard_preserves(tmp_path: Path) -> None:
+    a = checkpoint.save(tmp_path / "a", toy_state(stage=1))
+    b = checkpoint.reshard(a, tmp_path / "b", world_size=3, stage=3)
+    diffs = {d.path: d.status for d in checkpoint.diff(a, b, resharded=True)}
+    assert diffs.pop("rng") == "ignored" and set(diffs.values()) == {"equal"}
+    same_world = checkpoint.reshard(a, tmp_path / "c", world_size=1, stage=0)
+    diffs = {d.path: d.status for d in checkpoint.diff(a, same_world, resharded=True)}
+    assert set(diffs.values()) == {"equal"}  # the RNG is copied, so it is compared
+    c = checkpoint.save(tmp_path / "d", toy_state(stage=1, seed=1))
+    diffs = {d.path: d.status for d in checkpoint.diff(a, c, resharded=True)}
+    assert diffs["master/w"] == "different"
+    ignored = checkpoint.diff(a, c, ignore=["opt_state/*", "master/*"])
+    assert {d.status for d in ignored if d.path.startswith(("opt_state/", "master/"))} == {
+        "ignored"
+    }
+
+
+def test_cli_diff_after_a_reshard_exits_0_with_resharded_or_ignore(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "a", toy_state())
+    checkpoint.reshard(tmp_path / "a", tmp_path / "b", world_size=2)
+    args = ["ckpt", "diff", str(tmp_path / "a"), str(tmp_path / "b")]
+    assert runner.invoke(app, args).exit_code == 1
+    res = runner.invoke(app, [*args, "--resharded"])
+    assert res.exit_code == 0 and "0 of 21 tensors differ (1 ignored)" in res.output, res.output
+    res = runner.invoke(app, [*args, "--ignore", "rng", "--json"])
+    out = json.loads(res.output)
+    assert res.exit_code == 0 and out["equal"]
+    assert [t["path"] for t in out["tensors"] if t["status"] == "ignored"] == ["rng"]
+
+
+def test_cli_exit_codes_tell_damaged_from_unusable_from_crashed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import os
+
+    checkpoint.save(tmp_path, toy_state())
+    (tmp_path / "latest").unlink()
+    os.mkfifo(tmp_path / "latest")
+    res = runner.invoke(app, ["ckpt", "verify", str(tmp_path)])
+    assert res.exit_code == 1 and "latest" in res.output and "FIFO" in res.output  # damaged
+    res = runner.invoke(app, ["ckpt", "inspect", str(tmp_path), "--json"])
+    assert res.exit_code == 2 and json.loads(res.output)["type"] == "CorruptCheckpointError"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(checkpoint, "inspect", crash)
+    res = runner.invoke(app, ["ckpt", "inspect", str(tmp_path / "3")])
+    assert res.exit_code == 3, res.output
+    assert "internal error (a bug in funczero" in res.output and "Traceback" in res.output
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "inspect", interrupt)
+    res = runner.invoke(app, ["ckpt", "inspect", str(tmp_path / "3")])
+    assert res.exit_code == 130 and "interrupted" in res.output
+
+
+def test_cli_inspect_escapes_control_characters_from_the_index(tmp_path: Path) -> None:
+    path = checkpoint.save(tmp_path, toy_state())
+    raw = json.loads((path / "index.json").read_text())
+    evil = "opt_state/0/\x1b]0;owned\x07\x1b[2Jcount"
+    raw["tensors"][evil] = raw["tensors"].pop("opt_state/0/count")
+    raw["tensors"][evil]["chunks"][0]["key"] = evil
+    raw["optimizer"] = "Adam\x1b[31m\u202e"
+    (path / "index.json").write_text(json.dumps(raw))
+    for args in (["inspect", "--tensors"], ["verify"]):
+        res = runner.invoke(app, ["ckpt", *args, str(tmp_path)])
+        assert "\x1b" not in res.output and "\x07" not in res.output, args
+        assert "\u202e" not in res.output
+    res = runner.invoke(app, ["ckpt", "inspect", "--tensors", str(tmp_path)])
+    assert res.exit_code == 0 and "opt_state/0/\\x1b]0;o" in res.output  # cut to the column
+    assert "Adam\\x1b[31m\\u202e" in res.output
+    res = runner.invoke(app, ["ckpt", "verify", str(tmp_path)])
+    assert res.exit_code == 1 and "opt_state/0/\\x1b]0;owned\\x07\\x1b[2Jcount" in res.output
