@@ -234,7 +234,7 @@ class CheckpointWeights(WeightSource):
             if entry.kind == "buffer":
                 self._entries[path.split("/", 1)[1]] = entry
         self.tensors = {
-            name: SourceTensor(tuple(e.shape), index.resolve(e).torch_dtype)
+            name: SourceTensor(tuple(e.shape), index.resolve(e).dtype)
             for name, e in self._entries.items()
         }
         self.tied = {a: c for a, c in index.aliases.items() if a != c and a not in self.tensors}
