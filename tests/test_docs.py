@@ -1,42 +1,116 @@
-"""The Python snippets of the user docs run as written.
+"""The Python blocks of the user docs (every ``docs/**/*.md`` and the README) run as written.
 
 Every fenced block whose info string is exactly ``python`` is executed, in order, in one
-namespace per document (later blocks may use earlier ones' names), on one process. Blocks that
-show other code (DeepSpeed's API, shell commands) use another info string, such as
-``python deepspeed`` or ``bash``, and are not run.
+namespace per document (later blocks may use earlier ones' names), on one process, in an empty
+working directory. A Python block that cannot run here says so in its info string, with the
+reason: ``python notest: needs 2 GPUs``, ``python notest: DeepSpeed's API, for comparison``.
+Any other Python info string (``py``, ``python3``, ``python deepspeed``, ``python notest`` with
+no reason) is an error, so a block is never skipped silently. Fences may be indented (inside a
+list item); their bodies are dedented.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["getting-started.md", "concepts.md", "zero.md", "migrating-from-deepspeed.md"]
-FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
+DOCS = sorted((ROOT / "docs").glob("**/*.md")) + [ROOT / "README.md"]
+
+OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
+PYTHON_WORDS = {"python", "py", "python3"}
+NOT_RUN = re.compile(r"^python notest: \S.*$")
 
 
-def python_blocks(text: str) -> list[str]:
-    """The bodies of the fenced blocks tagged exactly ``python``."""
-    return [body for info, body in FENCE.findall(text) if info.strip() == "python"]
+@dataclass(frozen=True)
+class Block:
+    info: str
+    code: str
+    line: int  # 1-based line of the opening fence
+
+
+def fenced_blocks(text: str) -> list[Block]:
+    """Every fenced code block (CommonMark backtick or tilde fences, possibly indented)."""
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        opening = OPEN.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence, indent = opening["fence"], len(opening["indent"])
+        closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        end = i + 1
+        while end < len(lines) and not closing.match(lines[end]):
+            end += 1
+        body = [ln[indent:] if not ln[:indent].strip() else ln for ln in lines[i + 1 : end]]
+        code = textwrap.dedent("\n".join(body) + "\n")
+        blocks.append(Block(opening["info"].strip(), code, i + 1))
+        i = end + 1
+    return blocks
+
+
+def is_python(info: str) -> bool:
+    return info.split(maxsplit=1)[0].lower() in PYTHON_WORDS if info else False
+
+
+def runnable(doc: Path) -> list[Block]:
+    return [b for b in fenced_blocks(doc.read_text(encoding="utf-8")) if b.info == "python"]
+
+
+def rel(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
 
 
 def test_block_extraction_runs_only_plain_python_fences() -> None:
-    text = "```python\na = 1\n```\n```python deepspeed\nb = 2\n```\n```bash\nls\n```\n"
-    assert python_blocks(text) == ["a = 1\n"]
+    text = (
+        "```python\na = 1\n```\n"
+        "```python notest: needs 2 GPUs\nb = 2\n```\n"
+        "```bash\nls\n```\n"
+        "* a list item:\n\n  ```python\n  if a:\n      c = 3\n  ```\n"
+        "~~~~python\nd = '```'\n~~~~\n"
+    )
+    blocks = fenced_blocks(text)
+    assert [b.info for b in blocks] == ["python", "python notest: needs 2 GPUs", "bash", "python",
+                                        "python"]
+    assert [b.code for b in blocks if b.info == "python"] == [
+        "a = 1\n", "if a:\n    c = 3\n", "d = '```'\n"
+    ]
+    assert [b.line for b in blocks] == [1, 4, 7, 12, 16]
 
 
-@pytest.mark.parametrize("doc", DOCS)
-def test_doc_python_snippets_run(doc: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = python_blocks((ROOT / "docs" / doc).read_text(encoding="utf-8"))
-    assert blocks, f"docs/{doc} has no python snippets"
+def test_docs_with_runnable_blocks_are_found() -> None:
+    found = {rel(doc) for doc in DOCS if runnable(doc)}
+    assert {"README.md", "docs/getting-started.md", "docs/migrating-from-deepspeed.md"} <= found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=rel)
+def test_every_python_block_runs_or_says_why_not(doc: Path) -> None:
+    unclear = [
+        f"{rel(doc)}:{b.line}: ```{b.info}"
+        for b in fenced_blocks(doc.read_text(encoding="utf-8"))
+        if is_python(b.info) and b.info != "python" and not NOT_RUN.match(b.info)
+    ]
+    assert not unclear, (
+        "Python blocks must be ```python (run by this test) or ```python notest: <why it cannot "
+        "run here>; fix: " + "; ".join(unclear)
+    )
+
+
+@pytest.mark.parametrize("doc", [doc for doc in DOCS if runnable(doc)], ids=rel)
+def test_doc_python_blocks_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)  # the snippets describe a one-process run
-    namespace: dict[str, object] = {"__name__": f"docs_{doc.replace('-', '_')}"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)  # the blocks describe a one-process run
+    namespace: dict[str, object] = {"__name__": "docs_" + re.sub(r"\W", "_", rel(doc))}
     with torch.random.fork_rng():
-        for i, code in enumerate(blocks, start=1):
-            exec(compile(code, f"docs/{doc} (python block {i})", "exec"), namespace)  # noqa: S102
+        for block in runnable(doc):
+            # Leading blank lines keep the traceback's line numbers those of the Markdown file.
+            code = "\n" * block.line + block.code
+            exec(compile(code, rel(doc), "exec"), namespace)  # noqa: S102
