@@ -28,9 +28,9 @@ from funczero.from_config import (
     optimizer_from_config,
     precision_from_config,
 )
-from funczero.module import extract_tensors, release_module_tensors
+from funczero.module import InitFn, extract_tensors, is_meta, release_module_tensors
 from funczero.parallel.env import init_distributed
-from funczero.parallel.zero import ZeroPlan, build_plan
+from funczero.parallel.plan import Remat, ZeroPlan, build_plan
 from funczero.train.state import TrainState
 from funczero.train.step import TrainStep, init_state, make_train_step
 
@@ -58,7 +58,8 @@ def initialize(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     seed: int | None = None,
     wrap: Sequence[str] | Callable[[nn.Module], list[str]] | None = None,
-    remat: bool = False,
+    remat: Remat = False,
+    init_fn: InitFn | None = None,
     donate: bool = True,
     device: torch.device | str | None = None,
 ) -> Initialized:
@@ -71,6 +72,9 @@ def initialize(
 
     Args:
         model: the module; every rank must build it with the same initial weights (same seed).
+            A model built on the meta device (``with torch.device("meta"): model = ...``) is
+            created here one module at a time, each rank keeping only its part (see
+            :func:`funczero.module.materialize`): seed the global RNG before the call.
         config: a :class:`Config`, a DeepSpeed JSON dict, or a path to a JSON file.
         loss_fn: ``loss_fn(model, micro_batch) -> loss`` (or ``(loss, aux)``).
         optimizer: a funczero optimizer to use instead of the config's ``optimizer`` block.
@@ -79,7 +83,10 @@ def initialize(
         collate_fn: how the loader stacks samples (default: stack tensors).
         seed: RNG seed for dropout and data order (default ``funczero.seed`` or 0).
         wrap: ZeRO-3 units (module FQNs) or a policy; default: every transformer block.
-        remat: ZeRO-3: recompute unit forwards in backward instead of keeping activations.
+        remat: activation checkpointing per unit, at any stage: True (every unit), every k-th
+            unit (an int), unit names, or a predicate on a unit's name.
+        init_fn: for a meta-device model, initialises one module's own tensors (default: the
+            model's ``_init_weights(module)``, else each module's ``reset_parameters()``).
         donate: let each step reuse the previous state's buffers in place.
         device: where the state lives (default: the current CUDA device, else CPU).
     """
@@ -105,13 +112,18 @@ def initialize(
         reduce_bucket_size=cfg.zero.reduce_bucket_size,
         remat=remat,
     )
-    params, buffers = extract_tensors(model, plan.spec)
-    release_module_tensors(model)
     loss_scale = loss_scale_from_config(cfg)
-    state = init_state(
-        plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
-    )
-    del params
+    if is_meta(model):
+        state = init_state(
+            plan, opt, init_fn=init_fn, seed=seed, loss_scale=loss_scale, device=device
+        )
+    else:
+        params, buffers = extract_tensors(model, plan.spec)
+        release_module_tensors(model)
+        state = init_state(
+            plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
+        )
+        del params
     step = make_train_step(
         loss_fn,
         opt,

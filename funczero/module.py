@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ __all__ = [
     "Slots",
     "apply_module",
     "extract_tensors",
+    "is_meta",
+    "materialize",
     "module_spec",
     "release_module_tensors",
     "tensor_slots",
@@ -220,3 +222,94 @@ def swap_parameters(slots: Slots, tensors: Mapping[str, torch.Tensor]) -> Iterat
     with ModuleBinding(slots, ()) as binding:
         binding.bind(tensors, {})
         yield
+
+
+InitFn = Callable[[nn.Module], None]
+"""Initialises one module's own (``recurse=False``) parameters and buffers in place."""
+
+
+def is_meta(module: nn.Module) -> bool:
+    """Whether any of ``module``'s parameters or buffers is on the meta device (has no data)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return any(t.device.type == "meta" for t in tensors)
+
+
+def default_init_fn(module: nn.Module) -> InitFn:
+    """How to initialise each submodule of ``module``, as its author would.
+
+    The root's ``_init_weights(submodule)`` when it has one (Hugging Face models, funczero's
+    GPT); otherwise each submodule's own ``reset_parameters()`` (torch's built-in layers).
+    """
+    per_module = getattr(module, "_init_weights", None)
+    if callable(per_module):
+        return per_module
+
+    def reset(sub: nn.Module) -> None:
+        reset_parameters = getattr(sub, "reset_parameters", None)
+        if callable(reset_parameters):
+            reset_parameters()
+
+    return reset
+
+
+def materialize(
+    module: nn.Module,
+    spec: ModuleSpec,
+    init_fn: InitFn | None = None,
+    *,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Create and initialise a meta-device module's tensors one module at a time.
+
+    Visits the submodules in module order; for each that owns parameters not seen before (a
+    tied weight is created once) or buffers, creates them on ``device``, runs ``init_fn`` on
+    it, yields ``(name, tensor)`` for each (canonical parameter names, then buffer FQNs) and
+    puts meta tensors back, so at most one module's full tensors exist at a time. The global
+    RNG is drawn in module order, the same on every rank: the same seed gives the same
+    weights at any world size.
+
+    Args:
+        module: a module built on the meta device (e.g. ``with torch.device("meta"): ...``).
+        spec: its :func:`module_spec`.
+        init_fn: initialises one module's own tensors (default: :func:`default_init_fn`).
+        device: where tensors are created (CPU by default: the same values on any device).
+
+    Example:
+        >>> import torch
+        >>> with torch.device("meta"):
+        ...     lin = torch.nn.Linear(2, 1)
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> dict(materialize(lin, module_spec(lin)))["bias"].shape
+        torch.Size([1])
+    """
+    init = init_fn or default_init_fn(module)
+    seen: set[str] = set()
+    for path, mod in module.named_modules():
+        prefix = f"{path}." if path else ""
+        fresh = [
+            (attr, p) for attr, p in mod._parameters.items()
+            if p is not None and spec.aliases.get(prefix + attr, prefix + attr) not in seen
+        ]  # fmt: skip
+        buffers = [(attr, b) for attr, b in mod._buffers.items() if b is not None]
+        if not fresh and not buffers:
+            continue
+        saved = [(mod._parameters, attr, p) for attr, p in fresh] + [(mod._buffers, attr, b) for attr, b in buffers]
+        for attr, p in fresh:
+            mod._parameters[attr] = nn.Parameter(
+                torch.empty_like(p, device=device), requires_grad=p.requires_grad
+            )
+        for attr, b in buffers:
+            mod._buffers[attr] = torch.empty_like(b, device=device)
+        try:
+            with torch.no_grad():
+                init(mod)
+            for attr, _ in fresh:
+                name = spec.aliases.get(prefix + attr, prefix + attr)
+                seen.add(name)
+                yield name, mod._parameters[attr].detach()  # type: ignore[union-attr]
+            for attr, _ in buffers:
+                yield prefix + attr, mod._buffers[attr]  # type: ignore[misc]
+        finally:
+            for table, attr, old in saved:
+                table[attr] = old

@@ -91,15 +91,33 @@ class GPT(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation (std 0.02, residual projections scaled by depth)."""
-        for name, p in self.named_parameters():
+        """GPT-2 initialisation (std 0.02, residual projections scaled by depth).
+
+        Module by module in module order, as :func:`funczero.module.materialize` initialises a
+        model built on the meta device, so both give the same weights for the same seed.
+        """
+        seen: set[int] = set()
+        for module in self.modules():
+            fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            if fresh:
+                self._init_weights(module)
+                seen.update(id(p) for p in fresh)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise ``module``'s own parameters (Hugging Face's per-module convention)."""
+        residual = any(module is b.proj or module is b.out for b in self.blocks)  # type: ignore[union-attr]
+        norm = isinstance(module, (nn.LayerNorm, nn.BatchNorm1d))
+        for name, p in module.named_parameters(recurse=False):
             if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
-            elif "ln" in name or name.startswith("bn"):
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif norm and name == "weight":
+                nn.init.ones_(p)
             else:
                 nn.init.zeros_(p)
+        if isinstance(module, nn.BatchNorm1d):
+            module.reset_running_stats()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
 from funczero import struct, tree
+from funczero.module import InitFn, materialize
 from funczero.parallel.sharding import ShardSpec
 from funczero.parallel.stages import STAGES
 from funczero.train.loss_scale import LossScaleConfig, init_loss_scale
@@ -325,24 +326,31 @@ class TrainState:
 def init_state(
     plan: ZeroPlan,
     optimizer: Any,
-    full_params: Mapping[str, torch.Tensor],
-    buffers: Mapping[str, torch.Tensor],
+    full_params: Mapping[str, torch.Tensor] | None = None,
+    buffers: Mapping[str, torch.Tensor] | None = None,
     *,
+    init_fn: InitFn | None = None,
     seed: int = 0,
     loss_scale: LossScaleConfig | None = None,
     device: torch.device | str | None = None,
 ) -> TrainState:
-    """Build this rank's initial :class:`TrainState` from full parameters.
+    """Build this rank's initial :class:`TrainState`.
 
     Args:
         plan: the ZeRO plan (stage, precision, layout).
         optimizer: a :class:`funczero.optim.GradientTransformation`.
         full_params: every canonical parameter at full size (e.g. from the module); identical on
-            all ranks (same seed), each rank keeps its part.
-        buffers: module buffers.
+            all ranks (same seed), each rank keeps its part. None: create them from
+            ``plan.module`` (built on the meta device) with :func:`funczero.module.materialize`,
+            one module at a time, keeping only this rank's part of each: peak memory is this
+            rank's state plus one module, and the same global seed gives the same weights at
+            any world size and stage.
+        buffers: module buffers (with ``full_params``; otherwise created with them).
+        init_fn: with ``full_params=None``: initialises one module's own tensors (default: the
+            model's ``_init_weights(module)``, else each module's ``reset_parameters()``).
         seed: seed of the state's RNG (rank ``r`` uses ``seed + r``).
         loss_scale: fp16 loss-scaler settings (default: no scaling).
-        device: where the state lives (default: the parameters' device).
+        device: where the state lives (default: the parameters' device; CPU when created).
 
     Example:
         >>> import torch
@@ -354,12 +362,19 @@ def init_state(
         >>> state.layout.leaf("master/weight")
         LeafLayout(kind='master', placement='shard', param='weight', shape=(1, 3))
     """
+    if full_params is None:
+        if buffers is not None:
+            raise ValueError("init_state: pass buffers only with full_params (both, or neither)")
+        source: _Source = _Source(materialize(plan.module, plan.spec, init_fn))
+    else:
+        source = _Source(iter(full_params.items()))
     if device is not None:
         device = torch.device(device)
     else:
-        device = next((t.device for t in full_params.values()), torch.device("cpu"))
-    full = {n: full_params[n].to(device) for n in plan.spec.params}
-    params, master = _lay_out_params(plan, full)
+        device = next((t.device for t in (full_params or {}).values()), torch.device("cpu"))
+    params, master = _lay_out_params(plan, source, device)
+    if full_params is None:
+        buffers = {n: source.take(n) for n in plan.spec.buffers}
     return TrainState.create(
         stage=plan.stage,
         world_size=plan.world_size,
@@ -374,27 +389,45 @@ def init_state(
         master=master,
         opt_state=optimizer.init({n: master[n] for n in plan.trainable}),
         loss_scale=init_loss_scale(loss_scale or LossScaleConfig.disabled(), device=device),
-        buffers={n: b.detach().to(device).clone() for n, b in buffers.items()},
+        buffers={n: b.detach().to(device).clone() for n, b in (buffers or {}).items()},
         rng=init_rng(seed, device=device, rank=plan.rank),
         skipped=torch.zeros((), dtype=torch.int64, device=device),
     )
 
 
+class _Source:
+    """Tensors by name from an iterator, taken once each; what arrives early waits in a dict."""
+
+    def __init__(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self._items = items
+        self._waiting: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str) -> torch.Tensor:
+        while name not in self._waiting:
+            try:
+                key, value = next(self._items)
+            except StopIteration:
+                raise KeyError(f"init_state: no tensor named {name!r} among the full parameters / buffers") from None
+            self._waiting[key] = value
+        return self._waiting.pop(name)
+
+
 def _lay_out_params(
-    plan: ZeroPlan, full: Mapping[str, torch.Tensor]
+    plan: ZeroPlan, source: _Source, device: torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Full fp32 parameters as this rank's ``(params, master)`` for the plan's stage.
 
     ``params`` are what the model runs on (compute dtype; full, or fp32 shards at stage 3);
     ``master`` are the fp32 weights the optimizer updates (trainable only; shards from stage 1).
-    Where the two would be equal, they are the same tensor.
+    Where the two would be equal, they are the same tensor. One full parameter at a time is on
+    ``device``.
     """
     compute = plan.precision.compute_dtype
     params: dict[str, torch.Tensor] = {}
     master: dict[str, torch.Tensor] = {}
     trainable = set(plan.trainable)
     for n in plan.spec.params:
-        x = full[n].detach().to(torch.float32)
+        x = source.take(n).detach().to(device).to(torch.float32)
         if plan.master_sharded and n in trainable:
             master[n] = plan.specs[n].shard(x, plan.rank)
         elif n in trainable:
@@ -405,4 +438,5 @@ def _lay_out_params(
             params[n] = master[n]
         else:
             params[n] = x.to(compute).clone()
+        del x
     return params, master
