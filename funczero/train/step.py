@@ -22,12 +22,15 @@ metrics are 0-d tensors to read when logging.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from funczero import tree
+from funczero.optim.chain import in_place_unsupported_reason
+from funczero.optim.clipping import clip_coefficient
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.stages import sync_buffers
@@ -55,10 +58,6 @@ def split_micro_batches(batch: Any, n: int) -> list[Any]:
             )
     parts = [leaf.chunk(n) if isinstance(leaf, torch.Tensor) else [leaf] * n for leaf in leaves]
     return [tree.unflatten(spec, [p[i] for p in parts]) for i in range(n)]
-
-
-def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:  # TEMP until optim has it
-    return torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
 
 
 def _where_tree(found_inf: torch.Tensor, old: Any, new: Any) -> Any:
@@ -262,4 +261,12 @@ class _Update:
 
 
 def _make_update(optimizer: Any, plan: ZeroPlan, *, donate: bool) -> _Update:
-    return _Update(optimizer, plan, in_place=donate and getattr(optimizer, "update_", None) is not None)
+    reason = in_place_unsupported_reason(optimizer)
+    if donate and reason is not None:
+        warnings.warn(
+            f"make_train_step: the optimizer cannot update in place ({reason}); every step takes "
+            "the pure path, which allocates new master weights and optimizer state (3-4x slower "
+            "for AdamW, docs/optimizers.md)",
+            stacklevel=3,
+        )
+    return _Update(optimizer, plan, in_place=donate and reason is None)
