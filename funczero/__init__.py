@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Config": ("funczero.config", "Config"),
     "DonatedStateError": ("funczero.train.state", "DonatedStateError"),
+    "MicroBatches": ("funczero.loss", "MicroBatches"),
+    "TokenLoss": ("funczero.loss", "TokenLoss"),
     "Initialized": ("funczero.initialization", "Initialized"),
     "Precision": ("funczero.parallel.precision", "Precision"),
     "TrainState": ("funczero.train.state", "TrainState"),

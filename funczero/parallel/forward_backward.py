@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funczero import tree
+from funczero.loss import TokenLoss
 from funczero.module import ModuleBinding
 from funczero.parallel.overlap import PrefetchOrder, Prefetcher, ReduceQueue, Regather
 from funczero.parallel.plan import ZeroPlan
@@ -48,7 +49,9 @@ class ForwardBackward(NamedTuple):
 
     ``grads`` are of ``loss * loss_multiplier``: local full gradients in the compute dtype when
     not reduced in backward, else averaged fp32 gradients in the update layout (full at stage
-    0, shards from stage 1); ``reduced`` says which.
+    0, shards from stage 1); ``reduced`` says which. ``count`` is the number of items the loss
+    sums over when ``loss_fn`` returned a :class:`~funczero.loss.TokenLoss` (``loss`` is then
+    that sum), else None.
     """
 
     loss: torch.Tensor
@@ -56,6 +59,7 @@ class ForwardBackward(NamedTuple):
     grads: Tensors
     buffers: Tensors
     reduced: bool
+    count: torch.Tensor | None = None
 
 
 def forward_backward(
@@ -99,9 +103,12 @@ def forward_backward(
         out_buffers["b"] = new
         return plan.module(*args, **kwargs)
 
+    counts: list[torch.Tensor | None] = [None]
+
     def run(bound: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         tensors["params"] = bound
-        return _loss_and_aux(loss_fn(model, batch))
+        loss, aux, counts[0] = _loss_and_aux(loss_fn(model, batch))
+        return loss, aux
 
     leaves = {n: (params if not reduced else master)[n].detach().requires_grad_() for n in trainable}
     sharded = reduced and plan.policy.params_at_rest == "shard"
@@ -129,16 +136,25 @@ def forward_backward(
     grads = {
         n: torch.zeros_like(x) if g is None else g for n, x, g in zip(trainable, inputs, grads_list)
     }
-    return ForwardBackward(loss.detach(), aux, grads, out_buffers.get("b", dict(buffers)), reduced)
+    new_buffers = out_buffers.get("b", dict(buffers))
+    return ForwardBackward(loss.detach(), aux, grads, new_buffers, reduced, counts[0])
 
 
-def _loss_and_aux(out: Any) -> tuple[torch.Tensor, Any]:
+def _loss_and_aux(out: Any) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    count = None
+    if isinstance(out, TokenLoss):
+        out = (out, None)
     loss, aux = out if isinstance(out, tuple) else (out, None)
+    if isinstance(loss, TokenLoss):
+        loss, count = loss.sum, torch.as_tensor(loss.count, device=loss.sum.device).detach().float()
     # A detached aux cannot keep the autograd graph (and its activations) alive.
     aux = tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError(f"loss_fn must return a 0-d loss tensor (or (loss, aux)); got {type(loss)}")
-    return loss, aux
+        raise TypeError(
+            f"loss_fn must return a 0-d loss tensor, a TokenLoss(sum, count), or either with aux "
+            f"as (loss, aux); got {type(loss)}"
+        )
+    return loss, aux, count
 
 
 def _run_units(

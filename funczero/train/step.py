@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from funczero import tree
+from funczero.loss import MicroBatches
 from funczero.optim.chain import in_place_unsupported_reason
 from funczero.optim.clipping import clip_coefficient
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
@@ -45,7 +46,17 @@ TrainStep = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
 
 
 def split_micro_batches(batch: Any, n: int) -> list[Any]:
-    """Split every tensor of ``batch`` into ``n`` equal parts along dim 0."""
+    """Split every tensor of ``batch`` into ``n`` equal parts along dim 0.
+
+    A :class:`~funczero.loss.MicroBatches` is already split: it must hold ``n`` micro-batches.
+    """
+    if isinstance(batch, MicroBatches):
+        if len(batch) != n:
+            raise ValueError(
+                f"MicroBatches holds {len(batch)} micro-batches but gradient_accumulation_steps={n}; "
+                "pass exactly one per accumulation step"
+            )
+        return list(batch)
     if n == 1:
         return [batch]
     leaves, spec = tree.flatten(batch)
@@ -134,18 +145,20 @@ def make_train_step(
             )
         scale = state.loss_scale.scale
         with rng_scope(state.rng, state.step.device) as rng:
-            loss_sum, aux, acc, buffers = _accumulate(
+            loss_sum, count, aux, acc, buffers = _accumulate(
                 plan, loss_fn, state, batch, scale / grad_accum, grad_accum,
                 own_accumulator=own_accumulator, order=order,
             )  # fmt: skip
         grads = acc if reduced else policy.reduce_grads(plan, acc)
         grads = {n: g.float() for n, g in grads.items()}
         glist = [grads[n] for n in plan.trainable]
-        found_inf, grad_norm, mean_loss = _norm_and_loss(plan, glist, loss_sum / grad_accum, scale)
-        coef = 1.0 / scale
+        found_inf, grad_norm, mean_loss, grad_scale = _norm_and_loss(
+            plan, glist, loss_sum, count, scale, grad_accum
+        )
+        coef = 1.0 / grad_scale
         if gradient_clipping > 0:
             coef = coef * clip_coefficient(grad_norm, gradient_clipping)
-        if glist and not unit_coef:
+        if glist and (count is not None or not unit_coef):
             torch._foreach_mul_(glist, coef)
         lr, params, master, opt_state = update(state, grads, found_inf)
         # The gradients are spent: free them before the parameters are rebuilt, which allocates
@@ -185,18 +198,30 @@ def _accumulate(
     *,
     own_accumulator: bool,
     order: PrefetchOrder,
-) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Forward and backward of every micro-batch: ``(loss sum, aux, summed grads, buffers)``."""
+) -> tuple[torch.Tensor, torch.Tensor | None, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward and backward of every micro-batch.
+
+    Returns ``(loss sum, token count or None, aux, summed grads, buffers)``.
+    """
     buffers = state.buffers
     acc: dict[str, torch.Tensor] | None = None
     loss_sum = torch.zeros((), dtype=torch.float32, device=state.step.device)
+    count: torch.Tensor | None = None
     aux = None
-    for micro in split_micro_batches(batch, grad_accum):
-        loss, aux, grads, buffers, _ = forward_backward(
+    for i, micro in enumerate(split_micro_batches(batch, grad_accum)):
+        fb = forward_backward(
             plan, loss_fn, state.params, state.master, buffers, micro, multiplier,
             single_micro_batch=grad_accum == 1, order=order,
         )  # fmt: skip
-        loss_sum = loss_sum + loss.float()
+        aux, grads, buffers = fb.aux, fb.grads, fb.buffers
+        loss_sum = loss_sum + fb.loss.float()
+        if (fb.count is None) != (count is None) and i > 0:
+            raise TypeError(
+                f"loss_fn returned a TokenLoss for some micro-batches and a plain loss for others "
+                f"(micro-batch {i}); return the same kind for every micro-batch"
+            )
+        if fb.count is not None:
+            count = fb.count if count is None else count + fb.count
         if acc is None:
             # Converting one gradient at a time and dropping each compute-dtype original as it
             # goes keeps the bf16 and fp32 copies of all gradients from coexisting (2 bytes per
@@ -205,15 +230,25 @@ def _accumulate(
         else:
             torch._foreach_add_(list(acc.values()), [grads[n] for n in acc])
     assert acc is not None
-    return loss_sum, aux, acc, buffers
+    return loss_sum, count, aux, acc, buffers
 
 
 def _norm_and_loss(
-    plan: ZeroPlan, glist: list[torch.Tensor], loss: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(found_inf, grad_norm, mean_loss)`` over all ranks, from one all-reduce of
-    ``[sum of squares, loss]``."""
-    device = loss.device
+    plan: ZeroPlan,
+    glist: list[torch.Tensor],
+    loss_sum: torch.Tensor,
+    count: torch.Tensor | None,
+    scale: torch.Tensor,
+    grad_accum: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(found_inf, grad_norm, mean_loss, grad_scale)`` over all ranks, from one all-reduce of
+    ``[sum of squares, loss (, token count)]``.
+
+    ``grad_scale`` is the factor the reduced gradients carry over the true gradient: the loss
+    scale for mean losses; for token sums, also ``global tokens / (ranks * micro-batches)``,
+    which the reductions' averages and the micro-batch multiplier leave in.
+    """
+    device = loss_sum.device
     sq = (
         torch.stack(torch._foreach_norm(glist)).float().pow(2).sum()
         if glist
@@ -221,11 +256,21 @@ def _norm_and_loss(
     )
     if not plan.master_sharded:
         sq = sq / plan.world_size  # replicated gradients: every rank holds the whole norm
-    totals = torch.stack([sq, loss])
+    if count is None:
+        totals = torch.stack([sq, loss_sum / grad_accum])
+    else:
+        totals = torch.stack([sq, loss_sum, count.to(device)])
     if plan.world_size > 1:
         torch.distributed.all_reduce(totals, group=plan.group)
+    if count is None:
+        grad_scale, mean_loss = scale, totals[1] / plan.world_size
+    else:
+        grad_scale = scale * totals[2] / (plan.world_size * grad_accum)
+        mean_loss = totals[1] / totals[2]
     found_inf = ~torch.isfinite(totals[0])
-    return found_inf, totals[0].sqrt() / scale, totals[1] / plan.world_size
+    if count is not None:
+        found_inf = found_inf | (totals[2] <= 0)  # no token in the global batch: nothing to learn
+    return found_inf, totals[0].sqrt() / grad_scale, mean_loss, grad_scale
 
 
 class _Update:
