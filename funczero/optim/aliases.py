@@ -116,11 +116,8 @@ def sgd(
         dampening: Dampening of the gradient after the first step.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         weight_decay: L2 penalty added to the gradient.
-        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
-            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
-            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
-        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
-            the optimizer holds 1-D shards (``plan.spec.shapes``).
+        mask: Which parameters are decayed, as in :func:`adamw`; ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` (ZeRO stages 1-3).
 
     Returns:
         An :class:`Optimizer`; its state is ``(EmptyState(), TraceState, lr state)`` (no trace
@@ -183,11 +180,8 @@ def adam(
         b2: Second-moment decay.
         eps: Denominator term (``sqrt(v_hat) + eps``).
         weight_decay: L2 penalty.
-        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
-            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
-            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
-        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
-            the optimizer holds 1-D shards (``plan.spec.shapes``).
+        mask: Which parameters are decayed, as in :func:`adamw`; ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` (ZeRO stages 1-3).
 
     Returns:
         An :class:`Optimizer`; state ``(EmptyState(), ScaleByAdamState, lr state)``.
@@ -284,11 +278,8 @@ def lion(
         b1: Interpolation factor of the update direction (float, tensor or schedule).
         b2: Momentum decay.
         weight_decay: Decoupled decay coefficient (multiplied by the learning rate).
-        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
-            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
-            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
-        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
-            the optimizer holds 1-D shards (``plan.spec.shapes``).
+        mask: Which parameters are decayed, as in :func:`adamw`; ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` (ZeRO stages 1-3).
 
     Returns:
         An :class:`Optimizer`; state ``(ScaleByLionState, EmptyState(), lr state)``.
@@ -349,11 +340,8 @@ def lamb(
         bias_correction: Bias-correct ``m`` and ``v`` (DeepSpeed default True).
         max_coeff: Upper clamp of the trust ratio.
         min_coeff: Lower clamp of the trust ratio.
-        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
-            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
-            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
-        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
-            the optimizer holds 1-D shards (``plan.spec.shapes``).
+        mask: Which parameters are decayed, as in :func:`adamw`; ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` (ZeRO stages 1-3).
 
     Returns:
         An :class:`Optimizer`; state ``(ScaleByAdamState, EmptyState(), EmptyState(),
@@ -409,11 +397,8 @@ def adagrad(
         initial_accumulator_value: Starting value of ``s``.
         eps: Denominator term.
         weight_decay: L2 penalty.
-        mask: Which parameters are decayed: a predicate ``(name, global_shape) -> bool`` such as
-            :func:`~funczero.optim.no_decay_for_norms_and_biases`, a set of names, or a dict
-            ``{name: bool}`` (:mod:`funczero.optim.masks`); ``None`` decays all of them.
-        shapes: Global parameter shapes for a predicate ``mask`` under ZeRO stages 1-3, where
-            the optimizer holds 1-D shards (``plan.spec.shapes``).
+        mask: Which parameters are decayed, as in :func:`adamw`; ``None`` decays all of them.
+        shapes: Global parameter shapes for a predicate ``mask`` (ZeRO stages 1-3).
 
     Returns:
         An :class:`Optimizer`; state ``(EmptyState(), ScaleByRssState, lr state)``;
