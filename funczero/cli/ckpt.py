@@ -90,7 +90,7 @@ def _emit_json(obj: Any) -> None:
 
 
 def _safe(value: object) -> str:
-    """``value`` as text with control and other non-printable characters escaped (``\x1b``).
+    r"""``value`` as text with control and other non-printable characters escaped (``\x1b``).
 
     Example:
         >>> _safe("w\x1b[2J")
