@@ -28,7 +28,7 @@ from funczero.from_config import (
     optimizer_from_config,
     precision_from_config,
 )
-from funczero.module import InitFn, extract_tensors, is_meta, release_module_tensors
+from funczero.module import InitFn, extract_tensors, guard_released, is_meta, release_module_tensors
 from funczero.parallel.env import init_distributed
 from funczero.parallel.plan import Remat, ZeroPlan, build_plan
 from funczero.train.state import TrainState
@@ -117,6 +117,7 @@ def initialize(
         state = init_state(
             plan, opt, init_fn=init_fn, seed=seed, loss_scale=loss_scale, device=device
         )
+        guard_released(model)
     else:
         params, buffers = extract_tensors(model, plan.spec)
         release_module_tensors(model)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "Slots",
     "apply_module",
     "extract_tensors",
+    "guard_released",
     "is_meta",
     "materialize",
     "module_spec",
@@ -111,13 +113,34 @@ def extract_tensors(
     return params, buffers
 
 
+_BINDINGS: contextvars.ContextVar[int] = contextvars.ContextVar("funczero_bindings", default=0)
+
+
+def _refuse_unbound_call(module: nn.Module, args: Any) -> None:
+    if _BINDINGS.get() == 0:
+        raise RuntimeError(
+            f"{type(module).__name__}'s weights live in the training state (the module itself holds "
+            "meta tensors), so calling it directly would compute nothing; evaluate with "
+            "funczero.train.evaluation.make_eval_step(loss_fn, plan), or call it inside "
+            "`with funczero.train.evaluation.bound_module(plan, state) as model:` (sampling, export)"
+        )
+
+
+def guard_released(module: nn.Module) -> None:
+    """Make calling ``module`` outside a :class:`ModuleBinding` a clear error (it holds no data)."""
+    if not getattr(module, "_funczero_guarded", False):
+        module.register_forward_pre_hook(_refuse_unbound_call)
+        module._funczero_guarded = True  # type: ignore[assignment]
+
+
 def release_module_tensors(module: nn.Module) -> None:
     """Replace the module's parameters and buffers with meta tensors of the same shape.
 
-    After this the module is only a description of the computation; running it outside
-    :func:`apply_module` fails loudly on meta tensors instead of silently using stale weights.
-    Tied parameters stay tied.
+    After this the module is only a description of the computation: calling it outside a
+    :class:`ModuleBinding` (the training step, :func:`funczero.train.evaluation.bound_module`)
+    raises a clear error instead of computing on meta tensors. Tied parameters stay tied.
     """
+    guard_released(module)
     replaced: dict[int, nn.Parameter] = {}
     for mod in module.modules():
         for key, p in list(mod._parameters.items()):
@@ -151,7 +174,11 @@ def apply_module(
     new_buffers = {k: v.clone() for k, v in buffers.items()}
     tensors: dict[str, torch.Tensor] = dict(params)
     tensors.update(new_buffers)
-    out = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+    token = _BINDINGS.set(_BINDINGS.get() + 1)
+    try:
+        out = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+    finally:
+        _BINDINGS.reset(token)
     return out, new_buffers
 
 
@@ -198,6 +225,7 @@ class ModuleBinding:
         self._saved: list[tuple[dict[str, Any], str, Any]] = []
 
     def __enter__(self) -> ModuleBinding:
+        self._token = _BINDINGS.set(_BINDINGS.get() + 1)
         self._saved = [(m._parameters, a, m._parameters[a]) for m, a, _ in self.param_slots]
         self._saved += [(m._buffers, a, m._buffers[a]) for m, a, _ in self.buffer_slots]
         return self
@@ -214,6 +242,7 @@ class ModuleBinding:
         for table, attr, old in self._saved:
             table[attr] = old
         self._saved = []
+        _BINDINGS.reset(self._token)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from funczero.parallel.overlap import PrefetchOrder, Prefetcher, ReduceQueue, Re
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.units import StepContext, materialize_unit, wrap_unit_forward
 
-__all__ = ["ForwardBackward", "PrefetchOrder", "forward_backward"]
+__all__ = ["ForwardBackward", "PrefetchOrder", "forward_backward", "forward_only"]
 
 Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[Callable[..., Any], Any], Any]
@@ -91,25 +91,7 @@ def forward_backward(
         single_micro_batch=single_micro_batch, world_size=plan.world_size
     )
     ctx = StepContext(params=params, queue=ReduceQueue())
-    binding = ModuleBinding(plan.param_slots, plan.buffer_slots)
-    out_buffers: dict[str, Tensors] = {}
-    tensors: dict[str, Mapping[str, torch.Tensor]] = {}
-
-    def model(*args: Any, **kwargs: Any) -> Any:
-        # Every call starts from the state's buffers: in-place updates (BatchNorm statistics)
-        # land on copies, which become the new buffers.
-        new = {k: v.clone() for k, v in buffers.items()}
-        binding.bind(tensors["params"], new)
-        out_buffers["b"] = new
-        return plan.module(*args, **kwargs)
-
-    counts: list[torch.Tensor | None] = [None]
-
-    def run(bound: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        tensors["params"] = bound
-        loss, aux, counts[0] = _loss_and_aux(loss_fn(model, batch))
-        return loss, aux
-
+    binding, run, out_buffers, counts = _runner(plan, loss_fn, batch, buffers)
     leaves = {n: (params if not reduced else master)[n].detach().requires_grad_() for n in trainable}
     sharded = reduced and plan.policy.params_at_rest == "shard"
     if sharded:
@@ -138,6 +120,71 @@ def forward_backward(
     }
     new_buffers = out_buffers.get("b", dict(buffers))
     return ForwardBackward(loss.detach(), aux, grads, new_buffers, reduced, counts[0])
+
+
+class _Runner(NamedTuple):
+    binding: ModuleBinding
+    run: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, Any]]
+    out_buffers: dict[str, Tensors]
+    counts: list[torch.Tensor | None]
+
+
+def _runner(plan: ZeroPlan, loss_fn: LossFn, batch: Any, buffers: Mapping[str, torch.Tensor]) -> _Runner:
+    """``run(params)``: ``loss_fn`` on the module bound to ``params`` (within ``binding``)."""
+    binding = ModuleBinding(plan.param_slots, plan.buffer_slots)
+    out_buffers: dict[str, Tensors] = {}
+    counts: list[torch.Tensor | None] = [None]
+    tensors: dict[str, Mapping[str, torch.Tensor]] = {}
+
+    def model(*args: Any, **kwargs: Any) -> Any:
+        # Every call starts from the state's buffers: in-place updates (BatchNorm statistics)
+        # land on copies, which become the new buffers.
+        new = {k: v.clone() for k, v in buffers.items()}
+        binding.bind(tensors["params"], new)
+        out_buffers["b"] = new
+        return plan.module(*args, **kwargs)
+
+    def run(bound: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        tensors["params"] = bound
+        loss, aux, counts[0] = _loss_and_aux(loss_fn(model, batch))
+        return loss, aux
+
+    return _Runner(binding, run, out_buffers, counts)
+
+
+def forward_only(
+    plan: ZeroPlan,
+    loss_fn: LossFn,
+    params: Mapping[str, torch.Tensor],
+    master: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    batch: Any,
+    *,
+    order: PrefetchOrder,
+) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    """``loss_fn`` on one batch without gradients: ``(loss, aux, token count or None)``.
+
+    Stage 3 gathers each unit on use (prefetched one ahead) and frees it after, so the full
+    model never exists at once. Buffers are not updated (evaluation).
+    """
+    ctx = StepContext(params=params)
+    binding, run, _, counts = _runner(plan, loss_fn, batch, buffers)
+    sharded = plan.policy.params_at_rest == "shard"
+    anchors = {n: master[n] for n in plan.trainable}
+    if sharded:
+        ctx.prefetch = Prefetcher(order.planned(plan.blocks), ctx.gather_async)
+    try:
+        with torch.no_grad(), binding, _unit_forwards(plan, ctx if sharded else None, anchors, remat=False):
+            if ctx.prefetch is not None:
+                ctx.prefetch.start(plan.root_parts)
+            tensors: Tensors = {}
+            for su in (*plan.persistent_units, *plan.root_parts, *([] if sharded else plan.blocks)):
+                tensors.update(materialize_unit(su, ctx, anchors))
+            loss, aux = run(tensors)
+    finally:
+        if ctx.prefetch is not None:
+            ctx.prefetch.drain()
+    return loss, aux, counts[0]
 
 
 def _loss_and_aux(out: Any) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
@@ -192,21 +239,25 @@ def _run_units(
 
 @contextlib.contextmanager
 def _unit_forwards(
-    plan: ZeroPlan, ctx: StepContext | None, anchors: Mapping[str, torch.Tensor]
+    plan: ZeroPlan,
+    ctx: StepContext | None,
+    anchors: Mapping[str, torch.Tensor],
+    *,
+    remat: bool = True,
 ) -> Iterator[None]:
     """For this step only, make unit modules gather their shards when called (``ctx`` given:
-    stage 3) and recompute their forward in backward (``plan.remat_units``)."""
+    stage 3) and recompute their forward in backward (``plan.remat_units``, with ``remat``)."""
     gathered = {su.unit.name: su for su in plan.blocks} if ctx is not None else {}
     wrapped = []
     try:
         for name in plan.wrapped:
             su = gathered.get(name)
-            remat = name in plan.remat_units
-            if su is None and not remat:
+            recompute = remat and name in plan.remat_units
+            if su is None and not recompute:
                 continue
             mod = plan.module.get_submodule(name)
             gather = (su, ctx, anchors, plan.slots[name]) if su is not None and ctx is not None else None
-            mod.forward = wrap_unit_forward(mod, gather=gather, remat=remat)  # type: ignore[method-assign]
+            mod.forward = wrap_unit_forward(mod, gather=gather, remat=recompute)  # type: ignore[method-assign]
             wrapped.append(mod)
         yield
     finally:

@@ -1,0 +1,95 @@
+"""Evaluation under ZeRO: a forward-only step, and the trained weights back in the module.
+
+``make_eval_step`` runs the loss without gradients; at stage 3 each unit is gathered when it
+runs and freed after, so evaluation never holds the full model. ``bound_module`` puts the state's
+weights back into the module (gathered where sharded, ties kept) for code that calls the module
+directly, such as sampling.
+
+Example:
+    >>> import torch, funczero
+    >>> from funczero.parallel.plan import build_plan
+    >>> model = torch.nn.Linear(2, 1)
+    >>> plan = build_plan(model, stage=3)
+    >>> params, buffers = funczero.module.extract_tensors(model, plan.spec)
+    >>> state = funczero.init_state(plan, funczero.optim.sgd(0.1), params, buffers)
+    >>> funczero.module.release_module_tensors(model)
+    >>> loss_fn = lambda m, b: m(b).pow(2).mean()
+    >>> metrics = make_eval_step(loss_fn, plan)(state, torch.ones(3, 2))
+    >>> sorted(metrics)
+    ['loss']
+    >>> with bound_module(plan, state) as m:
+    ...     m(torch.ones(1, 2)).shape
+    torch.Size([1, 1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from funczero.module import ModuleBinding
+from funczero.parallel.forward_backward import PrefetchOrder, forward_only
+from funczero.parallel.plan import ZeroPlan
+from funczero.parallel.stages import gather_full
+from funczero.train.state import TrainState
+
+__all__ = ["bound_module", "make_eval_step"]
+
+EvalStep = Callable[[TrainState, Any], dict[str, torch.Tensor]]
+
+
+def make_eval_step(loss_fn: Callable[[Callable[..., Any], Any], Any], plan: ZeroPlan) -> EvalStep:
+    """Build ``eval_step(state, batch) -> metrics``: the loss on this rank's batch, no gradients.
+
+    Collective: every rank calls it with its own batch. ``metrics["loss"]`` is the mean over
+    ranks (weighted by tokens when ``loss_fn`` returns a :class:`~funczero.loss.TokenLoss`),
+    ``metrics["aux"]`` this rank's aux when there is one. The state is not changed (buffers
+    such as BatchNorm statistics are not updated) and nothing syncs with the host.
+
+    Args:
+        loss_fn: the training loss function (``loss_fn(model, batch)``).
+        plan: the ZeRO plan the state was built with.
+    """
+    order = PrefetchOrder()  # stage 3 learns the units' order from each forward, for the next
+
+    def eval_step(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
+        loss, aux, count = forward_only(
+            plan, loss_fn, state.params, state.master, state.buffers, batch, order=order
+        )
+        weight = count if count is not None else torch.ones((), device=loss.device)
+        totals = torch.stack([loss.float(), weight.float()])
+        if plan.world_size > 1:
+            torch.distributed.all_reduce(totals, group=plan.group)
+        metrics = {"loss": totals[0] / (totals[1] if count is not None else plan.world_size)}
+        if aux is not None:
+            metrics["aux"] = aux
+        return metrics
+
+    return eval_step
+
+
+@contextlib.contextmanager
+def bound_module(plan: ZeroPlan, state: TrainState, *, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+    """The plan's module with the state's weights in place, for calling it directly.
+
+    Sharded parameters are all-gathered (collective at stage 3: every rank enters it) into full
+    tensors of ``dtype`` (default: the compute dtype); tied weights stay tied. The module is
+    released again on exit. Meant for sampling (``generate``) and export, not training.
+
+    Args:
+        plan: the ZeRO plan the state was built with.
+        state: the training state.
+        dtype: dtype of the bound parameters.
+    """
+    sharded = {n: state.params[n] for n in plan.spec.params if plan.is_sharded(n)}
+    full = dict(state.params)
+    full.update(gather_full(plan, sharded, sharded=True))
+    cast = dtype or plan.precision.compute_dtype
+    full = {n: t.detach().to(cast) for n, t in full.items()}
+    with torch.no_grad(), ModuleBinding(plan.param_slots, plan.buffer_slots) as binding:
+        binding.bind(full, state.buffers)
+        yield plan.module
