@@ -1,8 +1,16 @@
 from __future__ import annotations
 
-import pytest
+import os
+from pathlib import Path
 
-from funczero.parallel.env import detect
+import pytest
+from launch_helpers.common import HELPERS, launch_env, run_launch
+
+from funczero.parallel.env import detect, shutdown
+
+#: Runs of the exit test. Each costs two torch imports (about 5 s of CPU), so CI runs a few;
+#: set FUNCZERO_TEST_EXIT_RUNS=30 (or more) to check a teardown change properly.
+EXIT_RUNS = int(os.environ.get("FUNCZERO_TEST_EXIT_RUNS", "4"))
 
 
 def test_plain_python_is_world_size_one() -> None:
@@ -37,3 +45,36 @@ def test_bad_values_are_clear_errors() -> None:
         detect({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="outside"):
         detect({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_shutdown_without_a_group_is_a_no_op() -> None:
+    shutdown()
+    shutdown()
+
+
+def test_finished_two_rank_jobs_exit_0_every_time(tmp_path: Path) -> None:
+    # The worker never destroys its group; funczero's exit hook must, or gloo may abort
+    # the finished process ("terminate called without an active exception", exit 134).
+    failures = []
+    for run in range(EXIT_RUNS):
+        result = run_launch(
+            ["--num_gpus", "2", str(HELPERS / "trivial_worker.py")],
+            cwd=tmp_path,
+            env=launch_env(tmp_path),
+            timeout=120,
+        )
+        if result.returncode != 0 or "terminate called" in result.stderr:
+            failures.append(f"run {run}: exit {result.returncode}\n{result.stderr[-2000:]}")
+        assert "[rank1]: rank 1 done" in result.stdout, result.stderr
+    assert not failures, "\n".join(failures)
+
+
+def test_shutdown_destroys_only_the_group_init_distributed_created(tmp_path: Path) -> None:
+    result = run_launch(
+        ["--num_gpus", "2", str(HELPERS / "shutdown_worker.py")],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("checks passed") == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "empty_hosts").write_text("localhost slots=0\n")
     (tmp_path / "bad.env").write_text("GOOD=1\nthis line is wrong\n")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "latin1_hosts").write_bytes(b"localhost slots=1\nn\xe9ud slots=1\n")
+    (tmp_path / "latin1.env").write_bytes(b"A=1\nB=caf\xe9\n")
+    (tmp_path / "huge_hosts").write_text("localhost slots=99999999999999999999\n")
+    (tmp_path / "dash_hosts").write_text("localhost slots=1\n-oProxyCommand=x slots=1\n")
+    (tmp_path / "nul.env").write_text("A=x\0y\n")
+    (tmp_path / "big.env").write_text(f"BIG={'x' * 1_000_000}\n")
+    (tmp_path / "binary.pid").write_bytes(b"\xff\xfe not a pid\n")
     return tmp_path
 
 
@@ -70,6 +78,27 @@ MISUSES = [
     ("--bind_cores_to_rank --bind_core_list 3-1 train.py", "range '3-1' is descending"),
     ("--log_dir a_file train.py", "--log_dir 'a_file' is a file"),
     ("--no_python not-a-command-anywhere", "is not an executable file or a command on PATH"),
+    # Hostile inputs: one clear line each, never a traceback.
+    ("-H latin1_hosts train.py", "hostfile 'latin1_hosts' line 2: byte b'\\xe9' is not UTF-8"),
+    ("--env_file latin1.env train.py", "env file 'latin1.env' line 2: byte b'\\xe9' is not UTF-8"),
+    ("-H huge_hosts train.py", "'slots=99999999999999999999' is too large"),
+    ("-H dash_hosts train.py", "line 2: '-oProxyCommand=x' is not a host name"),
+    ("--env_file nul.env train.py", "the value of A contains a NUL character"),
+    ("--env_file big.env train.py", "BIG is 1,000,005 bytes, over Linux's limit of 131,072"),
+    ("--kill_timeout nan train.py", "--kill_timeout nan is not a number of seconds"),
+    ("--kill_timeout inf train.py", "--kill_timeout inf is not a number of seconds"),
+    ("--kill_timeout -1 train.py", "--kill_timeout -1.0 is not a number of seconds"),
+    ("--num_gpus 99999999 train.py", "--num_gpus 99999999 is out of range"),
+    (
+        "--bind_cores_to_rank --bind_core_list 0-100000000 train.py",
+        "core 100000000 does not exist",
+    ),
+    (
+        "--bind_cores_to_rank --bind_core_list 0-8000 train.py",
+        "core(s) ",  # exists in principle, not on this machine
+    ),
+    ("--save_pid binary.pid train.py", "--save_pid 'binary.pid' exists and does not hold a PID"),
+    ("--save_pid . train.py", "--save_pid '.' exists and is not a regular file"),
 ]
 
 
@@ -139,3 +168,21 @@ def test_real_entry_point_runs_a_job(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "[rank0]: rank 0" in result.stdout
+
+
+def test_an_explicit_master_port_in_use_is_a_one_line_error_before_starting(workdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["launch", "--master_port", str(port), "train.py"])
+    assert result.exit_code == 2, result.output
+    assert f"--master_port {port} is in use on this machine" in result.stderr
+    assert "leave --master_port out on a single node" in result.stderr
+
+
+def test_save_pid_never_overwrites_a_file_that_is_not_a_pid_file(workdir: Path) -> None:
+    before = (workdir / "binary.pid").read_bytes()
+    result = CliRunner().invoke(app, ["launch", "--save_pid", "binary.pid", "train.py"])
+    assert result.exit_code == 2
+    assert (workdir / "binary.pid").read_bytes() == before

@@ -65,16 +65,18 @@ def test_elastic_with_max_restarts_0_fails_with_the_worker_exit_code(tmp_path: P
 
 def test_elastic_agent_killed_with_sigkill_does_not_leave_workers_running(tmp_path: Path) -> None:
     # torchrun's agent orphans its workers here; funczero's wrapper and watchdog do not.
+    # The grandchildren left the workers' sessions and ignore SIGTERM: only the keepers,
+    # child subreapers holding each worker's tree, can still find and kill them.
     proc = start_launch(
-        ["--elastic", "--num_gpus", "2", "--master_port", "0", "--kill_timeout", "1",
-         str(HELPERS / "sleeper.py")],
+        ["--elastic", "--num_gpus", "2", "--kill_timeout", "1",
+         str(HELPERS / "sleeper.py"), "--escape", "session", "--ignore-term"],
         cwd=tmp_path, env=launch_env(tmp_path),
     )  # fmt: skip
     pids = read_pids(tmp_path, 2)
     try:
         proc.kill()
         proc.communicate(timeout=30)
-        wait_for(lambda: not [pid for pid in pids if running(pid)], 20, "workers to die")
+        wait_for(lambda: not [pid for pid in pids if running(pid)], 30, "workers to die")
     finally:
         kill_leftovers(pids)
 
@@ -98,3 +100,15 @@ def read_finals(out_dir: Path) -> dict[int, dict]:
     return {
         int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in out_dir.glob("final-*.json")
     }
+
+
+def test_elastic_console_shows_one_rank_prefix_per_line(tmp_path: Path) -> None:
+    result = run_launch(
+        ["--elastic", "--num_gpus", "1", "--max_restarts", "0", str(HELPERS / "crash.py")],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "[rank0]: RuntimeError: bug of rank 0" in result.stderr
+    assert "]: [rank" not in result.stderr

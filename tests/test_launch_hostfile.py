@@ -22,6 +22,27 @@ def test_hostfile_keeps_file_order_and_skips_comments_and_blank_lines(tmp_path: 
     assert list(parse_hostfile(path).items()) == [("worker-1", 8), ("worker-0", 4), ("worker-2", 0)]
 
 
+def test_hostfile_accepts_open_mpi_max_slots_in_either_order() -> None:
+    text = "a slots=4 max_slots=8\nb max_slots=2 slots=2  # comment\n"
+    assert parse_hostfile_text(text) == {"a": 4, "b": 2}
+
+
+def test_hostfile_lines_end_only_at_newlines() -> None:
+    # U+2028 and form feeds are not line ends (str.splitlines() would split there).
+    with pytest.raises(LaunchError, match="line 1"):
+        parse_hostfile_text("a slots=1\u2028b slots=2\n")
+    assert parse_hostfile_text("a slots=1\r\nb slots=2\r\n") == {"a": 1, "b": 2}
+
+
+def test_hostfile_that_is_not_utf8_or_not_a_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_bytes(b"a slots=1\n\xffb slots=1\n")
+    with pytest.raises(LaunchError, match=r"line 2: byte b'\\xff' is not UTF-8"):
+        parse_hostfile(path)
+    with pytest.raises(LaunchError, match="is not a regular file"):
+        parse_hostfile(tmp_path)
+
+
 def test_hostfile_accepts_ipv6_hosts_bare_and_bracketed() -> None:
     hosts = parse_hostfile_text("fe80::1 slots=2\n[2001:db8::7] slots=4\n::1 slots=1\n")
     assert hosts == {"fe80::1": 2, "2001:db8::7": 4, "::1": 1}
@@ -31,8 +52,15 @@ def test_hostfile_accepts_ipv6_hosts_bare_and_bracketed() -> None:
     ("text", "fragment"),
     [
         ("a slots=2\nb slots=-1\n", "line 2: 'slots=-1' is negative; slots must be >= 0"),
-        ("a slots=4 max_slots=8\n", "line 1: unexpected 'max_slots=8' after 'slots=4'"),
+        ("a slots=4 max_slots=2\n", "line 1: max_slots=2 is below slots=4"),
+        ("a slots=4 extra\n", "line 1: 'extra' is not a slot count"),
+        ("a slots=1 slots=2\n", "line 1: slots= is given twice"),
+        ("a max_slots=8\n", "line 1: 'a' has no slot count"),
         ("a slots=4abc\n", "line 1: 'slots=4abc' is not a slot count"),
+        ("a slots=\u0663\n", "line 1: 'slots=\u0663' is not a slot count"),  # Arabic-Indic 3
+        ("a slots=4097\n", "line 1: 'slots=4097' is too large"),
+        ("-F/tmp/x slots=1\n", "line 1: '-F/tmp/x' is not a host name"),
+        ("a,b slots=1\n", "line 1: 'a,b' is not a host name"),
         ("a\n", "line 1: 'a' has no slot count"),
         ("a slots=1\nb slots=2\na slots=3\n", "line 3: host 'a' is already listed on line 1"),
         ("a count=4\n", "line 1: 'count=4' is not a slot count"),
@@ -51,7 +79,7 @@ def test_empty_hostfile_is_an_error(text: str) -> None:
 
 
 def test_missing_hostfile_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(LaunchError, match="cannot read hostfile"):
+    with pytest.raises(LaunchError, match="hostfile '.*nope' does not exist"):
         parse_hostfile(tmp_path / "nope")
 
 

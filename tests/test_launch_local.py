@@ -22,6 +22,7 @@ from launch_helpers.common import (
     wait_for,
 )
 
+CRASH = str(HELPERS / "crash.py")
 DUMP = str(HELPERS / "dump_env.py")
 SLEEPER = str(HELPERS / "sleeper.py")
 TRICKY_ARGS = ["two words", 'it\'s "quoted"', "$HOME", "semi;colon", "100%n", ""]
@@ -180,8 +181,7 @@ def test_sigint_escalates_to_sigkill_after_kill_timeout_and_exits_130(tmp_path: 
         cwd=tmp_path,
         env=launch_env(tmp_path),
     )
-    pids = read_pids(tmp_path, 2)
-    time.sleep(0.3)  # let the workers install their SIGTERM-ignoring handlers
+    pids = read_pids(tmp_path, 2)  # reported once every process ignores SIGTERM
     try:
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -194,6 +194,66 @@ def test_sigint_escalates_to_sigkill_after_kill_timeout_and_exits_130(tmp_path: 
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
 
+def test_sigint_works_even_when_the_test_itself_started_with_sigint_ignored(
+    tmp_path: Path,
+) -> None:
+    # `pytest &` in a script starts with SIGINT ignored; the helpers restore it for the launcher.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = start_launch(
+            ["--num_gpus", "1", "--kill_timeout", "5", SLEEPER], cwd=tmp_path, env=launch_env(tmp_path)
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    pids = read_pids(tmp_path, 1)
+    try:
+        proc.send_signal(signal.SIGINT)
+        code, _, err = finish(proc)
+    finally:
+        kill_leftovers(pids)
+    assert code == 130, err
+    assert "received SIGINT" in err
+
+
+@pytest.mark.parametrize("escape", ["group", "session", "jobshell"])
+def test_sigterm_stops_grandchildren_that_left_the_workers_group_or_session(
+    tmp_path: Path, escape: str
+) -> None:
+    proc = start_launch(
+        ["--num_gpus", "1", "--kill_timeout", "1", SLEEPER, "--escape", escape, "--ignore-term"],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
+    )
+    pids = read_pids(tmp_path, 1)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc)
+    finally:
+        kill_leftovers(pids)
+    assert code == 143, err
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]  # killed and reaped
+
+
+@pytest.mark.parametrize("escape", ["group", "session", "jobshell"])
+def test_launcher_killed_with_sigkill_leaves_no_grandchild_in_another_group_or_session(
+    tmp_path: Path, escape: str
+) -> None:
+    proc = start_launch(
+        ["--num_gpus", "1", "--kill_timeout", "1", SLEEPER, "--escape", escape, "--ignore-term"],
+        cwd=tmp_path,
+        env=launch_env(tmp_path),
+    )
+    pids = read_pids(tmp_path, 1)
+    try:
+        proc.kill()  # SIGKILL: no handler of the launcher runs
+        proc.communicate(timeout=30)
+        # The keeper gets the parent-death signal and stops its tree: SIGTERM is ignored
+        # here, so SIGKILL after --kill_timeout 1. Bounded, with room for a loaded machine.
+        wait_for(lambda: not [pid for pid in pids if running(pid)], 30, "the whole tree to die")
+    finally:
+        kill_leftovers(pids)
+
+
 def test_launcher_killed_with_sigkill_does_not_leave_workers_running(tmp_path: Path) -> None:
     proc = start_launch(
         ["--num_gpus", "2", "--master_port", "0", "--kill_timeout", "1", SLEEPER],
@@ -204,7 +264,7 @@ def test_launcher_killed_with_sigkill_does_not_leave_workers_running(tmp_path: P
     try:
         proc.kill()  # SIGKILL: no handler runs in the launcher
         proc.communicate(timeout=30)
-        # Workers: parent-death signal. Grandchildren: the watchdog kills the groups.
+        # Keepers: parent-death signal; each stops its worker's whole tree.
         wait_for(lambda: not [pid for pid in pids if running(pid)], 20, "workers to die")
     finally:
         kill_leftovers(pids)
@@ -261,3 +321,50 @@ def test_gloo_all_reduce_runs_through_the_launcher(tmp_path: Path) -> None:
         1: (2, 3.0),
     }
     json.dumps(records)
+
+
+def test_the_same_traceback_on_every_rank_is_printed_once_with_one_prefix(tmp_path: Path) -> None:
+    result = run_launch(["--num_gpus", "3", CRASH, "--same"], cwd=tmp_path, env=launch_env(tmp_path))
+    assert result.returncode == 1, result.stderr
+    err = result.stderr
+    assert err.count("Traceback (most recent call last):") == 1, err
+    assert err.count("RuntimeError: the same bug on every rank") == 1, err
+    assert "]: [rank" not in err  # torch's prefix and ours: one is shown
+    assert err.count("(traceback identical to rank ") == 2, err
+    for rank in range(3):
+        assert f"[rank{rank}]: rank {rank} starting" in err
+
+
+def test_different_tracebacks_are_each_printed_once(tmp_path: Path) -> None:
+    result = run_launch(
+        ["--num_gpus", "2", "--log_dir", "logs", CRASH], cwd=tmp_path, env=launch_env(tmp_path)
+    )
+    assert result.returncode == 1, result.stderr
+    err = result.stderr
+    assert err.count("Traceback (most recent call last):") == 2, err
+    for rank in range(2):
+        assert err.count(f"RuntimeError: bug of rank {rank}") == 1, err
+        # The log keeps the rank's whole output, without torch's prefix.
+        log = (tmp_path / "logs" / f"rank-0000{rank}.log").read_text()
+        assert f"RuntimeError: bug of rank {rank}" in log and "[rank" not in log
+    failed = int(err.split("funczero launch: rank ")[1].split()[0])
+    report = err[err.index(f"stderr line(s) of rank {failed}:") :]
+    assert f"  |   File \"{CRASH}\"" in report  # the failing rank's traceback, in the report
+
+
+def test_a_port_in_use_gets_a_hint_in_the_failure_report(tmp_path: Path) -> None:
+    script = tmp_path / "taken.py"
+    script.write_text(
+        "import sys\n"
+        "print('torch.distributed.DistNetworkError: The server socket has failed to listen on "
+        "any local network address. port: 29577, useIpv6: false, code: -98, name: "
+        "EADDRINUSE, message: address already in use', file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
+    result = run_launch(
+        ["--node_rank", "1", "--num_nodes", "2", "--master_addr", "127.0.0.1",
+         "--master_port", "29577", str(script)],
+        cwd=tmp_path, env=launch_env(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "hint: the rendezvous port 29577 is in use on the master host" in result.stderr

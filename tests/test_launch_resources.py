@@ -160,11 +160,35 @@ def test_env_file_allows_comments_blank_lines_export_and_quotes() -> None:
     }
 
 
+def test_env_file_drops_trailing_comments_like_shells_and_dotenv() -> None:
+    text = (
+        "A=a # comment\nB=a#b\nC='q # kept' # dropped\nD=\"it's\"  # x\nE=  #x\n"
+        "F='it's'\nG=\"unterminated # dropped\n"
+    )
+    assert parse_env_text(text, "f") == {
+        "A": "a",
+        "B": "a#b",
+        "C": "q # kept",
+        "D": "it's",
+        "E": "#x",
+        "F": "it's",
+        "G": '"unterminated',
+    }
+
+
+def test_env_file_lines_end_only_at_newlines() -> None:
+    # U+2028 inside a value must not start a new line that sets another variable.
+    text = "A=x\u2028B=1\nC=y\x0cz\x1cw\r\n"
+    assert parse_env_text(text, "f") == {"A": "x\u2028B=1", "C": "y\x0cz\x1cw"}
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
         ("A=1\nnot an assignment\n", "env file f line 2: 'not an assignment' has no '='"),
         ("1A=1\n", "env file f line 1: '1A' is not a valid variable name"),
+        ("A=1\nB=x\0y\n", "env file f line 2: the value of B contains a NUL character"),
+        (f"A={'v' * 131_070}\n", "env file f line 1: A is 131,073 bytes, over Linux's limit"),
     ],
 )
 def test_bad_env_file_line_is_an_error_naming_the_line(text: str, fragment: str) -> None:

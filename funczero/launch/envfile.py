@@ -4,7 +4,9 @@
 then from the working directory (which wins for the same key); ``--env_file`` names
 one file to read instead. Blank lines, ``# comments`` and an ``export `` prefix are
 allowed. Values are taken literally: no ``$VAR`` expansion, no command
-substitution; one pair of matching outer quotes is removed.
+substitution, no escapes; one pair of matching outer quotes is removed. As in shells
+and python-dotenv, `` # comment`` after an unquoted value (a ``#`` after
+whitespace) or after a quoted one is dropped; ``a#b`` keeps its ``#``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from funczero.launch.errors import LaunchError
+from funczero.launch.hostfile import read_text_file
+from funczero.launch.procs import ARG_STRLEN_MAX
 
 __all__ = [
     "ENV_FILE_NAME",
@@ -31,12 +35,17 @@ ENV_FILE_NAME = ".funczero_env"
 EXPORT_PREFIXES = ("NCCL", "PYTHON", "UCX")
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A quoted value: the shortest quoted text after which only whitespace and a comment remain.
+_QUOTED = re.compile(r"""(["'])(.*?)\1\s*(?:#.*)?""", re.DOTALL)
+_TRAILING_COMMENT = re.compile(r"\s+#.*", re.DOTALL)
 
 
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
+def _value(text: str) -> str:
+    """The value of ``KEY=text``: unquoted, its trailing comment dropped."""
+    quoted = _QUOTED.fullmatch(text)
+    if quoted is not None:
+        return quoted.group(2)
+    return _TRAILING_COMMENT.sub("", text)
 
 
 def parse_env_text(text: str, source: str) -> dict[str, str]:
@@ -50,11 +59,17 @@ def parse_env_text(text: str, source: str) -> dict[str, str]:
         The variables in file order; a later line wins for a repeated key.
 
     Raises:
-        LaunchError: If a line has no ``=`` or the key is not a valid name.
+        LaunchError: If a line has no ``=``, the key is not a valid name, or the value
+            holds a NUL character or is too long to pass to a program.
+
+    Example:
+        >>> parse_env_text('A=1 # one\\nB="x # y" # z\\nexport C=a#b\\n', "f")
+        {'A': '1', 'B': 'x # y', 'C': 'a#b'}
     """
     result: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    # Only "\n" ends a line: str.splitlines() would also split a value at U+2028 etc.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r").strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
@@ -71,7 +86,20 @@ def parse_env_text(text: str, source: str) -> dict[str, str]:
                 f"env file {source} line {number}: {key!r} is not a valid variable name; "
                 "use letters, digits and '_' and do not start with a digit"
             )
-        result[key] = _unquote(value.strip())
+        value = _value(value.strip())
+        if "\0" in value:
+            raise LaunchError(
+                f"env file {source} line {number}: the value of {key} contains a NUL character, "
+                "which no environment variable can hold; remove it"
+            )
+        size = len(f"{key}={value}".encode()) + 1
+        if size > ARG_STRLEN_MAX:
+            raise LaunchError(
+                f"env file {source} line {number}: {key} is {size:,} bytes, over Linux's limit "
+                f"of {ARG_STRLEN_MAX:,} bytes for one variable; put the data in a file and its "
+                "path in the variable"
+            )
+        result[key] = value
     return result
 
 
@@ -99,20 +127,17 @@ def load_env_files(explicit: str | Path | None = None) -> dict[str, str]:
     """
     if explicit is not None:
         path = Path(explicit)
-        if not path.is_file():
+        if not path.exists():
             raise LaunchError(
                 f"--env_file {str(explicit)!r} does not exist; pass an existing "
                 "KEY=VALUE file or drop the flag"
             )
         files = [path]
     else:
-        files = [p for p in default_env_files() if p.is_file()]
+        files = [p for p in default_env_files() if p.exists()]
     merged: dict[str, str] = {}
     for path in files:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise LaunchError(f"cannot read env file {path}: {exc.strerror}") from None
+        text = read_text_file(path, "env file")
         merged.update(parse_env_text(text, str(path)))
     return merged
 

@@ -1,7 +1,8 @@
 """Hostfiles and DeepSpeed's ``--include`` / ``--exclude`` grammar.
 
-A hostfile lists one host per line as ``HOST slots=N``; ``#`` starts a comment.
-File order is node order, and node order is global-rank order.
+A hostfile lists one host per line as ``HOST slots=N`` (Open MPI's ``max_slots=M``
+may follow and is ignored); ``#`` starts a comment. File order is node order, and
+node order is global-rank order.
 
 A filter is ``NODE_SPEC[@NODE_SPEC...]`` with ``NODE_SPEC = HOST[:SLOT[,SLOT...]]``.
 IPv6 hosts are written bare when the text is unambiguous (``fe80::1`` names a host
@@ -22,13 +23,64 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from funczero.launch.errors import LaunchError
+from funczero.launch.options import MAX_SLOTS_PER_NODE
 
-__all__ = ["Pool", "apply_filters", "parse_filter", "parse_hostfile", "parse_hostfile_text"]
+__all__ = [
+    "Pool",
+    "apply_filters",
+    "parse_filter",
+    "parse_hostfile",
+    "parse_hostfile_text",
+    "read_text_file",
+]
 
 #: Ordered ``host -> slot ids``; dict order is node order.
 Pool = dict[str, list[int]]
 
-_SLOTS = re.compile(r"slots=(-?\d+)")
+_COUNT = re.compile(r"(max_slots|slots)=(-?[0-9]+)")
+#: Larger files are not hostfiles or env files (and /dev/zero must not fill memory).
+_MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """Read a small UTF-8 text file (hostfile, env file) with one-line errors.
+
+    Args:
+        path: The file.
+        what: How messages name it, e.g. ``"hostfile"``.
+
+    Raises:
+        LaunchError: If it is missing, not a regular file, over 16 MiB, unreadable,
+            or not UTF-8 (naming the line of the first bad byte).
+    """
+    path = Path(path)
+    if not path.is_file():
+        state = "is not a regular file" if path.exists() else "does not exist"
+        raise LaunchError(f"{what} {str(path)!r} {state}; pass an existing text file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise LaunchError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+    if len(data) > _MAX_FILE_BYTES:
+        raise LaunchError(
+            f"{what} {str(path)!r} is larger than {_MAX_FILE_BYTES // 2**20} MiB; is it the "
+            "right file?"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LaunchError(
+            f"{what} {str(path)!r} line {line}: byte {data[exc.start:exc.start + 1]!r} is not "
+            "UTF-8 text; save the file as UTF-8"
+        ) from None
+
+
+def _text_lines(text: str) -> list[str]:
+    # Only "\n" ends a line (with an optional "\r"): str.splitlines() would also split at
+    # U+2028, form feeds and other characters that may appear inside a value.
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _strip_brackets(host: str) -> str:
@@ -49,38 +101,30 @@ def parse_hostfile_text(text: str, source: str = "hostfile") -> dict[str, int]:
         Hosts in file order with their slot counts (``slots=0`` is kept).
 
     Raises:
-        LaunchError: On a malformed line, a negative or non-numeric slot count,
-            a duplicate host, or a file without entries. The message names the line.
+        LaunchError: On a malformed line, a negative, huge or non-numeric slot count,
+            a host name that could be taken for an option, a duplicate host, or a
+            file without entries. The message names the line.
+
+    Example:
+        >>> parse_hostfile_text("gpu-1 slots=8  # rack A\\ngpu-2 slots=4 max_slots=8\\n")
+        {'gpu-1': 8, 'gpu-2': 4}
     """
     hosts: dict[str, int] = {}
     first_line: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(_text_lines(text), start=1):
         content = raw.split("#", 1)[0].strip()
         if not content:
             continue
         where = f"{source} line {number}"
-        tokens = content.split()
-        if len(tokens) == 1:
-            raise LaunchError(
-                f"{where}: {content!r} has no slot count; write 'HOST slots=N', "
-                f"e.g. '{tokens[0]} slots=8'"
-            )
-        host, slots_text, *extra = tokens
-        if extra:
-            raise LaunchError(
-                f"{where}: unexpected {' '.join(extra)!r} after {slots_text!r}; only a "
-                "'# comment' may follow 'HOST slots=N'"
-            )
-        match = _SLOTS.fullmatch(slots_text)
-        if match is None:
-            raise LaunchError(
-                f"{where}: {slots_text!r} is not a slot count; write 'slots=N' with N a "
-                "whole number >= 0"
-            )
-        slots = int(match.group(1))
-        if slots < 0:
-            raise LaunchError(f"{where}: {slots_text!r} is negative; slots must be >= 0")
+        host, *tokens = content.split()
+        counts = _slot_counts(tokens, where, host)
         host = _strip_brackets(host)
+        if host.startswith("-") or "," in host:
+            raise LaunchError(
+                f"{where}: {host!r} is not a host name (a leading '-' would be read as an "
+                "ssh option, a ',' splits host lists); fix the name"
+            )
+        slots = counts["slots"]
         if host in hosts:
             raise LaunchError(
                 f"{where}: host {host!r} is already listed on line {first_line[host]}; "
@@ -96,19 +140,46 @@ def parse_hostfile_text(text: str, source: str = "hostfile") -> dict[str, int]:
     return hosts
 
 
+def _slot_counts(tokens: list[str], where: str, host: str) -> dict[str, int]:
+    """Parse ``slots=N [max_slots=M]`` (any order) of one hostfile line."""
+    counts: dict[str, int] = {}
+    for token in tokens:
+        match = _COUNT.fullmatch(token)
+        if match is None:
+            raise LaunchError(
+                f"{where}: {token!r} is not a slot count; write 'HOST slots=N' with N a whole "
+                "number >= 0 (only 'max_slots=M' or a '# comment' may follow)"
+            )
+        key, value = match.group(1), int(match.group(2))
+        if key in counts:
+            raise LaunchError(f"{where}: {key}= is given twice; give it once")
+        if value < 0:
+            raise LaunchError(f"{where}: {token!r} is negative; {key} must be >= 0")
+        if value > MAX_SLOTS_PER_NODE:
+            raise LaunchError(
+                f"{where}: {token!r} is too large; a host runs at most {MAX_SLOTS_PER_NODE} "
+                "workers"
+            )
+        counts[key] = value
+    if "slots" not in counts:
+        raise LaunchError(
+            f"{where}: {host!r} has no slot count; write 'HOST slots=N', e.g. '{host} slots=8'"
+        )
+    if counts.get("max_slots", counts["slots"]) < counts["slots"]:
+        raise LaunchError(
+            f"{where}: max_slots={counts['max_slots']} is below slots={counts['slots']}; "
+            "max_slots must be >= slots"
+        )
+    return counts
+
+
 def parse_hostfile(path: str | Path) -> dict[str, int]:
     """Read and parse a hostfile; see :func:`parse_hostfile_text`.
 
     Raises:
-        LaunchError: If the file cannot be read or is malformed.
+        LaunchError: If the file cannot be read, is not UTF-8, or is malformed.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise LaunchError(
-            f"cannot read hostfile {str(path)!r}: {exc.strerror}; pass an existing file "
-            "with --hostfile"
-        ) from None
+    text = read_text_file(path, "hostfile")
     return parse_hostfile_text(text, source=f"hostfile {path}")
 
 

@@ -35,9 +35,10 @@ def find_hostfile(hostfile: str | None) -> Path | None:
     if hostfile is not None:
         path = Path(hostfile)
         if not path.is_file():
+            state = "is not a regular file" if path.exists() else "does not exist"
             raise LaunchError(
-                f"--hostfile {hostfile!r} does not exist; pass an existing file, or drop "
-                "the flag to run on this machine"
+                f"--hostfile {hostfile!r} {state}; pass an existing file, or drop the flag "
+                "to run on this machine"
             )
         return path
     default = Path(DEFAULT_HOSTFILE)

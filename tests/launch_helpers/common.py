@@ -36,6 +36,13 @@ def launch_env(
     return env
 
 
+def _default_signals() -> None:
+    # A test run in a background job (`pytest &`) starts with SIGINT ignored, and the
+    # launcher (rightly) keeps an ignored signal ignored; the tests send SIGINT on purpose.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def launch_argv(*args: str) -> list[str]:
     """Command line of ``funczero launch ARGS`` (through the torch-free bootstrap)."""
     return [sys.executable, str(CLI), "launch", *args]
@@ -53,6 +60,7 @@ def run_launch(
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=_default_signals,  # noqa: PLW1509 - the test process starts no threads
     )
 
 
@@ -67,6 +75,7 @@ def start_launch(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals,  # noqa: PLW1509 - the test process starts no threads
     )
 
 
@@ -91,13 +100,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def read_pids(out_dir: Path, count: int, timeout: float = 30.0) -> list[int]:
-    """Wait for ``count`` sleeper workers to report; return worker and grandchild PIDs."""
+def read_pids(out_dir: Path, count: int, timeout: float = 60.0) -> list[int]:
+    """Wait for ``count`` sleeper workers to report; return the PIDs of all they started."""
     wait_for(lambda: len(list(out_dir.glob("pids-*.json"))) >= count, timeout, f"{count} workers")
     pids = []
     for path in sorted(out_dir.glob("pids-*.json")):
         record = json.loads(path.read_text())
-        pids += [record["worker"], record["grandchild"]]
+        pids += [record["worker"], record["grandchild"], *record.get("extra", [])]
     return pids
 
 
