@@ -112,7 +112,7 @@ def parse_records(metadata: Mapping[str, str]) -> dict[str, Record]:
     text = metadata.get(RECORDS_KEY)
     if text is None:
         raise ValueError(f"its header has no __metadata__[{RECORDS_KEY!r}] (format version 2)")
-    raw = loads_json(text)
+    raw = loads_json(text, max_depth=None)  # validated record by record
     if not isinstance(raw, dict):
         raise ValueError(f"__metadata__[{RECORDS_KEY!r}] is not a JSON object")  # noqa: TRY004
     out: dict[str, Record] = {}

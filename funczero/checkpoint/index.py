@@ -40,9 +40,11 @@ from funczero.checkpoint.format import (
     LAYOUTS,
     MAX_DIM,
     MAX_INDEX_BYTES,
+    MAX_JSON_DEPTH,
     MAX_NDIM,
     MAX_WORLD_SIZE,
     PRECISIONS,
+    deeper_than,
     dtype_from_name,
     shard_file_name,
     validate_tag,
@@ -202,6 +204,9 @@ def parse_index(raw: Any, tag_dir: Path) -> Index:
     }
     _check_aliases(tensors, where)
     _check_file_sizes(tensors, files, where)
+    free_form = {k: v for k, v in raw.items() if k not in ("tensors", "files")}
+    if deeper_than(free_form, MAX_JSON_DEPTH):  # reshard copies and re-serialises them
+        raise _fail(where, f"values nested more than {MAX_JSON_DEPTH} levels deep")
     per_rank = raw.get("client_state_per_rank")
     if per_rank is not None and (not isinstance(per_rank, list) or len(per_rank) != world):
         raise _fail(where, f"client_state_per_rank must be a list of {world} client states")
@@ -449,7 +454,7 @@ def read_index(tag_dir: Path) -> Index:
             "save leaves no index); pick another tag with list_tags()"
         ) from None
     try:
-        raw = loads_json(data)
+        raw = loads_json(data, max_depth=None)  # parse_index checks the free-form parts
     except ValueError as e:
         raise CorruptCheckpointError(
             f"{INDEX_NAME} is not valid JSON: {e}", where=str(tag_dir)

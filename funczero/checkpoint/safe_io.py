@@ -138,11 +138,13 @@ def safe_child(directory: Path, name: str) -> Path:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: only then find which key, in Python
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -157,13 +159,14 @@ def _finite(text: str) -> float:
     return value
 
 
-def loads_json(text: str | bytes) -> Any:
+def loads_json(text: str | bytes, *, max_depth: int | None = MAX_JSON_DEPTH) -> Any:
     """Parse JSON strictly, or raise ``ValueError`` saying why.
 
     Refused: duplicate keys, ``NaN``/``Infinity``, numbers beyond the float range (``1e400``)
-    or of more than 4,300 digits, nesting deeper than :data:`~funczero.checkpoint.format.
-    MAX_JSON_DEPTH` levels, and bytes that are not UTF-8 (``UnicodeDecodeError`` is a
-    ``ValueError``).
+    or of more than 4,300 digits, bytes that are not UTF-8 (``UnicodeDecodeError`` is a
+    ``ValueError``), JSON too deep for the parser, and nesting deeper than ``max_depth``
+    levels. ``max_depth=None`` skips that last check (it walks every value), for callers that
+    validate the whole structure anyway or check the depth of its free-form parts.
 
     Example:
         >>> loads_json('{"a": 1, "a": 2}')
@@ -176,10 +179,7 @@ def loads_json(text: str | bytes) -> Any:
             text, object_pairs_hook=_no_duplicates, parse_constant=_constant, parse_float=_finite
         )
     except RecursionError:
-        value = None
-        deep = True
-    else:
-        deep = deeper_than(value, MAX_JSON_DEPTH)
-    if deep:
-        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        raise ValueError("JSON nested too deeply to parse") from None
+    if max_depth is not None and deeper_than(value, max_depth):
+        raise ValueError(f"JSON nested more than {max_depth} levels deep")
     return value

@@ -89,7 +89,8 @@ def _created(tag_dir: Path) -> tuple[int, int] | None:
     not listed: listing must never fail, or hang, because of one bad sibling.
     """
     try:
-        raw = loads_json(read_limited(tag_dir / INDEX_NAME, MAX_INDEX_BYTES, what=INDEX_NAME))
+        data = read_limited(tag_dir / INDEX_NAME, MAX_INDEX_BYTES, what=INDEX_NAME)
+        raw = loads_json(data, max_depth=None)  # only two numbers are read
     except (OSError, ValueError, CheckpointError):
         return None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:

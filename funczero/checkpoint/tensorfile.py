@@ -254,7 +254,7 @@ class TensorFile:
             )
         self.header = head + self._read_exact(8, n)
         try:
-            raw = loads_json(self.header[8:])
+            raw = loads_json(self.header[8:], max_depth=None)  # validated entry by entry
         except ValueError as e:
             raise self._bad(f"header is not valid JSON ({e})") from e
         if not isinstance(raw, dict):
