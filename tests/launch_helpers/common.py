@@ -18,7 +18,7 @@ REPO = HELPERS.parents[1]
 CLI = HELPERS / "cli.py"
 
 #: Hard limit for one launcher run in the tests (the suite must never hang).
-RUN_TIMEOUT = 60.0
+RUN_TIMEOUT = 120.0
 
 
 def launch_env(
