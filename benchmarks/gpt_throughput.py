@@ -62,6 +62,7 @@ from funczero.train.step import init_state, make_train_step  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 ALL_SYSTEMS = ("funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "ddp", "fsdp2", "ds1", "ds2", "ds3")
+REMAT_SYSTEMS = tuple(f"funczero-z{s}-remat" for s in range(4))  # activation checkpointing per block
 ALIASES = {f"z{s}": f"funczero-z{s}" for s in range(4)} | {f"fz{s}": f"funczero-z{s}" for s in range(4)}
 
 
@@ -94,9 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup, args.steps = 1, 2
     args.systems = [ALIASES.get(s.strip(), s.strip()) for s in args.systems.split(",") if s.strip()]
     args.profile = {ALIASES.get(s.strip(), s.strip()) for s in args.profile.split(",") if s.strip()}
-    unknown = set(args.systems) - set(ALL_SYSTEMS)
+    unknown = set(args.systems) - set(ALL_SYSTEMS) - set(REMAT_SYSTEMS)
     if unknown:
-        ap.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+        ap.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS + REMAT_SYSTEMS}")
     if args.nprocs is None:
         args.nprocs = torch.cuda.device_count() if args.device == "cuda" else 2
     return args
@@ -124,10 +125,14 @@ def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
 # Each returns ``step() -> loss tensor`` (this rank's or the global mean) and a cleanup.
 
 
-def setup_funczero(stage: int, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+def setup_funczero(
+    stage: int, args: argparse.Namespace, device: torch.device, remat: bool = False
+) -> Callable[[], Any]:
     model = build_model(args, device)
     precision = Precision.from_name("bf16", reduce_dtype=args.reduce_dtype)
-    plan = build_plan(model, stage=stage, precision=precision, param_persistence_threshold=100_000)
+    plan = build_plan(
+        model, stage=stage, precision=precision, param_persistence_threshold=100_000, remat=remat
+    )
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
     opt = optim.adamw(args.lr, weight_decay=0.01)
@@ -213,7 +218,7 @@ def setup_deepspeed(stage: int, args: argparse.Namespace, device: torch.device) 
 
 def setup(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
     if name.startswith("funczero-z"):
-        return setup_funczero(int(name[-1]), args, device)
+        return setup_funczero(int(name[len("funczero-z")]), args, device, remat=name.endswith("-remat"))
     if name == "ddp":
         return setup_ddp(args, device)
     if name == "fsdp2":

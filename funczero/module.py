@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -237,6 +237,14 @@ class ModuleBinding:
         for mod, attr, key in self.buffer_slots:
             if key in buffers:
                 mod._buffers[attr] = buffers[key]
+
+    def unbind(self, keys: Iterable[str]) -> None:
+        """Put back what the module held before the binding, for the tensors of ``keys``."""
+        drop = set(keys)
+        slots = (*self.param_slots, *self.buffer_slots)
+        for (_, _, key), (table, attr, old) in zip(slots, self._saved):
+            if key in drop:
+                table[attr] = old
 
     def __exit__(self, *exc: object) -> None:
         for table, attr, old in self._saved:

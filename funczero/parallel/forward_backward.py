@@ -104,7 +104,7 @@ def forward_backward(
             if not reduced:
                 loss, aux = run({**params, **leaves})
             else:  # leaves are the fp32 anchors the unit boundaries reduce gradients into
-                loss, aux = _run_units(plan, ctx, leaves, run, order)
+                loss, aux = _run_units(plan, ctx, leaves, run, order, binding)
             inputs = list(leaves.values())
             grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
     finally:
@@ -146,7 +146,10 @@ def _runner(plan: ZeroPlan, loss_fn: LossFn, batch: Any, buffers: Mapping[str, t
 
     def run(bound: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         tensors["params"] = bound
-        loss, aux, counts[0] = _loss_and_aux(loss_fn(model, batch))
+        try:
+            loss, aux, counts[0] = _loss_and_aux(loss_fn(model, batch))
+        finally:
+            del tensors["params"]  # what backward needs, autograd keeps
         return loss, aux
 
     return _Runner(binding, run, out_buffers, counts)
@@ -210,6 +213,7 @@ def _run_units(
     anchors: Mapping[str, torch.Tensor],
     run: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, Any]],
     order: PrefetchOrder,
+    binding: ModuleBinding,
 ) -> tuple[torch.Tensor, Any]:
     """Forward with every unit behind its boundary, so backward reduces unit by unit."""
     tensors: Tensors = {}
@@ -230,6 +234,10 @@ def _run_units(
         try:
             out = run({**tensors, **root})
         finally:
+            # The root's gathered parameters go after forward (an embedding's backward does not
+            # read its weight): only what autograd saved keeps them. Blocks recomputed in
+            # backward gather their own; persistent parameters stay bound.
+            binding.unbind(root)
             del root
             ctx.prefetch.end_forward()
     # The order this forward ran the units in: the next step prefetches in it.
