@@ -40,7 +40,7 @@ import torch
 from funczero.checkpoint.atomic import fsync_dir
 from funczero.checkpoint.entry import TensorEntry
 from funczero.checkpoint.errors import CheckpointExistsError, CorruptCheckpointError
-from funczero.checkpoint.index import read_index
+from funczero.checkpoint.index import Index, read_index
 from funczero.checkpoint.reader import BLOCK_ELEMS, ShardReader
 from funczero.checkpoint.tags import resolve
 from funczero.checkpoint.tensorfile import TensorFileWriter
@@ -72,6 +72,10 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+Output = tuple[str, TensorEntry, torch.dtype]
+"""``(key, source tensor, dtype)`` of one tensor of the output."""
+
+
 def consolidate(
     directory: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -97,40 +101,10 @@ def consolidate(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}")
-    target = _DTYPES[dtype]
     tag_dir = resolve(directory, tag)
     index = read_index(tag_dir)
-    shapes = index.param_shapes
-    tensors = index.tensors
-    aliases = index.aliases
-    skip = set(index.non_persistent_buffers)
-
-    outputs: list[tuple[str, TensorEntry, torch.dtype]] = []
-    for name in shapes:
-        source = tensors.get(f"master/{name}") or tensors.get(f"params/{name}")
-        if source is None:
-            raise CorruptCheckpointError(
-                f"parameter {name} has neither master/ nor params/ tensor", where=str(tag_dir)
-            )
-        out_dtype = target if source.dtype.is_floating_point else source.dtype
-        for key in [name] + sorted(a for a, c in aliases.items() if c == name and a != name):
-            outputs.append((key, source, out_dtype))
-    for path, e in tensors.items():
-        if e.kind == "buffer":
-            key = path.split("/", 1)[1]  # the index's validation guarantees 'buffers/<fqn>'
-            if key not in skip:
-                outputs.append((key, e, e.dtype))
-
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    groups: list[list[tuple[str, TensorEntry, torch.dtype]]] = [[]]
-    size = 0
-    for item in outputs:
-        nbytes = item[1].numel * item[2].itemsize
-        if limit is not None and groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += nbytes
+    groups = _split(_outputs(index, _DTYPES[dtype], str(tag_dir)), limit)
     n = len(groups)
     names = (
         ["model.safetensors"]
@@ -148,18 +122,77 @@ def consolidate(
             f"{out_dir} already holds {', '.join(clash)}; pass overwrite=True (--overwrite) "
             "or choose another directory"
         )
+    written = _write_files(tag_dir, index, out_dir, list(zip(names, groups)))
+    if n > 1:
+        weight_map = {k: name for name, group in zip(names, groups) for k, _, _ in group}
+        total = sum(e.numel * d.itemsize for group in groups for _, e, d in group)
+        text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        (out_dir / "model.safetensors.index.json").write_text(text + "\n", encoding="utf-8")
+        written.append(out_dir / "model.safetensors.index.json")
+    fsync_dir(out_dir)
+    return written
 
+
+def _outputs(index: Index, target: torch.dtype, where: str) -> list[Output]:
+    """Every tensor of the output: parameters (and their tied aliases), then buffers."""
+    tensors = index.tensors
+    outputs: list[Output] = []
+    for name in index.param_shapes:
+        source = tensors.get(f"master/{name}") or tensors.get(f"params/{name}")
+        if source is None:
+            raise CorruptCheckpointError(
+                f"parameter {name} has neither master/ nor params/ tensor", where=where
+            )
+        out_dtype = target if source.dtype.is_floating_point else source.dtype
+        tied = sorted(a for a, c in index.aliases.items() if c == name and a != name)
+        outputs += [(key, source, out_dtype) for key in [name, *tied]]
+    skip = set(index.non_persistent_buffers)
+    for path, e in tensors.items():
+        if e.kind == "buffer":
+            key = path.split("/", 1)[1]  # the index's validation guarantees 'buffers/<fqn>'
+            if key not in skip:
+                outputs.append((key, e, e.dtype))
+    seen: set[str] = set()
+    for key, _, _ in outputs:
+        if key in seen:
+            raise CorruptCheckpointError(
+                f"{key!r} is both a parameter (or tied alias) and a buffer, or tied twice: "
+                "a state dict cannot hold it twice",
+                where=where,
+            )
+        seen.add(key)
+    return outputs
+
+
+def _split(outputs: list[Output], limit: int | None) -> list[list[Output]]:
+    """Files of at most ``limit`` bytes (one, without a limit), in order."""
+    groups: list[list[Output]] = [[]]
+    size = 0
+    for item in outputs:
+        nbytes = item[1].numel * item[2].itemsize
+        if limit is not None and groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    return groups
+
+
+def _write_files(
+    tag_dir: Path, index: Index, out_dir: Path, files: list[tuple[str, list[Output]]]
+) -> list[Path]:
+    """Stream every file to a hidden temporary name, then publish them all (renames)."""
     meta = {
         "format": "pt",
         "funczero_source": f"{index.tag} (step {index.step})",
-        "funczero_tied": json.dumps(aliases, sort_keys=True),
+        "funczero_tied": json.dumps(dict(index.aliases), sort_keys=True),
     }
-    written: list[Path] = []
     nonce = uuid.uuid4().hex[:12]
     temps: list[Path] = []
+    written: list[Path] = []
     try:
         with ShardReader(tag_dir, index) as reader:
-            for name, group in zip(names, groups):
+            for name, group in files:
                 tmp = out_dir / f".{name}.tmp-{nonce}"
                 temps.append(tmp)
                 writer = TensorFileWriter(tmp, [(k, d, e.shape) for k, e, d in group], meta)
@@ -172,18 +205,9 @@ def consolidate(
                     writer.abort()
                     raise
         # Publish only once every file is complete and checked (renames are atomic).
-        for tmp, path in zip(temps, final):
-            os.replace(tmp, path)
-            written.append(path)
-        if n > 1:
-            weight_map = {k: name for name, group in zip(names, groups) for k, _, _ in group}
-            total = sum(e.numel * d.itemsize for group in groups for _, e, d in group)
-            text = json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
-            )
-            (out_dir / "model.safetensors.index.json").write_text(text + "\n", encoding="utf-8")
-            written.append(out_dir / "model.safetensors.index.json")
-        fsync_dir(out_dir)
+        for tmp, (name, _) in zip(temps, files):
+            os.replace(tmp, out_dir / name)
+            written.append(out_dir / name)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

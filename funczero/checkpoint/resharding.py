@@ -121,8 +121,8 @@ def reshard(
     if stage is not None and stage not in (0, 1, 2, 3):
         raise ValueError(f"stage={stage!r} must be 0, 1, 2 or 3")
     src = resolve(directory, tag)
-    reader_index = read_index(src)
-    new_tag = validate_tag(out_tag or reader_index.tag)
+    index = read_index(src)
+    new_tag = validate_tag(out_tag or index.tag)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     check_latest_replaceable(root)
@@ -130,35 +130,20 @@ def reshard(
         raise CheckpointExistsError(
             f"{root / new_tag} already exists; choose another OUT or --out-tag"
         )
-    new_stage = reader_index.stage if stage is None else stage
-    names = list(reader_index.param_shapes)
-    if stage is None or stage == reader_index.stage:
-        sharded = set(reader_index.sharded)
-    else:
-        sharded = set(names) if STAGES[new_stage].params_at_rest == "shard" else set()
-    per_rank_bad = [
-        e.path
-        for e in reader_index.tensors.values()
-        if e.placement == "per_rank" and e.kind != "rng" and world_size != reader_index.world_size
-    ]
-    if per_rank_bad:
-        raise StateMismatchError(
-            mismatched=[
-                f"{p}: saved per rank; it cannot be resharded to {world_size} ranks"
-                for p in per_rank_bad
-            ],
-            where=str(src),
-        )
+    new_stage = index.stage if stage is None else stage
+    if new_stage == index.stage:
+        sharded = set(index.sharded)
+    else:  # the persistence threshold is unknown offline: every parameter, or none
+        sharded = set(index.param_shapes) if STAGES[new_stage].params_at_rest == "shard" else set()
+    _check_reshardable(index, world_size, str(src))
 
     ckpt_id = uuid.uuid4().hex
     tmp = root / f"{TMP_PREFIX}{new_tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files, tensors = _write(
-            src, reader_index, tmp, world_size, ckpt_id, new_tag, new_stage, sharded
-        )
-        raw = copy.deepcopy(dict(reader_index.raw))
+        files, tensors = _write(src, index, tmp, world_size, ckpt_id, new_tag, new_stage, sharded)
+        raw = copy.deepcopy(dict(index.raw))
         now = time.time_ns()
         raw.update(
             format=FORMAT_NAME,
@@ -172,14 +157,14 @@ def reshard(
             files=files,
             tensors=tensors,
             resharded_from={
-                "tag": reader_index.tag,
-                "checkpoint_id": reader_index.checkpoint_id,
-                "world_size": reader_index.world_size,
-                "stage": reader_index.stage,
+                "tag": index.tag,
+                "checkpoint_id": index.checkpoint_id,
+                "world_size": index.world_size,
+                "stage": index.stage,
             },
         )
         raw["params"]["sharded"] = sorted(sharded)
-        if world_size != reader_index.world_size:
+        if world_size != index.world_size:
             raw.pop("client_state_per_rank", None)
         atomic_write_text(tmp / INDEX_NAME, json.dumps(raw, indent=1) + "\n")
         fsync_dir(tmp)
@@ -187,13 +172,31 @@ def reshard(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _point_latest(root, new_tag)
+    return root / new_tag
+
+
+def _check_reshardable(index: Index, world_size: int, where: str) -> None:
+    """Refuse per-rank tensors other than the RNG at a new world size (no rank owns them)."""
+    if world_size == index.world_size:
+        return
+    bad = [e.path for e in index.tensors.values() if e.placement == "per_rank" and e.kind != "rng"]
+    if bad:
+        raise StateMismatchError(
+            mismatched=[
+                f"{p}: saved per rank; it cannot be resharded to {world_size} ranks" for p in bad
+            ],
+            where=where,
+        )
+
+
+def _point_latest(root: Path, tag: str) -> None:
     try:
         current = latest_tag(root)
     except CorruptCheckpointError:  # garbage in OUT/latest: replaced by the new tag
         current = None
-    if current != new_tag:
-        write_latest(root, new_tag)
-    return root / new_tag
+    if current != tag:
+        write_latest(root, tag)
 
 
 def _write(

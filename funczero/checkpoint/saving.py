@@ -17,23 +17,18 @@ Once ``latest`` names the new checkpoint the save has succeeded: deleting old ch
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import json
 import os
 import shutil
-import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 from torch import nn
 
-import funczero
 from funczero.checkpoint import comm
 from funczero.checkpoint.atomic import (
     TMP_PREFIX,
@@ -43,7 +38,7 @@ from funczero.checkpoint.atomic import (
     replace_dir,
 )
 from funczero.checkpoint.chunks import RECORDS_KEY, Record, find_aliases, local_chunk, records_json
-from funczero.checkpoint.entry import Chunk, TensorEntry, state_entries
+from funczero.checkpoint.entry import TensorEntry, state_entries
 from funczero.checkpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -61,6 +56,7 @@ from funczero.checkpoint.format import (
     shard_file_name,
     validate_tag,
 )
+from funczero.checkpoint.index_writer import build_index, tied_aliases
 from funczero.checkpoint.tags import (
     apply_retention,
     check_latest_replaceable,
@@ -71,53 +67,7 @@ from funczero.checkpoint.tags import (
 from funczero.checkpoint.tensorfile import TensorFileWriter
 from funczero.train.state import TrainState
 
-__all__ = ["optimizer_name", "save"]
-
-
-def _tied(
-    state: TrainState, aliases: Mapping[str, str] | None, module: nn.Module | None
-) -> dict[str, str]:
-    tied: dict[str, str] = dict(getattr(state.layout, "aliases", None) or {})
-    if module is not None:
-        first: dict[int, str] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            tied[name] = first.setdefault(id(p), name)
-    tied.update(aliases or {})
-    names = dict(state.layout.shapes)
-    for alias, canonical in tied.items():
-        if canonical not in names:
-            raise ValueError(
-                f"aliases: {alias!r} -> {canonical!r}, but {canonical!r} is not a parameter of "
-                "the state; map each tied alias FQN to its canonical parameter FQN"
-            )
-    return {a: c for a, c in sorted(tied.items()) if a != c}
-
-
-def optimizer_name(opt_state: Any) -> str:
-    """Human name of an optimizer state: its NamedTuple types, outermost first."""
-    names: list[str] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            names.append(type(x).__name__)
-            for v in x:
-                walk(v)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                walk(v)
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-
-    walk(opt_state)
-    return ", ".join(dict.fromkeys(n for n in names if n != "EmptyState")) or "none"
-
-
-def _non_persistent(module: nn.Module | None) -> list[str]:
-    if module is None:
-        return []
-    kept = set(module.state_dict(keep_vars=True))
-    return sorted(n for n, _ in module.named_buffers(remove_duplicate=False) if n not in kept)
+__all__ = ["save"]
 
 
 def _write_group(
@@ -261,9 +211,31 @@ def save(
     entries = state_entries(state)
     _check_storable(entries)
     alias_of = find_aliases(entries)
-    tied = _tied(state, aliases, module)
+    tied = tied_aliases(state, aliases, module)
     tmp = root / f"{TMP_PREFIX}{tag}"
 
+    ckpt_id = _agree_on_id(root, tag, tmp, world, rank)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "checkpoint_id": ckpt_id,
+        "tag": tag,
+        "rank": str(rank),
+        "world_size": str(world),
+    }
+    results = _write_shards(root / tag, tmp, entries, alias_of, meta, client, world, rank)
+
+    def index() -> dict[str, Any]:
+        return build_index(state, entries, alias_of, tied, results, tag, ckpt_id, config, module)
+
+    _commit(root, tag, tmp, index, world, rank)
+    if rank == 0 and keep_last is not None:
+        _prune(root, keep_last, tag)
+    return root / tag
+
+
+def _agree_on_id(root: Path, tag: str, tmp: Path, world: int, rank: int) -> str:
+    """Step 1: rank 0 prepares the temporary directory; every rank learns the checkpoint id."""
     status: dict[str, Any] = {}
     local: Exception | None = None
     if rank == 0:
@@ -279,16 +251,20 @@ def save(
             raise local
         raise SaveError(f"preparing {tmp} failed: {local}") from local
     _collect(results, f"preparing checkpoint {root / tag}")
-    ckpt_id = results[0]["id"]
+    return str(results[0]["id"])
 
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "checkpoint_id": ckpt_id,
-        "tag": tag,
-        "rank": str(rank),
-        "world_size": str(world),
-    }
+
+def _write_shards(
+    target: Path,
+    tmp: Path,
+    entries: list[tuple[TensorEntry, torch.Tensor]],
+    alias_of: dict[str, str],
+    meta: dict[str, str],
+    client: Any,
+    world: int,
+    rank: int,
+) -> list[dict[str, Any]]:
+    """Step 2: every rank writes its two files; a failure on any rank fails every rank."""
     report: dict[str, Any] = {"files": [], "client_state": client}
     error: BaseException | None = None
     try:
@@ -304,17 +280,21 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
         comm.barrier(world)
         try:
-            _collect(results, f"writing checkpoint {root / tag}")
+            _collect(results, f"writing checkpoint {target}")
         except SaveError as e:
             raise e from error
+    return results
 
-    status = {}
+
+def _commit(
+    root: Path, tag: str, tmp: Path, index: Callable[[], Any], world: int, rank: int
+) -> None:
+    """Step 3: rank 0 writes the index, renames the directory into place, moves ``latest``."""
+    status: dict[str, Any] = {}
+    error: BaseException | None = None
     if rank == 0:
         try:
-            index = _build_index(
-                state, entries, alias_of, tied, results, tag, ckpt_id, config, module
-            )
-            atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+            atomic_write_text(tmp / INDEX_NAME, json.dumps(index(), indent=1) + "\n")
             fsync_dir(tmp)
             replace_dir(tmp, root / tag)
         except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
@@ -330,9 +310,6 @@ def save(
         _collect(results, f"pointing {root / LATEST_NAME} at {tag!r}", outcome, "latest_error")
     except SaveError as e:
         raise e from error
-    if rank == 0 and keep_last is not None:
-        _prune(root, keep_last, tag)
-    return root / tag
 
 
 def _point_latest(root: Path, tag: str) -> dict[str, Any]:
@@ -362,95 +339,3 @@ def _prune(root: Path, keep_last: int, tag: str) -> None:
             f"({type(e).__name__}: {e}); the new checkpoint {tag!r} is saved and 'latest' names it",
             stacklevel=3,
         )
-
-
-def _chunks(
-    entry: TensorEntry,
-    results: list[dict[str, Any]],
-    digests: dict[tuple[str, int], dict[str, str]],
-    world: int,
-) -> tuple[Chunk, ...]:
-    """Where every rank stored ``entry``, from the ranks' reports (rank 0 builds the index)."""
-    per_rank = entry.placement == "per_rank"
-    chunks = []
-    for rank, start, stop in entry.stored_ranges(world):
-        name = shard_file_name(entry.group, rank, world)
-        if per_rank:
-            shapes = results[rank]["files"][GROUPS.index(entry.group)]["per_rank_shapes"]
-            if tuple(shapes.get(entry.path, ())) != entry.shape:
-                raise SaveError(
-                    f"{entry.path}: rank {rank} holds shape {shapes.get(entry.path)}, rank 0 "
-                    f"{list(entry.shape)}; per-rank tensors must have the same shape on every rank"
-                )
-        sha = digests[(name, rank)].get(entry.path)
-        if sha is None:
-            raise SaveError(
-                f"rank {rank} did not write {entry.path}: ranks disagree on the state's structure"
-            )
-        chunks.append(Chunk(name, entry.path, start, stop, sha, rank if per_rank else None))
-    return tuple(chunks)
-
-
-def _build_index(
-    state: TrainState,
-    entries: list[tuple[TensorEntry, torch.Tensor]],
-    alias_of: dict[str, str],
-    tied: dict[str, str],
-    results: list[dict[str, Any]],
-    tag: str,
-    ckpt_id: str,
-    config: Any,
-    module: nn.Module | None,
-) -> dict[str, Any]:
-    lay = state.layout
-    world = lay.world_size
-    digests: dict[tuple[str, int], dict[str, str]] = {}
-    files: dict[str, Any] = {}
-    for rank, res in enumerate(results):
-        for f in res["files"]:
-            digests[(f["name"], rank)] = f["digests"]
-            files[f["name"]] = {
-                "group": f["name"].split("-")[0],
-                "rank": rank,
-                "bytes": f["bytes"],
-                "sha256": f["sha256"],
-            }
-    tensors: dict[str, Any] = {}
-    for entry, _ in entries:
-        if entry.path in alias_of:
-            stored = dataclasses.replace(entry, alias_of=alias_of[entry.path])
-        else:
-            stored = dataclasses.replace(entry, chunks=_chunks(entry, results, digests, world))
-        tensors[entry.path] = stored.to_json()
-    clients = [r["client_state"] for r in results]
-    now = time.time_ns()
-    index: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "funczero_version": funczero.__version__,
-        "torch_version": torch.__version__,
-        "safetensors_version": safetensors.__version__,
-        "checkpoint_id": ckpt_id,
-        "tag": tag,
-        "step": int(state.step),
-        "created": datetime.datetime.fromtimestamp(now / 1e9, datetime.timezone.utc).isoformat(),
-        "created_ns": now,
-        "world_size": world,
-        "stage": lay.stage,
-        "precision": lay.precision,
-        "optimizer": optimizer_name(state.opt_state),
-        "params": {
-            "shapes": {n: list(s) for n, s in lay.shapes},
-            "trainable": list(lay.trainable),
-            "sharded": sorted(lay.sharded_params),
-            "aliases": tied,
-            "non_persistent_buffers": _non_persistent(module),
-        },
-        "config": config,
-        "client_state": clients[0],
-        "files": dict(sorted(files.items())),
-        "tensors": tensors,
-    }
-    if any(c != clients[0] for c in clients):
-        index["client_state_per_rank"] = clients
-    return index
