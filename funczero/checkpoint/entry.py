@@ -190,11 +190,11 @@ class TensorEntry:
         ctx = f"tensors[{show(path)}]"
         if not isinstance(raw, dict):
             raise schema.fail(f"{ctx} must be an object")
-        entry = TensorEntry(path, _layout_from_json(path, raw, shapes, schema), torch.float32)
+        layout = _layout_from_json(path, raw, shapes, schema)
         dtype = schema.get(raw, "dtype", str, ctx)
         if dtype not in DTYPE_NAMES:
             raise schema.fail(f"{ctx}.dtype={show(dtype)} is not one of {sorted(DTYPE_NAMES)}")
-        entry = dataclasses.replace(entry, dtype=dtype_from_name(dtype))
+        entry = cls(path, layout, dtype_from_name(dtype))
         if "alias_of" in raw:
             alias = raw["alias_of"]
             if not isinstance(alias, str) or "chunks" in raw:
