@@ -28,6 +28,7 @@ from funczero.from_config import (
     optimizer_from_config,
     precision_from_config,
 )
+from funczero.monitors.timing import PhaseTimer
 from funczero.module import InitFn, extract_tensors, guard_released, is_meta, release_module_tensors
 from funczero.parallel.env import init_distributed
 from funczero.parallel.plan import Remat, ZeroPlan, build_plan
@@ -46,6 +47,9 @@ class Initialized(NamedTuple):
     plan: ZeroPlan
     config: Config
     optimizer: Any
+    timer: Any = None
+    """The step's :class:`~funczero.monitors.timing.PhaseTimer` when the config asks for
+    ``wall_clock_breakdown`` (give it to :class:`funczero.train.metrics.MetricsLogger`), else None."""
 
 
 def initialize(
@@ -125,6 +129,7 @@ def initialize(
             plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
         )
         del params
+    timer = PhaseTimer(device) if cfg.monitors.wall_clock_breakdown else None
     step = make_train_step(
         loss_fn,
         opt,
@@ -133,6 +138,7 @@ def initialize(
         gradient_clipping=cfg.gradient_clipping,
         loss_scale=loss_scale,
         donate=donate,
+        timer=timer,
     )
     loader = None
     if training_data is not None:
@@ -146,4 +152,4 @@ def initialize(
             drop_last=cfg.dataloader_drop_last,
             collate_fn=collate_fn,
         )
-    return Initialized(state, step, loader, plan, cfg, opt)
+    return Initialized(state, step, loader, plan, cfg, opt, timer)

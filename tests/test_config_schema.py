@@ -172,7 +172,6 @@ def test_ignored_keys_warn_only_when_set_to_something_else() -> None:
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
-        ({"wall_clock_breakdown": True}, "use torch.profiler"),
         ({"bf16": {"enabled": True, "check_grad_overflow": False}},
          "funczero always skips a step whose gradients hold inf/nan"),
         ({"prescale_gradients": True}, "moving the division is not implemented"),
@@ -187,7 +186,8 @@ def test_keys_without_effect_say_so_when_set(config: dict[str, Any], needle: str
     assert needle in str(record[0].message)
 
 
-def test_steps_per_print_is_kept_for_the_loop_without_a_warning() -> None:
+def test_steps_per_print_and_wall_clock_breakdown_load_without_a_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load({"train_batch_size": 8, "steps_per_print": 50}).steps_per_print == 50
+        assert load({"train_batch_size": 8, "wall_clock_breakdown": True}).monitors.wall_clock_breakdown

@@ -97,15 +97,15 @@ TOP: dict[str, Key] = {
     ),
     "steps_per_print": Key(
         optional(integer(ge=1)), 10,
-        "funczero's step does not log by itself (it never syncs with the host); the value is "
-        "kept as Config.steps_per_print for your training loop, which examples/train_gpt.py "
-        "uses as its logging period. No warning: nearly every DeepSpeed config sets it",
-        IGNORED, ds="null in code since PR #6602 (docs still say 10)", warn_if_set=False,
+        "logging period of funczero.train.metrics.MetricsLogger.from_config (the step itself "
+        "never syncs with the host to log)",
+        USED, ds="null in code since PR #6602 (docs still say 10)",
     ),
     "wall_clock_breakdown": Key(
         boolean(), False,
-        "funczero does not time forward, backward and step separately; use torch.profiler",
-        IGNORED,
+        "initialize gives the step a PhaseTimer (forward, backward, reduce, optimizer; no host "
+        "sync inside the step); MetricsLogger writes DeepSpeed's elapsed_time_ms events",
+        USED,
     ),
     "communication_data_type": Key(
         choice(None, "fp32", "fp16", "bf16"), None,

@@ -73,6 +73,7 @@ def forward_backward(
     *,
     single_micro_batch: bool,
     order: PrefetchOrder,
+    timer: Any = None,
 ) -> ForwardBackward:
     """Run ``loss_fn`` on one micro-batch and differentiate it.
 
@@ -85,7 +86,10 @@ def forward_backward(
         single_micro_batch: nothing accumulates, so stages 0-1 may reduce during backward
             (:meth:`~funczero.parallel.stages.Stage.reduces_in_backward`).
         order: stage 3's prefetch order, learned by each forward for the next.
+        timer: marks the ``forward`` and ``backward`` phases (``timer.phase(name)``; see
+            :class:`funczero.monitors.timing.PhaseTimer`), or None.
     """
+    phase = timer.phase if timer is not None else _no_phase
     trainable = plan.trainable
     reduced = plan.policy.reduces_in_backward(
         single_micro_batch=single_micro_batch, world_size=plan.world_size
@@ -101,12 +105,14 @@ def forward_backward(
         # The binding and the unit forwards span backward too: a recompute (activation
         # checkpointing, ours or the model's own) runs the units again there.
         with torch.enable_grad(), binding, _unit_forwards(plan, ctx if sharded else None, leaves):
-            if not reduced:
-                loss, aux = run({**params, **leaves})
-            else:  # leaves are the fp32 anchors the unit boundaries reduce gradients into
-                loss, aux = _run_units(plan, ctx, leaves, run, order, binding)
+            with phase("forward"):
+                if not reduced:
+                    loss, aux = run({**params, **leaves})
+                else:  # leaves are the fp32 anchors the unit boundaries reduce gradients into
+                    loss, aux = _run_units(plan, ctx, leaves, run, order, binding)
             inputs = list(leaves.values())
-            grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
+            with phase("backward"):
+                grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
     finally:
         # Every issued collective is waited (its buffers are held until then), even on error.
         assert ctx.queue is not None
@@ -188,6 +194,10 @@ def forward_only(
         if ctx.prefetch is not None:
             ctx.prefetch.drain()
     return loss, aux, counts[0]
+
+
+def _no_phase(name: str) -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
 
 
 def _loss_and_aux(out: Any) -> tuple[torch.Tensor, Any, torch.Tensor | None]:

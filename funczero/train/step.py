@@ -30,6 +30,7 @@ import torch
 
 from funczero import tree
 from funczero.loss import MicroBatches
+from funczero.monitors.timing import NullTimer
 from funczero.optim.chain import in_place_unsupported_reason
 from funczero.optim.clipping import clip_coefficient
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
@@ -84,6 +85,7 @@ def make_train_step(
     gradient_clipping: float = 0.0,
     loss_scale: LossScaleConfig | None = None,
     donate: bool = True,
+    timer: Any = None,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
@@ -98,6 +100,9 @@ def make_train_step(
         gradient_clipping: clip the global gradient norm to this value (0 disables).
         loss_scale: fp16 dynamic loss scaling settings (ignored unless set).
         donate: reuse the old state's buffers in place (faster; the old state becomes unusable).
+        timer: records the ``forward``, ``backward``, ``reduce`` and ``optimizer`` phases of each
+            step without a host sync (DeepSpeed's ``wall_clock_breakdown``; a
+            :class:`funczero.monitors.timing.PhaseTimer`), or None.
 
     Returns:
         The step function. Metrics are 0-d tensors: ``loss`` (mean over the global batch),
@@ -136,6 +141,7 @@ def make_train_step(
     # skip it (a read and a write of every gradient).
     unit_coef = not ls_cfg.dynamic and ls_cfg.init_scale == 1.0 and gradient_clipping == 0
     order = PrefetchOrder()  # stage 3 learns the units' order from each forward, for the next
+    timer = timer if timer is not None else NullTimer()
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if state.donated:
@@ -147,9 +153,13 @@ def make_train_step(
         with rng_scope(state.rng, state.step.device) as rng:
             loss_sum, count, aux, acc, buffers = _accumulate(
                 plan, loss_fn, state, batch, scale / grad_accum, grad_accum,
-                own_accumulator=own_accumulator, order=order,
+                own_accumulator=own_accumulator, order=order, timer=timer,
             )  # fmt: skip
-        grads = acc if reduced else policy.reduce_grads(plan, acc)
+        grads = acc
+        if not reduced:
+            with timer.phase("reduce"):
+                grads = policy.reduce_grads(plan, acc)
+        timer.start("optimizer")
         grads = {n: g.float() for n, g in grads.items()}
         glist = [grads[n] for n in plan.trainable]
         found_inf, grad_norm, mean_loss, grad_scale = _norm_and_loss(
@@ -165,6 +175,8 @@ def make_train_step(
         # new compute-dtype parameters at stages 1-2 (the two need not coexist).
         del grads, glist, acc
         new_params = policy.rebuild_params(plan, params, master, in_place=update.in_place)
+        timer.stop("optimizer")
+        timer.end_step()
         skipped = found_inf.to(torch.int64)
         new_state = state.replace(
             step=state.step + 1,
@@ -198,6 +210,7 @@ def _accumulate(
     *,
     own_accumulator: bool,
     order: PrefetchOrder,
+    timer: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Forward and backward of every micro-batch.
 
@@ -211,7 +224,7 @@ def _accumulate(
     for i, micro in enumerate(split_micro_batches(batch, grad_accum)):
         fb = forward_backward(
             plan, loss_fn, state.params, state.master, buffers, micro, multiplier,
-            single_micro_batch=grad_accum == 1, order=order,
+            single_micro_batch=grad_accum == 1, order=order, timer=timer,
         )  # fmt: skip
         aux, grads, buffers = fb.aux, fb.grads, fb.buffers
         loss_sum = loss_sum + fb.loss.float()
