@@ -21,13 +21,32 @@ def test_plain_python_is_world_size_one() -> None:
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, (3, 4, 1, 2, "launcher")),
         (
-            {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"},
+            {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+            (3, 4, 1, 2, "launcher"),
+        ),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "5",
+                "OMPI_COMM_WORLD_SIZE": "8",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+            },
             (5, 8, 1, 4, "openmpi"),
         ),
-        ({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}, (2, 4, 0, 2, "mpich")),
-        ({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4(x2)"}, (7, 8, 3, 4, "slurm")),
+        (
+            {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"},
+            (2, 4, 0, 2, "mpich"),
+        ),
+        (
+            {
+                "SLURM_PROCID": "7",
+                "SLURM_NTASKS": "8",
+                "SLURM_LOCALID": "3",
+                "SLURM_NTASKS_PER_NODE": "4(x2)",
+            },
+            (7, 8, 3, 4, "slurm"),
+        ),
     ],
 )
 def test_ranks_come_from_launcher_mpi_or_slurm_variables(env, expected) -> None:

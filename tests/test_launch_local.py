@@ -201,7 +201,9 @@ def test_sigint_works_even_when_the_test_itself_started_with_sigint_ignored(
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         proc = start_launch(
-            ["--num_gpus", "1", "--kill_timeout", "5", SLEEPER], cwd=tmp_path, env=launch_env(tmp_path)
+            ["--num_gpus", "1", "--kill_timeout", "5", SLEEPER],
+            cwd=tmp_path,
+            env=launch_env(tmp_path),
         )
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -324,7 +326,9 @@ def test_gloo_all_reduce_runs_through_the_launcher(tmp_path: Path) -> None:
 
 
 def test_the_same_traceback_on_every_rank_is_printed_once_with_one_prefix(tmp_path: Path) -> None:
-    result = run_launch(["--num_gpus", "3", CRASH, "--same"], cwd=tmp_path, env=launch_env(tmp_path))
+    result = run_launch(
+        ["--num_gpus", "3", CRASH, "--same"], cwd=tmp_path, env=launch_env(tmp_path)
+    )
     assert result.returncode == 1, result.stderr
     err = result.stderr
     assert err.count("Traceback (most recent call last):") == 1, err
@@ -349,7 +353,7 @@ def test_different_tracebacks_are_each_printed_once(tmp_path: Path) -> None:
         assert f"RuntimeError: bug of rank {rank}" in log and "[rank" not in log
     failed = int(err.split("funczero launch: rank ")[1].split()[0])
     report = err[err.index(f"stderr line(s) of rank {failed}:") :]
-    assert f"  |   File \"{CRASH}\"" in report  # the failing rank's traceback, in the report
+    assert f'  |   File "{CRASH}"' in report  # the failing rank's traceback, in the report
 
 
 def test_a_port_in_use_gets_a_hint_in_the_failure_report(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from launch_helpers.common import launch_env, run_launch
 from launch_helpers.fake_pdsh import expand
 
 from funczero.launch.errors import LaunchError
+from funczero.launch.launcher import render_plan
 from funczero.launch.options import LaunchOptions
 from funczero.launch.plan import Plan, make_plan
-from funczero.launch.launcher import render_plan
 from funczero.launch.procs import ARG_STRLEN_MAX
 from funczero.launch.runners import mpi_command, pdsh_commands, pdsh_stop_commands, ssh_commands
 from funczero.launch.spec import decode_node_table
@@ -64,7 +64,11 @@ def test_ssh_remote_command_preserves_arguments_and_exports(hostfile: str) -> No
         assert _agent_tail(remote) == ["train.py", *ARGS]
         # Each node gets only its own assignment, not the world.
         node = decode_node_table(_option(remote, "--nodes"))
-        assert (node.host, node.node_rank, node.first_rank) == (["node-a", "node-b"][rank], rank, 2 * rank)
+        assert (node.host, node.node_rank, node.first_rank) == (
+            ["node-a", "node-b"][rank],
+            rank,
+            2 * rank,
+        )
         assert (node.world_size, node.num_nodes, node.slots) == (4, 2, (0, 1))
 
 

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import TextIO
 
 from funczero.launch.errors import exit_code_for
-from funczero.launch.procs import KEEPERS_AVAILABLE, keeper_argv, set_child_subreaper, write_pid_file
+from funczero.launch.procs import (
+    KEEPERS_AVAILABLE,
+    keeper_argv,
+    set_child_subreaper,
+    write_pid_file,
+)
 from funczero.launch.spec import SCHEDULER_RANK_VARS, Program
 
 __all__ = [

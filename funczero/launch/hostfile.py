@@ -72,7 +72,7 @@ def read_text_file(path: str | Path, what: str) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise LaunchError(
-            f"{what} {str(path)!r} line {line}: byte {data[exc.start:exc.start + 1]!r} is not "
+            f"{what} {str(path)!r} line {line}: byte {data[exc.start : exc.start + 1]!r} is not "
             "UTF-8 text; save the file as UTF-8"
         ) from None
 
@@ -157,8 +157,7 @@ def _slot_counts(tokens: list[str], where: str, host: str) -> dict[str, int]:
             raise LaunchError(f"{where}: {token!r} is negative; {key} must be >= 0")
         if value > MAX_SLOTS_PER_NODE:
             raise LaunchError(
-                f"{where}: {token!r} is too large; a host runs at most {MAX_SLOTS_PER_NODE} "
-                "workers"
+                f"{where}: {token!r} is too large; a host runs at most {MAX_SLOTS_PER_NODE} workers"
             )
         counts[key] = value
     if "slots" not in counts:

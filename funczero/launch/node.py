@@ -111,15 +111,13 @@ class WorkerPlan:
 
 def _format_cores(cores: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    spans: list[str] = []
+    spans: list[list[int]] = []
     for core in cores:
-        if spans and core == last + 1:
-            first = spans.pop().split("-")[0]
-            spans.append(f"{first}-{core}")
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
         else:
-            spans.append(str(core))
-        last = core
-    return ",".join(spans)
+            spans.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _core_shares(config: NodeConfig, count: int) -> list[tuple[int, ...]] | None:
@@ -330,8 +328,7 @@ class NodeLauncher:
         worker.output.claim_held()
         if self.config.job_id is not None:
             print(
-                f"{JOB_FAILED_MARKER} {self.config.job_id} node={self.node.node_rank} "
-                f"code={code}",
+                f"{JOB_FAILED_MARKER} {self.config.job_id} node={self.node.node_rank} code={code}",
                 flush=True,
             )
         return code

@@ -129,7 +129,9 @@ class LaunchOptions:
                 "pick a free port on a single node"
             )
         if self.node_rank is not None and not 0 <= self.node_rank < MAX_NODES:
-            raise LaunchError(f"--node_rank {self.node_rank} is out of range; use 0-{MAX_NODES - 1}")
+            raise LaunchError(
+                f"--node_rank {self.node_rank} is out of range; use 0-{MAX_NODES - 1}"
+            )
         if not (math.isfinite(self.kill_timeout) and 0 <= self.kill_timeout <= 86400):
             raise LaunchError(
                 f"--kill_timeout {self.kill_timeout} is not a number of seconds in 0-86400; "
@@ -218,7 +220,9 @@ def parse_core_list(text: str) -> list[int]:
     for item in text.split(","):
         item = item.strip()
         low, sep, high = item.partition("-")
-        if not (low.isascii() and low.isdigit()) or (sep and not (high.isascii() and high.isdigit())):
+        if not (low.isascii() and low.isdigit()) or (
+            sep and not (high.isascii() and high.isdigit())
+        ):
             raise LaunchError(
                 f"--bind_core_list {text!r}: {item!r} is not a core id or range; use e.g. '0-3,8'"
             )

@@ -156,8 +156,7 @@ class RankOutput:
         scanner = _TracebackScanner() if name == "stderr" else None
         try:
             for raw in iter(source.readline, b""):
-                if raw.startswith(self.prefix):
-                    raw = raw[len(self.prefix) :]  # torch's own prefix: show ours once
+                raw = raw.removeprefix(self.prefix)  # torch's own prefix: show ours once
                 line = raw.decode(errors="replace").rstrip("\n")
                 with self._lock:
                     if self._log is not None:

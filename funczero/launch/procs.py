@@ -103,7 +103,15 @@ def keeper_argv(parent_pid: int, kill_timeout: float, argv: Sequence[str]) -> li
         >>> keeper_argv(4242, 30.0, ["python", "train.py"])[2:]  # doctest: +ELLIPSIS
         ['.../keeper.py', '4242', '30.0', '--', 'python', 'train.py']
     """
-    return [sys.executable, "-I", str(_KEEPER_SCRIPT), str(parent_pid), str(kill_timeout), "--", *argv]
+    return [
+        sys.executable,
+        "-I",
+        str(_KEEPER_SCRIPT),
+        str(parent_pid),
+        str(kill_timeout),
+        "--",
+        *argv,
+    ]
 
 
 def worker_pid(keeper: subprocess.Popen[bytes]) -> int | None:

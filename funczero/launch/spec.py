@@ -242,9 +242,7 @@ def decode_node_table(text: str, host: str | None = None) -> NodeAssignment:
         raise ValueError(f"malformed node table: {exc}") from None
     if len(found) != 1:
         listed = "no node" if not found else f"{len(found)} nodes"
-        raise ValueError(
-            f"the node table lists {listed} for host {host!r}; expected exactly one"
-        )
+        raise ValueError(f"the node table lists {listed} for host {host!r}; expected exactly one")
     return found[0]
 
 

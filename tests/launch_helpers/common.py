@@ -60,7 +60,7 @@ def run_launch(
         text=True,
         timeout=timeout,
         check=False,
-        preexec_fn=_default_signals,  # noqa: PLW1509 - the test process starts no threads
+        preexec_fn=_default_signals,
     )
 
 

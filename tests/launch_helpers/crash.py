@@ -47,7 +47,9 @@ while len(list(out.glob("crash-ready-*"))) < int(os.environ["WORLD_SIZE"]):
 
 
 def fail() -> None:
-    raise RuntimeError("the same bug on every rank" if "--same" in sys.argv else f"bug of rank {rank}")
+    raise RuntimeError(
+        "the same bug on every rank" if "--same" in sys.argv else f"bug of rank {rank}"
+    )
 
 
 fail()
