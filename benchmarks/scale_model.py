@@ -22,7 +22,8 @@ collective one rank issues in one step, with funczero's conventions (``funczero/
   each unit at the accumulation boundary; stages 1-2 all-gather every unit after the update.
 * **hybrid** (``shard < world``; funczero does not implement it yet, issue 14 item 1): gathers and
   reduce-scatters run in the shard group; each reduced fp32 shard is then all-reduced across the
-  ``replicas`` (one call per unit, during the last micro-batch's backward, as FSDP2's HSDP).
+  ``replicas`` (one call per unit, during the last micro-batch's backward, on a stream of its own
+  that backward waits for only at its end, as FSDP2's HSDP).
 
 **Bytes** per call are the tensor bytes at the ``torch.distributed`` call (all-gather: its
 output, reduce-scatter: its input, all-reduce: its tensor), which ``tests/test_scale_model.py``
@@ -477,9 +478,9 @@ class _Timeline:
         self.hw, self.mesh, self.t = hw, mesh, 0.0
         self.free: dict[str, float] = defaultdict(float)
 
-    def issue(self, calls: Sequence[Call]) -> float:
-        """Issue ``calls`` now (a replicas' all-reduce after its reduce-scatter); when done."""
-        done = self.t
+    def issue(self, calls: Sequence[Call], after: float = 0.0) -> float:
+        """Issue ``calls`` now, one after another, none before ``after``; when the last is done."""
+        done = max(self.t, after)
         for call in calls:
             stream = "replicate" if call.group == "replicate" else "main"
             start = max(self.t, self.free[stream], done)
@@ -542,7 +543,10 @@ def _micro_batch(tl: _Timeline, model: ModelShape, setup: Setup, calls: list[Cal
     previous = [tl.t]
 
     def reduce(u: str) -> None:
-        done = tl.issue(by_unit[("reduce_grads", u)] + by_unit[("reduce_replicas", u)])
+        done = tl.issue(by_unit[("reduce_grads", u)])
+        # The replicas' all-reduce follows the unit's reduce-scatter on its own stream and is
+        # waited for only at the end of backward (FSDP2's HSDP).
+        tl.issue(by_unit[("reduce_replicas", u)], after=done)
         tl.wait(previous[0])  # ReduceQueue(depth=1) waits for the previous reduction
         previous[0] = done
 
@@ -644,12 +648,149 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             "torch": torch.__version__}
 
 
+# --------------------------------------------------------------------------- validation, table
+
+SYSTEM_STAGE = {"ddp": 0, "fsdp2": 3, "ds1": 1, "ds2": 2, "ds3": 3}
+# One H200 (this workplace's nvidia-h200, torch 2.11.0+cu130): `gpt_throughput.py --nprocs 1`.
+MEASURED_1GPU: list[dict[str, object]] = []
+
+
+def measured_rows() -> list[tuple[str, dict[str, object]]]:
+    """``(source, JSON line)`` of every GPT step time measured: benchmarks/results, the shared
+    anchors (DDP, FSDP2, DeepSpeed) and the one-GPU rows above."""
+    rows: list[tuple[str, dict[str, object]]] = [("1xh200 (scale_model.py)", r) for r in MEASURED_1GPU]
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.jsonl"))
+    files += sorted((ROOT.parent / "shared" / "benchmarks").glob("anchor-*.jsonl"))
+    for path in files:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rows.append((path.name, json.loads(line)))
+    return rows
+
+
+def validate(hw: Hardware = Hardware()) -> list[dict[str, object]]:
+    """Predicted against measured step times of the 1.34B GPT (funczero and, for reference,
+    other systems with the same communication pattern)."""
+    out = []
+    for source, row in measured_rows():
+        impl = str(row["impl"])
+        stage = int(impl[-1]) if impl.startswith("funczero-z") else SYSTEM_STAGE.get(impl)
+        if stage is None or row.get("params_M") not in (1343.3, 1343.4):
+            continue
+        model = dataclasses.replace(preset("gpt-1.3b"), seq=int(row["seq"]), micro_batch=int(row["mbs"]))  # type: ignore[arg-type]
+        t = step_time(model, Mesh(int(row["world"])), Setup(stage), hw)  # type: ignore[arg-type]
+        measured = float(row["step_ms_median"])  # type: ignore[arg-type]
+        out.append({"source": source, "tag": row.get("tag", ""), "impl": impl, "world": row["world"],
+                    "funczero": impl.startswith("funczero"), "measured_ms": measured,
+                    "predicted_ms": t.total_s * 1e3, "compute_ms": t.compute_s * 1e3,
+                    "passes_ms": t.passes_s * 1e3, "exposed_ms": t.exposed_s * 1e3,
+                    "error": t.total_s * 1e3 / measured - 1})
+    return out
+
+
+def table_rows(models: Sequence[str], worlds: Sequence[int], stages: Sequence[int], hw: Hardware,
+               gpus_per_node: int) -> list[dict[str, object]]:
+    rows = []
+    for name in models:
+        model = preset(name)
+        for world in worlds:
+            for stage in stages:
+                row: dict[str, object] = {"model": name, "params_B": model.numel / 1e9, "gpus": world, "stage": stage}
+                for label, shard in (("flat", world), ("hybrid", min(world, gpus_per_node))):
+                    mesh, setup = Mesh(world, gpus_per_node, shard), Setup(stage)
+                    t = step_time(model, mesh, setup, hw)
+                    inter = sum(v[1] for v in bytes_per_gpu(model, mesh, setup).values())
+                    row[label] = {"step_ms": t.total_s * 1e3, "exposed_ms": t.exposed_s * 1e3,
+                                  "efficiency": t.efficiency, "mfu": t.mfu, "inter_gb": inter / 1e9,
+                                  "state_gib": state_bytes(model, mesh, setup) / 2**30,
+                                  "tokens_per_s_per_gpu": t.tokens_per_gpu / t.total_s}
+                rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, object]], hbm_gib: float) -> str:
+    head = ("| model | GPUs | ZeRO | flat: step ms | eff. | MFU | inter-node GB/GPU | states GiB "
+            "| hybrid: step ms | eff. | MFU | inter-node GB/GPU | states GiB | faster |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        f, h = r["flat"], r["hybrid"]
+        cells = [str(r["model"]), str(r["gpus"]), str(r["stage"])]
+        for x in (f, h):
+            fits = "" if x["state_gib"] < hbm_gib else " (does not fit)"  # type: ignore[index]
+            cells += [f"{x['step_ms']:,.0f}", f"{x['efficiency']:.2f}", f"{x['mfu']:.0%}",  # type: ignore[index]
+                      f"{x['inter_gb']:.2f}", f"{x['state_gib']:.1f}{fits}"]  # type: ignore[index]
+        same = r["gpus"] <= 8 or abs(f["step_ms"] / h["step_ms"] - 1) < 0.01  # type: ignore[index,operator]
+        cells.append("same" if same else "flat" if f["step_ms"] < h["step_ms"] else "hybrid")  # type: ignore[index,operator]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def show(model: ModelShape, mesh: Mesh, setup: Setup, hw: Hardware) -> str:
+    """Per purpose: calls, bytes at the call, bytes one GPU sends intra/inter node, link time."""
+    groups: dict[tuple[str, str, str], list[Call]] = defaultdict(list)
+    for call in collective_calls(model, mesh, setup):
+        groups[(call.purpose, call.kind, call.group)].append(call)
+    lines = ["| what | collective | group | calls | MB at the call | intra GB/GPU | inter GB/GPU | link ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (purpose, kind, group), calls in groups.items():
+        intra = sum(link_bytes(c, mesh)[0] for c in calls)
+        inter = sum(link_bytes(c, mesh)[1] for c in calls)
+        ms = sum(hw.seconds(c, mesh) for c in calls) * 1e3
+        mb = sum(c.nbytes for c in calls) / 1e6
+        lines.append(f"| {purpose} | {kind} | {group} | {len(calls)} | {mb:,.1f} | {intra / 1e9:.3f} "
+                     f"| {inter / 1e9:.3f} | {ms:.2f} |")
+    t = step_time(model, mesh, setup, hw)
+    lines.append(f"\nstep {t.total_s * 1e3:.1f} ms = compute {t.compute_s * 1e3:.1f} + passes "
+                 f"{t.passes_s * 1e3:.1f} + exposed communication {t.exposed_s * 1e3:.1f}; "
+                 f"efficiency {t.efficiency:.3f}, MFU {t.mfu:.1%}, model states "
+                 f"{state_bytes(model, mesh, setup) / 2**30:.1f} GiB per GPU")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- command line
+
+
+def _hardware_args(ap: argparse.ArgumentParser) -> None:
+    d = Hardware()
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--nvlink-gbps", type=float, default=d.nvlink_gbps, help="GB/s per GPU, both directions")
+    ap.add_argument("--ib-gbit", type=float, default=d.ib_gbit_per_node, help="Gb/s per node, per direction")
+    ap.add_argument("--achieved-tflops", type=float, default=d.achieved_tflops)
+    ap.add_argument("--hbm-gbps", type=float, default=d.hbm_gbps)
+    ap.add_argument("--latency-us", type=float, nargs=3, default=None, metavar=("BASE", "INTRA", "INTER"))
+
+
+def _hardware(args: argparse.Namespace) -> Hardware:
+    lat = dict(zip(("base_latency_us", "intra_step_us", "inter_step_us"), args.latency_us or ()))
+    return Hardware(nvlink_gbps=args.nvlink_gbps, ib_gbit_per_node=args.ib_gbit, achieved_tflops=args.achieved_tflops,
+                    hbm_gbps=args.hbm_gbps, **lat)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("table", help="flat ZeRO against hybrid (shard inside a node), markdown")
+    t.add_argument("--models", default="gpt-1.3b,llama-7b,llama-8b,llama-13b,llama-70b")
+    t.add_argument("--worlds", default="8,64,256,1024")
+    t.add_argument("--stages", default="1,2,3")
+    t.add_argument("--hbm-gib", type=float, default=139.0, help="GPU memory, to flag states that do not fit")
+    t.add_argument("--json", action="store_true", help="JSON lines instead of markdown")
+    s = sub.add_parser("show", help="one configuration, collective by collective")
+    s.add_argument("--preset", default="gpt-1.3b", choices=sorted(PRESETS))
+    s.add_argument("--params", type=float, default=None, help="instead of a preset: parameter count")
+    s.add_argument("--layers", type=int, default=None)
+    s.add_argument("--hidden", type=int, default=None)
+    s.add_argument("--seq", type=int, default=None)
+    s.add_argument("--micro-batch", type=int, default=None)
+    s.add_argument("--world", type=int, default=8)
+    s.add_argument("--shard", type=int, default=None, help="shard-group size (default: world)")
+    s.add_argument("--stage", type=int, default=3)
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--reduce-bytes", type=int, default=4, help="4: fp32 reductions, 2: bf16")
+    for p in (t, s):
+        _hardware_args(p)
+    v = sub.add_parser("validate", help="predicted against measured step times (1.34B GPT)")
+    _hardware_args(v)
     m = sub.add_parser("measure", help="on one GPU: forward+backward and AdamW times of the 1.34B GPT")
     m.add_argument("--reps", type=int, default=10)
     m.add_argument("--out", default=None)
@@ -659,6 +800,28 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
         if args.out:
             Path(args.out).write_text(line + "\n")
+        return
+    hw = _hardware(args)
+    if args.command == "table":
+        rows = table_rows(args.models.split(","), [int(w) for w in args.worlds.split(",")],
+                          [int(x) for x in args.stages.split(",")], hw, args.gpus_per_node)
+        print("\n".join(json.dumps(r) for r in rows) if args.json else markdown_table(rows, args.hbm_gib))
+    elif args.command == "show":
+        model = preset(args.preset)
+        if args.params is not None:
+            if not (args.layers and args.hidden and args.seq):
+                ap.error("--params needs --layers, --hidden and --seq")
+            model = custom_shape(int(args.params), args.layers, args.hidden, seq=args.seq)
+        model = dataclasses.replace(model, seq=args.seq or model.seq, micro_batch=args.micro_batch or model.micro_batch)
+        print(show(model, Mesh(args.world, args.gpus_per_node, args.shard),
+                   Setup(args.stage, args.grad_accum, reduce_bytes=args.reduce_bytes), hw))
+    else:
+        print("| source | tag | system | GPUs | measured ms | predicted ms | compute | passes | exposed | error |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in validate(hw):
+            print(f"| {r['source']} | {r['tag']} | {r['impl']} | {r['world']} | {r['measured_ms']:.1f} "
+                  f"| {r['predicted_ms']:.1f} | {r['compute_ms']:.1f} | {r['passes_ms']:.1f} "
+                  f"| {r['exposed_ms']:.1f} | {r['error']:+.1%} |")
 
 
 if __name__ == "__main__":
