@@ -109,8 +109,57 @@ def test_doc_python_blocks_run(doc: Path, tmp_path: Path, monkeypatch: pytest.Mo
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)  # the blocks describe a one-process run
     namespace: dict[str, object] = {"__name__": "docs_" + re.sub(r"\W", "_", rel(doc))}
-    with torch.random.fork_rng():
-        for block in runnable(doc):
-            # Leading blank lines keep the traceback's line numbers those of the Markdown file.
-            code = "\n" * block.line + block.code
-            exec(compile(code, rel(doc), "exec"), namespace)  # noqa: S102
+    threads = torch.get_num_threads()
+    # One thread: on a shared CI machine more threads than free cores run several times slower.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            for block in runnable(doc):
+                # Leading blank lines keep the traceback's line numbers those of the Markdown file.
+                code = "\n" * block.line + block.code
+                exec(compile(code, rel(doc), "exec"), namespace)  # noqa: S102
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _commands() -> dict[str, list[str]]:
+    """``funczero``'s sub-commands, each with its own sub-commands (empty for a leaf)."""
+    import typer
+
+    from funczero.cli.app import app
+
+    root = typer.main.get_command(app)  # a click group (typer may vendor its own click)
+    return {name: sorted(getattr(cmd, "commands", {})) for name, cmd in root.commands.items()}
+
+
+def test_cli_doc_and_readme_name_every_command() -> None:
+    cli_doc = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = _commands()
+    assert {"launch", "ckpt"} <= set(commands)
+    missing = [
+        f"docs/cli.md: funczero {name}" for name in commands if f"`funczero {name}" not in cli_doc
+    ]
+    missing += [
+        f"docs/cli.md: funczero {name} {sub}"
+        for name, subs in commands.items()
+        for sub in subs
+        if not re.search(rf"funczero {name} +{sub}\b|`funczero {name} [^`]*\b{sub}\b", cli_doc)
+    ]
+    missing += [f"README.md: funczero {name}" for name in commands if f"`{name}`" not in readme]
+    assert not missing, "commands the docs do not list: " + ", ".join(missing)
+
+
+def test_getting_started_documents_every_initialize_argument_and_field() -> None:
+    import inspect
+
+    import funczero
+
+    text = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    section = text[text.index("## `initialize()` in full") :]
+    names = list(inspect.signature(funczero.initialize).parameters)
+    rows = set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
+    assert [n for n in names if n not in rows] == [], "initialize() arguments without a row"
+    assert [f for f in funczero.Initialized._fields if f not in rows] == [], "fields without a row"
+    signature = re.sub(r"\s+", " ", section[section.index("funczero.initialize(") :])
+    assert all(f"{n}" in signature[: signature.index("->")] for n in names)
