@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-import funczero  # noqa: E402
-from funczero import checkpoint  # noqa: E402
-from funczero.module import apply_module  # noqa: E402
-from funczero.parallel.stages import gather_full  # noqa: E402
-from funczero.pretrained import (  # noqa: E402
+import funczero
+from funczero import checkpoint
+from funczero.module import apply_module
+from funczero.parallel.stages import gather_full
+from funczero.pretrained import (
     WeightsFormatError,
     WeightsMismatchError,
     export_pretrained,
@@ -322,7 +322,7 @@ def test_export_refuses_to_overwrite_and_needs_a_config_it_can_read(hf_dirs: Pat
     files = export_pretrained(run.state, tmp_path / "out", config_json=hf_dirs / "gpt2", plan=run.plan, overwrite=True)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors"]  # no stale shards
-    assert [p.name for p in files][0] == "model.safetensors"
+    assert files[0].name == "model.safetensors"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     weights = load_file(tmp_path / "out" / "model.safetensors")
@@ -344,7 +344,7 @@ def test_fine_tuning_doc_python_blocks_run(tmp_path: Path, monkeypatch: pytest.M
     import re
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md").read_text(encoding="utf-8")
-    blocks = [b for info, b in re.findall(r"^```([^\n]*)\n(.*?)^```\s*$", text, re.M | re.S) if info.strip() == "python"]
+    blocks = [b for info, b in re.findall(r"^```([^\n]*)\n(.*?)^```\s*$", text, re.MULTILINE | re.DOTALL) if info.strip() == "python"]
     assert blocks
     monkeypatch.chdir(tmp_path)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):

@@ -136,10 +136,11 @@ def _config_files(config_json: str | os.PathLike[str] | None) -> list[Path]:
             "Hugging Face directory it was loaded from holds one)"
         )
     try:
-        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
-            raise ValueError("not a JSON object")
+        parsed = json.loads(config.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsFormatError(f"config_json: {config} is not a JSON object ({e})") from e
+        raise WeightsFormatError(f"config_json: {config} is not valid JSON ({e})") from e
+    if not isinstance(parsed, dict):
+        raise WeightsFormatError(f"config_json: {config} holds a JSON {type(parsed).__name__}, not an object")
     files = [config]
     if src.is_dir():
         files += [src / n for n in COMPANION_FILES if (src / n).is_file()]

@@ -38,7 +38,7 @@ from funczero import tree
 from funczero.parallel.sharding import ShardSpec
 from funczero.pretrained.errors import WeightsMismatchError
 from funczero.pretrained.names import NameMap, WeightMatch, match_names
-from funczero.pretrained.sources import WeightSource, open_weights
+from funczero.pretrained.sources import BLOCK_ELEMS, WeightSource, open_weights
 from funczero.train.state import StateLayout, TrainState
 
 if TYPE_CHECKING:
@@ -205,6 +205,7 @@ class _Loader:
         self.donate = donate
         self.started = False
         self._new: dict[int, torch.Tensor] = {}  # id(old tensor) -> its replacement
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def _target(self, old: torch.Tensor) -> torch.Tensor:
         """The tensor replacing ``old`` (one per old tensor: shared leaves stay shared)."""
@@ -265,21 +266,45 @@ class _Loader:
         return new
 
     def _fill(self, key: str, dests: Iterable[tuple[torch.Tensor, int, int]]) -> None:
-        """Read the union of the destinations' ranges once, casting each block into each."""
+        """Read the union of the destinations' ranges once and cast it into each of them.
+
+        When one CPU destination covers the union and holds the stored values exactly (the same
+        dtype, or fp32 for bf16/fp16), the bytes are read straight into it and the others are
+        cast from it; otherwise blocks go through a staging buffer into every destination.
+        """
         dests = list(dests)
         if not dests:
             return
         a = min(d[1] for d in dests)
         b = max(d[2] for d in dests)
+        stored = self.source.tensors[key].dtype
         flats = [(t.view(-1), da, db) for t, da, db in dests]
-        for start, block in self.source.iter_range(key, a, b):
+        exact = [
+            i for i, (flat, da, db) in enumerate(flats)
+            if (da, db) == (a, b) and flat.device.type == "cpu" and _holds_exactly(flat.dtype, stored)
+        ]  # fmt: skip
+        exact.sort(key=lambda i: flats[i][0].dtype != stored)
+        others = [f for i, f in enumerate(flats) if not exact or i != exact[0]]
+        if exact:
+            target = flats[exact[0]][0][: b - a]
+            self.source.read_into(key, a, b, target)
+            blocks: Iterable[tuple[int, torch.Tensor]] = [(a, target)]
+        else:
+            blocks = self.source.iter_range(key, a, b, self._staging(stored))
+        for start, block in blocks:
             stop = start + block.numel()
-            for flat, da, db in flats:
+            for flat, da, db in others:
                 lo, hi = max(start, da), min(stop, db)
                 if lo < hi:
                     flat[lo - da : hi - da].copy_(block[lo - start : hi - start])
         for flat, da, db in flats:
             flat[db - da :].zero_()  # the padding of a shard (nothing for a full tensor)
+
+    def _staging(self, dtype: torch.dtype) -> torch.Tensor:
+        """Two reusable blocks per stored dtype: one being read while the other is cast."""
+        if dtype not in self._buffers:
+            self._buffers[dtype] = torch.empty(2 * BLOCK_ELEMS, dtype=dtype)
+        return self._buffers[dtype]
 
     def _check_tied_copy(
         self, name: str, key: str, copy: str, dests: list[tuple[torch.Tensor, int, int]]
@@ -290,15 +315,18 @@ class _Loader:
         for start, block in self.source.iter_range(copy, da, db):
             got = flat[start - da : start - da + block.numel()]
             if not torch.equal(got, block.to(device=got.device, dtype=got.dtype)):
-                raise WeightsMismatchError(
-                    mismatched=[
-                        f"{name}: the model ties {copy!r} to it, but the checkpoint holds "
-                        f"different values under {key!r} and {copy!r} (an untied checkpoint); "
-                        "build the model untied (tie_word_embeddings=False) or drop one key "
-                        f"with name_map={{{copy!r}: None}}"
-                    ],
-                    source=str(self.source.path),
+                problem = (
+                    f"{name}: the model ties {copy!r} to it, but the checkpoint holds "
+                    f"different values under {key!r} and {copy!r} (an untied checkpoint); "
+                    "build the model untied (tie_word_embeddings=False) or drop one key "
+                    f"with name_map={{{copy!r}: None}}"
                 )
+                raise WeightsMismatchError(mismatched=[problem], source=str(self.source.path))
+
+
+def _holds_exactly(dst: torch.dtype, src: torch.dtype) -> bool:
+    """Whether every ``src`` value converts to ``dst`` without rounding."""
+    return dst == src or (dst == torch.float32 and src in (torch.bfloat16, torch.float16))
 
 
 def _clone(x: Any) -> Any:

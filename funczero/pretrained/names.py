@@ -28,13 +28,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Union
 
 from funczero.pretrained.sources import SourceTensor
 
 __all__ = ["NameMap", "WeightMatch", "match_names"]
 
-NameMap = Union[Mapping[str, Union[str, None]], Callable[[str], Union[str, None]]]
+NameMap = Mapping[str, str | None] | Callable[[str], str | None]
 """Renames checkpoint keys to model names (``None``: skip the key)."""
 
 
@@ -174,7 +173,7 @@ def _choose_prefix(
     names: list[str], targets: set[str], prefix: str | None
 ) -> tuple[str, Callable[[str], str]]:
     def strip(p: str) -> Callable[[str], str]:
-        return lambda n: n[len(p) :] if n.startswith(p) else n
+        return lambda n: n.removeprefix(p)
 
     def add(p: str) -> Callable[[str], str]:
         return lambda n: p + n

@@ -10,9 +10,9 @@
   frozen ones, buffers); the optimizer files are never opened.
 
 Either way the result is a :class:`WeightSource`: tensor names with global shapes and dtypes,
-and :meth:`WeightSource.iter_range`, which reads a flat element range of one tensor without
-reading the rest of its file (``safe_open(...).get_slice`` of the covering rows for safetensors,
-byte ranges of the shard files for funczero checkpoints). Nothing here unpickles: a
+and :meth:`WeightSource.read_into` / :meth:`WeightSource.iter_range`, which read a flat element
+range of one tensor and nothing else of its file (the exact byte range: a row-major tensor's
+flat elements ``[a, b)`` are bytes ``[begin + a * itemsize, begin + b * itemsize)``). Nothing here unpickles: a
 ``pytorch_model.bin`` is refused with the command that converts it.
 
 Example:
@@ -28,13 +28,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -54,7 +54,7 @@ __all__ = [
 
 BLOCK_ELEMS = 1 << 24
 """Elements read per block (64 MiB of fp32): bounds the host memory a load needs on top of the
-state, whatever the tensor size (a single row larger than this is read whole)."""
+state, whatever the tensor size."""
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,9 +102,20 @@ class WeightSource:
     tensors: Mapping[str, SourceTensor]
     tied: Mapping[str, str]
 
-    def iter_range(self, name: str, a: int, b: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, values)``: 1-D CPU blocks of elements ``[a, b)`` of ``name``, in order."""
+    def iter_range(
+        self, name: str, a: int, b: int, buffer: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, values)``: 1-D CPU blocks of elements ``[a, b)`` of ``name``, in order.
+
+        With ``buffer`` (1-D, the tensor's dtype, at least :data:`BLOCK_ELEMS` elements) the
+        blocks are views into it, valid until the next block is read.
+        """
         raise NotImplementedError
+
+    def read_into(self, name: str, a: int, b: int, dst: torch.Tensor) -> None:
+        """Fill the contiguous 1-D CPU tensor ``dst`` with elements ``[a, b)`` (cast to its dtype)."""
+        for start, block in self.iter_range(name, a, b):
+            dst[start - a : start - a + block.numel()].copy_(block)
 
     def close(self) -> None:
         """Release open files (and finish pending checks, which may raise)."""
@@ -116,87 +127,175 @@ class WeightSource:
         self.close()
 
 
+class _Entry(NamedTuple):
+    file: Path
+    begin: int  # byte offset of the tensor's data in its file
+    info: SourceTensor
+
+
 class SafetensorsWeights(WeightSource):
     """Tensors of one or more safetensors files (a Hugging Face model directory).
 
+    ``safe_open`` validates each file (header, offsets, size) and gives names, shapes and
+    dtypes; values are then read with ``preadv`` of exactly the requested byte range, straight
+    into the destination when it has the stored dtype. No file is memory-mapped while reading,
+    so a rank's resident memory grows by what it keeps, not by the file pages it touched.
+
     Args:
-        files: tensor name -> the file holding it.
         path: the file or directory the user named.
+        files: the files to read.
+        weight_map: tensor name -> file, from a sharded index (then only these tensors are
+            offered, each checked to be in its file); default: every tensor of ``files``.
     """
 
     kind = "safetensors"
 
-    def __init__(self, files: Mapping[str, Path], path: Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
+    def __init__(
+        self, path: Path, files: Sequence[Path], weight_map: Mapping[str, Path] | None = None
+    ) -> None:
         self.path = path
-        self._where = dict(files)
-        self._open: dict[Path, Any] = {}
-        self._stack = contextlib.ExitStack()
-        tensors: dict[str, SourceTensor] = {}
+        self._fds: dict[Path, int] = {}
+        entries: dict[str, _Entry] = {}
         tied: dict[str, str] = {}
-        try:
-            for file in dict.fromkeys(self._where.values()):
-                try:
-                    handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-                    stored = set(handle.keys())
-                    meta = handle.metadata() or {}
-                except SafetensorError as e:
+        for file in files:
+            described, meta = _read_header(file)
+            tied.update(_recorded_ties(meta))
+            if weight_map is None:
+                entries.update(described)
+                continue
+            for name in [n for n, f in weight_map.items() if f == file]:
+                if name not in described:
                     raise WeightsFormatError(
-                        f"{file} is not a readable safetensors file ({e}); it is truncated or "
-                        "damaged: download or export it again"
-                    ) from e
-                self._open[file] = handle
-                tied.update(_recorded_ties(meta))
-                for name in [n for n, f in self._where.items() if f == file]:
-                    if name not in stored:
-                        raise WeightsFormatError(
-                            f"{file.name} has no tensor {name!r}, which the index "
-                            f"{path} places there; the index belongs to other files"
-                        )
-                    tensors[name] = self._describe(handle, name, file)
-        except BaseException:
-            self._stack.close()
-            raise
-        self.tensors = tensors
-        self.tied = {a: c for a, c in tied.items() if c in tensors and a not in tensors}
+                        f"{file.name} has no tensor {name!r}, which the index {path} places "
+                        "there; the index belongs to other files"
+                    )
+                entries[name] = described[name]
+        self._entries = entries
+        self.tensors = {n: e.info for n, e in entries.items()}
+        self.tied = {a: c for a, c in tied.items() if c in self.tensors and a not in self.tensors}
 
-    @staticmethod
-    def _describe(handle: Any, name: str, file: Path) -> SourceTensor:
-        view = handle.get_slice(name)
-        code = view.get_dtype()
-        if code not in _ST_DTYPES:
-            raise WeightsFormatError(
-                f"{file.name}: tensor {name!r} has dtype {code}, which funczero cannot load "
-                f"(supported: {', '.join(_ST_DTYPES)}); convert the checkpoint to bf16 or fp32"
-            )
-        return SourceTensor(tuple(int(d) for d in view.get_shape()), _ST_DTYPES[code])
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
 
-    def iter_range(self, name: str, a: int, b: int) -> Iterator[tuple[int, torch.Tensor]]:
-        info = self.tensors[name]
-        if not 0 <= a <= b <= info.numel:
-            raise ValueError(f"{name}: range [{a}, {b}) outside its {info.numel} elements")
-        if a == b:
+    def _pread(self, name: str, a: int, dst: torch.Tensor) -> None:
+        e = self._entries[name]
+        view = _byte_view(dst)
+        offset = e.begin + a * e.info.dtype.itemsize
+        fd = self._fd(e.file)
+        while len(view):
+            got = os.preadv(fd, [view], offset)
+            if got <= 0:
+                raise WeightsFormatError(
+                    f"{e.file} ended at byte {offset} while reading {name!r}: the file was "
+                    "truncated or replaced while loading"
+                )
+            offset += got
+            view = view[got:]
+
+    def _check(self, name: str, a: int, b: int) -> None:
+        numel = self.tensors[name].numel
+        if not 0 <= a <= b <= numel:
+            raise ValueError(f"{name}: range [{a}, {b}) outside its {numel} elements")
+
+    def iter_range(
+        self, name: str, a: int, b: int, buffer: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """See :meth:`WeightSource.iter_range`; with a ``buffer`` of two blocks, the next block
+        is read on a helper thread while the caller uses the current one."""
+        self._check(name, a, b)
+        dtype = self.tensors[name].dtype
+        starts = range(a, b, BLOCK_ELEMS)
+        if buffer is None or buffer.numel() < 2 * BLOCK_ELEMS or len(starts) < 2:
+            for s in starts:
+                n = min(BLOCK_ELEMS, b - s)
+                block = buffer[:n] if buffer is not None else torch.empty(n, dtype=dtype)
+                self._pread(name, s, block)
+                yield s, block
             return
-        handle = self._open[self._where[name]]
-        if len(info.shape) == 0:
-            yield 0, handle.get_tensor(name).reshape(1)
-            return
-        view = handle.get_slice(name)
-        # Rows are the unit safetensors slices by; read the rows covering [a, b) in blocks and
-        # cut the exact elements out of the first and last block.
-        row = math.prod(info.shape[1:])
-        rows_per_block = max(1, BLOCK_ELEMS // max(row, 1))
-        first, last = a // row, -(-b // row)
-        for r in range(first, last, rows_per_block):
-            stop = min(r + rows_per_block, last)
-            block = view[r:stop].reshape(-1)
-            lo, hi = max(a, r * row), min(b, stop * row)
-            yield lo, block[lo - r * row : hi - r * row]
+        halves = buffer[: 2 * BLOCK_ELEMS].view(2, BLOCK_ELEMS)
+
+        def read(i: int) -> torch.Tensor:
+            s = starts[i]
+            block = halves[i % 2][: min(BLOCK_ELEMS, b - s)]
+            self._pread(name, s, block)
+            return block
+
+        pending = _reader_thread().submit(read, 0)
+        for i, s in enumerate(starts):
+            block = pending.result()
+            if i + 1 < len(starts):
+                # The caller is done with the other half once it asks for this block.
+                pending = _reader_thread().submit(read, i + 1)
+            yield s, block
+
+    def read_into(self, name: str, a: int, b: int, dst: torch.Tensor) -> None:
+        self._check(name, a, b)
+        if dst.dtype == self.tensors[name].dtype and dst.is_contiguous() and dst.device.type == "cpu":
+            self._pread(name, a, dst)  # no copy: the bytes land where they belong
+        else:
+            super().read_into(name, a, b, dst)
 
     def close(self) -> None:
-        self._open.clear()
-        self._stack.close()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+_READER: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _reader_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's read-ahead thread (a forked child makes its own: threads do not fork)."""
+    global _READER
+    if _READER is None or _READER[0] != os.getpid():
+        _READER = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, "funczero-read-ahead"))
+    return _READER[1]
+
+
+def _read_header(file: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Validate ``file`` with ``safe_open``; return its tensors' byte offsets and its metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            infos = {}
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                view = f.get_slice(name)
+                code = view.get_dtype()
+                if code not in _ST_DTYPES:
+                    raise WeightsFormatError(
+                        f"{file.name}: tensor {name!r} has dtype {code}, which funczero cannot "
+                        f"load (supported: {', '.join(_ST_DTYPES)}); convert it to bf16 or fp32"
+                    )
+                infos[name] = SourceTensor(tuple(int(d) for d in view.get_shape()), _ST_DTYPES[code])
+    except SafetensorError as e:
+        raise WeightsFormatError(
+            f"{file} is not a readable safetensors file ({e}); it is truncated or damaged: "
+            "download or export it again"
+        ) from e
+    # safe_open checked the header (offsets in bounds, sizes matching shapes and dtypes);
+    # read the offsets it does not expose from the same bytes.
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    entries = {}
+    for name, info in infos.items():
+        begin, end = (int(x) for x in header[name]["data_offsets"])
+        if end - begin != info.numel * info.dtype.itemsize:
+            raise WeightsFormatError(f"{file.name}: tensor {name!r} has a byte range of the wrong size")
+        entries[name] = _Entry(file, 8 + n + begin, info)
+    return entries, meta
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def _recorded_ties(meta: Mapping[str, str]) -> dict[str, str]:
@@ -240,8 +339,16 @@ class CheckpointWeights(WeightSource):
         self.tied = {a: c for a, c in index.aliases.items() if a != c and a not in self.tensors}
         self._reader = ShardReader(tag_dir, index)
 
-    def iter_range(self, name: str, a: int, b: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def iter_range(
+        self, name: str, a: int, b: int, buffer: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         yield from self._reader.iter_range(self._entries[name], a, b, BLOCK_ELEMS)
+
+    def read_into(self, name: str, a: int, b: int, dst: torch.Tensor) -> None:
+        if dst.is_contiguous() and dst.device.type == "cpu":
+            self._reader.read_range(self._entries[name], a, b, dst)  # checks whole chunks' SHA-256
+        else:
+            super().read_into(name, a, b, dst)
 
     def close(self) -> None:
         # finish() raises if a chunk read whole failed its checksum.
@@ -287,17 +394,7 @@ def open_weights(path: str | os.PathLike[str]) -> WeightSource:
 
 
 def _single(file: Path) -> SafetensorsWeights:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            names = list(f.keys())
-    except SafetensorError as e:
-        raise WeightsFormatError(
-            f"{file} is not a readable safetensors file ({e}); it is truncated or damaged: "
-            "download or export it again"
-        ) from e
-    return SafetensorsWeights({n: file for n in names}, file)
+    return SafetensorsWeights(file, [file])
 
 
 def _sharded(index_file: Path) -> SafetensorsWeights:
@@ -334,7 +431,7 @@ def _sharded(index_file: Path) -> SafetensorsWeights:
             f"{index_file} names files that cannot be read ({len(bad)}):\n{shown}{more}\n"
             "Download the missing shard files next to the index."
         )
-    return SafetensorsWeights(files, index_file)
+    return SafetensorsWeights(index_file, list(dict.fromkeys(files.values())), files)
 
 
 def _checkpoint(directory: Path) -> CheckpointWeights:
