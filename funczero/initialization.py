@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -116,6 +117,13 @@ def initialize(
         reduce_bucket_size=cfg.zero.reduce_bucket_size,
         remat=remat,
     )
+    if plan.policy.params_at_rest == "shard" and not any(plan.is_sharded(n) for n in plan.spec.params):
+        warnings.warn(
+            f"ZeRO stage 3 shards nothing: every parameter has fewer than "
+            f"stage3_param_persistence_threshold={cfg.zero.stage3_param_persistence_threshold} "
+            "elements, so all stay replicated (as stage 2); lower the threshold to shard them",
+            stacklevel=2,
+        )
     loss_scale = loss_scale_from_config(cfg)
     if is_meta(model):
         state = init_state(

@@ -6,7 +6,7 @@ warmup-cosine LR schedule and gradient clipping.
   uninterrupted; fp32 and bf16, world sizes 1 and 2, and fp16 with dynamic loss scaling.
 * Another world size or stage: the loaded state equals the saved one tensor for tensor, and
   the continued run's losses match the uninterrupted run within the ZeRO equivalence tolerance
-  (fp32 losses 1e-5, see test_zero.py). Pairs: W4/stage 3 -> W2/stage 1, W2/stage 2 -> W1/stage
+  (fp32 losses 1e-5, see test_parallel_stages.py). Pairs: W4/stage 3 -> W2/stage 1, W2/stage 2 -> W1/stage
   0, W1/stage 0 -> W4/stage 3, and an offline ``reshard`` of the first (must equal the online
   load bit for bit).
 
@@ -35,7 +35,7 @@ from funczero.train.step import init_state, make_train_step
 CFG = GPTConfig(vocab_size=61, seq_len=12, d_model=30, n_layers=2, n_heads=3)
 GLOBAL_BATCH = 8
 N, M = 3, 3
-LOSS_ATOL = 1e-5  # test_zero.py: fp32 AdamW losses across stages and world sizes
+LOSS_ATOL = 1e-5  # test_parallel_stages.py: fp32 AdamW losses across stages and world sizes
 
 
 @dataclasses.dataclass(frozen=True)

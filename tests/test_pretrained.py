@@ -352,3 +352,30 @@ def test_fine_tuning_doc_python_blocks_run(tmp_path: Path, monkeypatch: pytest.M
     namespace: dict[str, object] = {"__name__": "docs_fine_tuning"}
     for i, code in enumerate(blocks, start=1):
         exec(compile(code, f"docs/fine-tuning.md (python block {i})", "exec"), namespace)  # noqa: S102
+
+
+def test_finetune_example_trains_and_exports_a_tiny_llama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_hf.py"
+    spec = importlib.util.spec_from_file_location("finetune_hf", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}},
+        "zero_optimization": {"stage": 2},
+    }))  # fmt: skip
+    out = example.main([
+        "--model", str(tmp_path / "tiny"), "--make-tiny", "--config", str(config),
+        "--steps", "3", "--seq-len", "16", "--log-every", "1", "--dtype", "fp32",
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "loaded 0." in printed and "step    2 | loss" in printed
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out)
+    base = load_file(tmp_path / "tiny" / "model.safetensors")
+    assert not torch.equal(tuned.model.norm.weight, base["model.norm.weight"])  # it trained
