@@ -80,12 +80,22 @@ def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:  # noqa: A001 - m
 
 
 def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """Map ``fn(path, leaf, *rest_leaves)`` over ``tree``; ``path`` is the ``/``-joined name."""
+    """Map ``fn(path, leaf, *rest_leaves)`` over ``tree``; ``path`` is the ``/``-joined name.
+
+    Example:
+        >>> map_with_path(lambda path, x: f"{path}={x}", {"mu": {"w": 1}, "count": 0})
+        {'mu': {'w': 'mu/w=1'}, 'count': 'count=0'}
+    """
     return optree.tree_map_with_path(
         lambda p, *xs: fn(path_str(p), *xs), tree, *rest, namespace=NAMESPACE
     )
 
 
 def tensor_bytes(tree: Any) -> int:
-    """Total bytes held by the tensor leaves of ``tree``."""
+    """Total bytes held by the tensor leaves of ``tree``.
+
+    Example:
+        >>> tensor_bytes({"w": torch.zeros(3), "h": torch.zeros(4, dtype=torch.bfloat16), "n": 1})
+        20
+    """
     return sum(x.numel() * x.element_size() for x in leaves(tree) if isinstance(x, torch.Tensor))

@@ -133,10 +133,20 @@ class GPT(nn.Module):
         return self.head(x)
 
 
-def cross_entropy_loss(model: object, batch: dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def cross_entropy_loss(
+    model: object, batch: dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """Next-token loss in fp32 for ``batch = {"x": ids, "y": targets}`` or ``(x, y)``.
 
     The logits are cast to fp32 before the softmax, so bf16 runs do not quantise the loss.
+
+    Example:
+        >>> import math
+        >>> model = GPT(GPTConfig(vocab_size=16, seq_len=8, d_model=32, n_layers=1, n_heads=2))
+        >>> ids = torch.randint(0, 16, (2, 9))
+        >>> loss = cross_entropy_loss(model, (ids[:, :-1], ids[:, 1:]))
+        >>> abs(loss.item() - math.log(16)) < 0.5  # an untrained model guesses about uniformly
+        True
     """
     x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
     logits = model(x)  # type: ignore[operator]
