@@ -163,3 +163,10 @@ def test_getting_started_documents_every_initialize_argument_and_field() -> None
     assert [f for f in funczero.Initialized._fields if f not in rows] == [], "fields without a row"
     signature = re.sub(r"\s+", " ", section[section.index("funczero.initialize(") :])
     assert all(f"{n}" in signature[: signature.index("->")] for n in names)
+
+
+def test_readme_lists_every_doc() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = [rel(doc) for doc in DOCS if doc.parent == ROOT / "docs"]
+    unlisted = [doc for doc in docs if f"`{doc}`" not in readme]
+    assert not unlisted, f"README's Documentation section does not list {unlisted}"
