@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DonatedStateError",
+    "LeafKind",
     "LeafLayout",
     "Placement",
     "StateLayout",
@@ -109,7 +110,8 @@ class StateLayout:
         trainable: parameters that have master weights and optimizer state.
         aliases: ``(alias FQN, canonical FQN)`` for tied weights (the canonical name is the key
             in ``params``; consolidated checkpoints write every alias).
-        leaves: ``(path, LeafLayout)`` of every tensor leaf, in flatten order.
+        leaves: ``(path, LeafLayout)`` of every tensor leaf, fields in name order (look leaves
+            up by path: :meth:`leaf`, :meth:`leaf_map`).
     """
 
     stage: int
