@@ -112,8 +112,11 @@ def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision:
         >>> e.params, e.grads, e.master, e.opt_state, e.deepspeed
         (0, 1000, 1000, 2008, 4000.0)
     """
-    if stage not in (0, 1, 2, 3):
+    from funczero.parallel.stages import STAGES
+
+    if stage not in STAGES:
         raise ValueError(f"stage={stage} must be 0, 1, 2 or 3")
+    policy = STAGES[stage]
     if world_size < 1 or grad_accum < 1:
         raise ValueError(f"world_size={world_size} and grad_accum={grad_accum} must be >= 1")
     if precision not in _ITEMSIZE:
@@ -124,19 +127,19 @@ def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision:
     shards = sum(_shard(f, w) for f in facts.trainable)
     padded = shards * w
     frozen = sum(facts.frozen)
-    if stage == 0:
+    if not policy.master_sharded:
         master, opt = 4 * full, per_elem * full
         params = (0 if c == 4 else c * full) + c * frozen
         grads = 4 * full
     else:
         master, opt = 4 * shards, per_elem * shards
-        if stage in (1, 2):
+        if policy.params_at_rest == "replicated":
             params = c * padded + c * frozen  # views of the all-gathered unit buffers
         else:  # sharded trainable parameters are their master shards: nothing extra
             kept = [f for f in facts.trainable if f < persistence_threshold]
             params = c * sum(_shard(f, w) * w for f in kept) + sum(
                 c * f if f < persistence_threshold else 4 * _shard(f, w) for f in facts.frozen)
-        reduced_in_backward = stage >= 2 or (grad_accum == 1 and w > 1)
+        reduced_in_backward = policy.reduces_in_backward(single_micro_batch=grad_accum == 1, world_size=w)
         grads = 4 * shards
         if not reduced_in_backward:
             grads += (c if grad_accum == 1 else 4) * full
