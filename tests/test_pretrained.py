@@ -125,7 +125,26 @@ def round_trips_on_ranks(rank: int, world_size: int, root: str) -> dict[str, tor
         for stage in STAGES:
             got = round_trip(kind, stage, Path(root) / kind, Path(root) / f"{kind}-{stage}-w{world_size}")
             report.update({f"{kind}/{stage}/{k}": v for k, v in got.items()})
+    report["failure_agreed"] = torch.tensor(_one_rank_fails(rank, Path(root) / "gpt2"))
     return report
+
+
+def _one_rank_fails(rank: int, hf_dir: Path) -> bool:
+    """Rank 1's load fails (its name_map raises); every rank must raise, none may hang."""
+
+    def name_map(key: str) -> str:
+        if rank == 1:
+            raise OSError("simulated read failure on rank 1")
+        return key
+
+    run = funczero.initialize(make_hf_model("gpt2", 1), ds_config(3), causal_lm_loss)
+    try:
+        load_pretrained(run.state, hf_dir, plan=run.plan, name_map=name_map)
+    except OSError as e:
+        return rank == 1 and "simulated" in str(e)
+    except RuntimeError as e:
+        return rank == 0 and "failed on 1 other rank" in str(e)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +187,10 @@ def test_round_trip_two_ranks_is_bit_exact(
     rank0 = world2_reports[0]
     assert bool(rank0[f"{kind}/{stage}/trained"])
     assert float(rank0[f"{kind}/{stage}/logits_max_diff"]) == 0.0
+
+
+def test_a_failure_on_one_rank_raises_on_every_rank(world2_reports: list[dict[str, torch.Tensor]]) -> None:
+    assert [bool(r["failure_agreed"]) for r in world2_reports] == [True, True]
 
 
 def test_bf16_state_gets_exact_master_and_rounded_params(hf_dirs: Path) -> None:
@@ -308,6 +331,17 @@ def test_paths_that_are_not_weights_get_clear_errors(hf_dirs: Path, tmp_path: Pa
     (tmp_path / "escape" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(WeightsFormatError, match="not a plain file name"):
         load_pretrained(run.state, tmp_path / "escape")
+
+
+def test_a_damaged_funczero_checkpoint_is_refused(hf_dirs: Path, tmp_path: Path) -> None:
+    run = funczero.initialize(make_hf_model("gpt2", 1), ds_config(0), causal_lm_loss)
+    checkpoint.save(tmp_path / "ckpt", run.state)
+    shard = next((tmp_path / "ckpt" / "0").glob("model-shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the last tensor's values
+    shard.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="checksum"):
+        load_pretrained(run.state, tmp_path / "ckpt", plan=run.plan)
 
 
 def test_export_refuses_to_overwrite_and_needs_a_config_it_can_read(hf_dirs: Path, tmp_path: Path) -> None:

@@ -359,7 +359,9 @@ class _Files:
         try:
             if not self._pending:
                 self._next_file()
-            assert self._pending.pop(0) == entry
+            expected = self._pending.pop(0)
+            if expected != entry:  # the gather order is the file order; never write out of it
+                raise RuntimeError(f"export wrote {entry.key} where {expected.key} belongs")
             self._writer.append(value.to(device="cpu", dtype=entry.dtype).contiguous())
         except Exception as e:  # noqa: BLE001 - raised by every rank after the last gather
             self.failure = e

@@ -351,11 +351,14 @@ class CheckpointWeights(WeightSource):
             super().read_into(name, a, b, dst)
 
     def close(self) -> None:
-        # finish() raises if a chunk read whole failed its checksum.
+        self._reader.close()
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         try:
-            self._reader.finish()
+            if exc_type is None:
+                self._reader.finish()  # raises if a chunk read whole failed its checksum
         finally:
-            self._reader.close()
+            self.close()
 
 
 def open_weights(path: str | os.PathLike[str]) -> WeightSource:
