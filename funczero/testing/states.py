@@ -19,6 +19,7 @@ import torch
 from funczero.optim.base import EmptyState
 from funczero.optim.moments import ScaleByAdamState, TraceState
 from funczero.parallel.precision import Precision
+from funczero.parallel.stages import STAGES
 from funczero.parallel.sharding import ShardSpec
 from funczero.train.rng import init_rng
 from funczero.train.state import TrainState
@@ -66,10 +67,11 @@ def toy_state(
     full = full_values(seed, shapes)
     frozen_set, kept = set(frozen), set(persistent)
     trainable = tuple(n for n in shapes if n not in frozen_set)
-    sharded = frozenset(n for n in shapes if stage == 3 and n not in kept)
+    policy = STAGES[stage]
+    sharded = frozenset(n for n in shapes if policy.params_at_rest == "shard" and n not in kept)
 
     def lay(x: torch.Tensor, name: str) -> torch.Tensor:
-        if stage >= 1:
+        if policy.master_sharded:
             return ShardSpec(name, torch.Size(shapes[name]), world_size).shard(x, rank)
         return x.clone()
 
@@ -79,7 +81,7 @@ def toy_state(
         if n in sharded:
             spec = ShardSpec(n, torch.Size(shapes[n]), world_size)
             params[n] = master[n] if n in master else spec.shard(full[n], rank)
-        elif n in master and stage == 0 and compute == torch.float32:
+        elif n in master and not policy.master_sharded and compute == torch.float32:
             params[n] = master[n]
         else:
             params[n] = full[n].to(compute)
