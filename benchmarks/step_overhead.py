@@ -59,7 +59,7 @@ from funczero.train.step import init_state, make_train_step
 
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 2e-3, (0.9, 0.99), 1e-8, 0.1, 1.0
 
-# "default": examples/train_gpt.py's model on Shakespeare (65 characters) and its batch of 16
+# "default": the 0.82M GPT (examples/train_gpt.py's former default, 65 characters) and a batch of 16
 # sequences (examples/configs/fp32.json). "large": 25M parameters, as wide as GPT-2 small's
 # half, with a batch that keeps a step near half a second on two cores.
 SIZES: dict[str, tuple[GPTConfig, int]] = {

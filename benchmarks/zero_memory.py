@@ -7,7 +7,7 @@ bytes by category, after the step), the measured peak of building the state plus
 gradients, activations and communication buffers) and DeepSpeed's model-state formula for the
 same parameter count.
 
-Models: ``example`` is ``examples/train_gpt.py``'s default GPT on Shakespeare (65 characters,
+Models: ``example`` is the 0.82M GPT (``examples/train_gpt.py``'s former default; 65 characters,
 d_model 128, 4 layers, seq 128; 0.82M parameters) with the example's micro-batch of 16;
 ``57M`` has d_model 768, 8 layers, vocabulary 256, seq 128 and a micro-batch of 2.
 

@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "MetricsLogger": ("funczero.train.metrics", "MetricsLogger"),
     "Precision": ("funczero.parallel.precision", "Precision"),
     "TrainState": ("funczero.train.state", "TrainState"),
+    "add_config_arguments": ("funczero.cli_args", "add_config_arguments"),
     "ZeroPlan": ("funczero.parallel.plan", "ZeroPlan"),
     "build_plan": ("funczero.parallel.plan", "build_plan"),
     "checkpoint": ("funczero.checkpoint", None),

@@ -21,6 +21,11 @@ from funczero.models.gpt import GPT, GPTConfig
 from funczero.testing.distributed import run_distributed
 from funczero.testing.states import toy_state as _toy_state
 
+# One intra-op thread in the pytest process: on a shared 2-core machine, 2 threads per process
+# collapse (measured 6x slower) and spawned ranks already add processes. Spawned ranks set their
+# own (funczero.testing.distributed).
+torch.set_num_threads(1)
+
 Report = dict[str, torch.Tensor]
 WorldRunner = Callable[..., list[Report]]
 
