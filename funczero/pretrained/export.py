@@ -48,8 +48,8 @@ import torch
 import torch.distributed as dist
 
 from funczero.parallel.sharding import ShardSpec
+from funczero.pretrained.collective import agree, check_world, state_device
 from funczero.pretrained.errors import WeightsFormatError
-from funczero.pretrained.loading import _agree, _check_world, state_device
 from funczero.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def _export_state(
 ) -> list[Path]:
     layout = state.layout
     group = plan.group if plan is not None else None
-    _check_world(layout, group)
+    check_world(layout, group)
     writer_rank = layout.rank == 0
     device = state_device(state)
     failure: BaseException | None = None
@@ -270,9 +270,9 @@ def _export_state(
         if writer_rank:
             _check_out_dir(out, overwrite)
             out.mkdir(parents=True, exist_ok=True)
-    except Exception as e:  # noqa: BLE001 - every rank raises together in _agree
+    except Exception as e:  # noqa: BLE001 - every rank raises together in agree
         failure = e
-    _agree(failure, layout, group, device)
+    agree(failure, layout, group, device, what="exporting the model")
     groups = _shard_groups(_entries(state, plan, DTYPES[dtype]), limit)
     names = _file_names(len(groups))
     files = _Files(out, names, groups, layout, active=writer_rank)
@@ -287,7 +287,7 @@ def _export_state(
         except Exception as e:  # noqa: BLE001
             failure = e
     files.cleanup()
-    _agree(failure, layout, group, device)
+    agree(failure, layout, group, device, what="exporting the model")
     return written if writer_rank else [out / n for n in names]
 
 

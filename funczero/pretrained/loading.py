@@ -32,14 +32,14 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from funczero import tree
 from funczero.parallel.sharding import ShardSpec
+from funczero.pretrained.collective import agree, check_world, state_device
 from funczero.pretrained.errors import WeightsMismatchError
 from funczero.pretrained.names import NameMap, WeightMatch, match_names
 from funczero.pretrained.sources import BLOCK_ELEMS, WeightSource, open_weights
-from funczero.train.state import StateLayout, TrainState
+from funczero.train.state import TrainState
 
 if TYPE_CHECKING:
     from funczero.parallel.plan import ZeroPlan
@@ -94,9 +94,10 @@ def load_pretrained(
     layout = state.layout
     leaves = layout.leaf_map()
     group = plan.group if plan is not None else None
-    _check_world(layout, group)
+    check_world(layout, group)
     buffers = {n: tuple(b.shape) for n, b in state.buffers.items()}
     rules = _module_rules(plan, buffers)
+    device = state_device(state)
     loader: _Loader | None = None
     failure: BaseException | None = None
     new_state = state
@@ -121,32 +122,10 @@ def load_pretrained(
         failure = e
     if failure is not None and donate and loader is not None and loader.started:
         state.mark_donated()  # half-written: never usable again
-    _agree(failure, layout, group, state_device(state))
+    agree(failure, layout, group, device, what="loading pretrained weights")
     if donate:
         state.mark_donated()
     return new_state
-
-
-def state_device(state: TrainState) -> torch.device:
-    """Where the state's tensors live (what a collective about it runs on)."""
-    return state.step.device
-
-
-def _check_world(layout: StateLayout, group: Any) -> None:
-    if layout.world_size == 1:
-        return
-    if not dist.is_initialized():
-        raise RuntimeError(
-            f"the state spans {layout.world_size} ranks but torch.distributed is not "
-            "initialised; call load_pretrained on every rank of the job that built the state"
-        )
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if (world, rank) != (layout.world_size, layout.rank):
-        raise ValueError(
-            f"the state was built for rank {layout.rank} of {layout.world_size}, but this "
-            f"process is rank {rank} of {world} in the group; pass plan= (the state's plan) "
-            "so its process group is used"
-        )
 
 
 def _module_rules(
@@ -170,21 +149,6 @@ def _raise_problems(match: WeightMatch, strict: bool, source: WeightSource) -> N
         raise WeightsMismatchError(
             missing=missing, unexpected=unexpected, mismatched=match.mismatched, source=where
         )
-
-
-def _agree(failure: BaseException | None, layout: StateLayout, group: Any, device: torch.device) -> None:
-    """Raise on every rank if any failed (one all-reduce), so no rank goes on alone."""
-    if layout.world_size > 1 and dist.is_initialized():
-        failed = torch.tensor([int(failure is not None)], dtype=torch.int32, device=device)
-        dist.all_reduce(failed, group=group)
-        others = int(failed.item()) - int(failure is not None)
-        if failure is None and others:
-            raise RuntimeError(
-                f"loading pretrained weights failed on {others} other rank(s) (their errors say "
-                "why); this rank stopped too, so every rank raises together"
-            )
-    if failure is not None:
-        raise failure
 
 
 class _Loader:
