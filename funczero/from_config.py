@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from funczero import optim
 from funczero.config import Config, ConfigError, OptimizerConfig
 from funczero.config.errors import warn
@@ -93,20 +95,41 @@ def schedule_from_config(
         raise ConfigError(f"scheduler.params ({cfg.scheduler.type}): {e}") from e
 
 
-def optimizer_from_config(cfg: Config) -> Optimizer:
+def optimizer_from_config(
+    cfg: Config, shapes: Mapping[str, Sequence[int]] | None = None
+) -> Optimizer:
     """Build the configured optimizer, driven by the configured schedule if any.
 
     Missing parameters take DeepSpeed's defaults (the config filled them in). OneCycle's momentum
     schedule drives ``b1``; optimizers without betas (SGD, Adagrad) ignore it with a
-    :class:`~funczero.config.ConfigWarning`, as DeepSpeed does.
+    :class:`~funczero.config.ConfigWarning`, as DeepSpeed does. With
+    ``funczero.no_decay_for_norms_and_biases: true`` the optimizer's weight decay skips
+    parameters of fewer than two dimensions (``mask=optim.no_decay_for_norms_and_biases``),
+    decided on ``shapes``.
+
+    Args:
+        cfg: the config.
+        shapes: every parameter's global (unsharded) shape by canonical name,
+            ``plan.spec.shapes``; read only when ``funczero.no_decay_for_norms_and_biases`` is
+            true, and then needed, because under ZeRO the optimizer holds 1-D shards.
 
     Raises:
         ConfigError: there is no ``"optimizer"`` block.
+        ValueError: ``funczero.no_decay_for_norms_and_biases`` is true and ``shapes`` is not
+            given.
 
     Example:
-        >>> cfg = Config.load({"train_batch_size": 8, "optimizer": {
-        ...     "type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}, world_size=1)
-        >>> opt = optimizer_from_config(cfg)  # funczero.optim.adamw(1e-3, ..., weight_decay=0.1)
+        >>> import torch
+        >>> cfg = Config.load({"train_batch_size": 8, "funczero": {
+        ...     "no_decay_for_norms_and_biases": True}, "optimizer": {
+        ...     "type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5}}}, world_size=1)
+        >>> shapes = {"fc.weight": (1, 1), "fc.bias": (1,)}
+        >>> opt = optimizer_from_config(cfg, shapes=shapes)
+        >>> params = {name: torch.ones(shape) for name, shape in shapes.items()}
+        >>> _ = opt.update_({n: torch.zeros_like(p) for n, p in params.items()},
+        ...                 opt.init(params), params)
+        >>> params["fc.weight"], params["fc.bias"]   # 1 * (1 - 0.1 * 0.5); the bias is not decayed
+        (tensor([[0.9500]]), tensor([1.]))
     """
     if cfg.optimizer is None:
         raise ConfigError(
@@ -114,11 +137,29 @@ def optimizer_from_config(cfg: Config) -> Optimizer:
             '"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}}, '
             "or pass an optimizer to funczero.initialize(optimizer=...)"
         )
+    mask = None
+    if cfg.funczero.no_decay_for_norms_and_biases:
+        if shapes is None:
+            raise ValueError(
+                "optimizer_from_config: funczero.no_decay_for_norms_and_biases is true, which "
+                "decides by each parameter's global shape, but no shapes were given; pass "
+                "shapes=plan.spec.shapes (or {name: p.shape for name, p in "
+                "model.named_parameters()}): under ZeRO the optimizer sees 1-D shards"
+            )
+        mask = optim.no_decay_for_norms_and_biases
+    else:
+        shapes = None  # nothing reads them
     lr, momentum = schedule_from_config(cfg)
-    return _build(cfg.optimizer, lr, momentum)
+    return _build(cfg.optimizer, lr, momentum, mask, shapes)
 
 
-def _build(block: OptimizerConfig, lr: float | Schedule, momentum: Schedule | None) -> Optimizer:
+def _build(
+    block: OptimizerConfig,
+    lr: float | Schedule,
+    momentum: Schedule | None,
+    mask: optim.WeightDecayMask | None,
+    shapes: Mapping[str, Sequence[int]] | None,
+) -> Optimizer:
     p = block.params
     if momentum is not None and "betas" not in p:
         warn(
@@ -130,21 +171,23 @@ def _build(block: OptimizerConfig, lr: float | Schedule, momentum: Schedule | No
     algorithm = block.algorithm
     if algorithm in ("adam", "adamw"):
         factory = optim.adamw if algorithm == "adamw" else optim.adam
-        return factory(lr, b1, b2, p["eps"], weight_decay=p["weight_decay"])
+        return factory(
+            lr, b1, b2, p["eps"], weight_decay=p["weight_decay"], mask=mask, shapes=shapes
+        )
     if algorithm == "lamb":
         return optim.lamb(
             lr, b1, b2, p["eps"], weight_decay=p["weight_decay"],
             bias_correction=p["bias_correction"], max_coeff=p["max_coeff"],
-            min_coeff=p["min_coeff"],
+            min_coeff=p["min_coeff"], mask=mask, shapes=shapes,
         )
     if algorithm == "lion":
-        return optim.lion(lr, b1, b2, weight_decay=p["weight_decay"])
+        return optim.lion(lr, b1, b2, weight_decay=p["weight_decay"], mask=mask, shapes=shapes)
     if algorithm == "sgd":
         return optim.sgd(
             lr, p["momentum"], dampening=p["dampening"], nesterov=p["nesterov"],
-            weight_decay=p["weight_decay"],
+            weight_decay=p["weight_decay"], mask=mask, shapes=shapes,
         )
     return optim.adagrad(
         lr, lr_decay=p["lr_decay"], initial_accumulator_value=p["initial_accumulator_value"],
-        eps=p["eps"], weight_decay=p["weight_decay"],
+        eps=p["eps"], weight_decay=p["weight_decay"], mask=mask, shapes=shapes,
     )

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from funczero.config import Config, ConfigError, ConfigWarning, SchedulerConfig
 from funczero.config.keys import SCHEDULER_PARAMS
+from funczero.from_config import schedule_from_config
 
 
 def load(d: dict[str, Any], world_size: int = 1) -> Config:
@@ -80,13 +82,15 @@ def test_adamw_with_adam_w_mode_false_warns_and_stays_decoupled() -> None:
     ("params", "needle"),
     [
         ({"warmup_max_lr": -0.1},
-         "scheduler.params.warmup_max_lr: expected null or a number >= 0 and <= 3.40282e+38, "
-         "got -0.1"),
+         ("scheduler.params.warmup_max_lr: expected null or a number >= 0 and <= 3.40282e+38, "
+         "got -0.1")),
         ({"warmup_min_lr": -1}, "scheduler.params.warmup_min_lr: expected a number >= 0"),
         ({"warmup_max_lr": 1e39}, "got 1e+39"),
-        ({"warmup_num_steps": 1e308}, "scheduler.params.warmup_num_steps: expected an integer "
-                                      ">= 1 that fits in int64"),
-        ({"warmup_num_steps": 10.5}, "scheduler.params.warmup_num_steps: expected an integer >= 1"),
+        ({"warmup_num_steps": 1e308}, ("scheduler.params.warmup_num_steps: expected an integer "
+                                      ">= 0 that fits in int64")),
+        ({"warmup_num_steps": 10.5}, "scheduler.params.warmup_num_steps: expected an integer >= 0"),
+        ({"warmup_num_steps": -1},
+         "scheduler.params.warmup_num_steps: expected an integer >= 0, got -1"),
         ({"warmup_type": "cosine"},
          'scheduler.params.warmup_type: expected one of "log", "linear", got "cosine"'),
         ({"last_batch_iteration": 5}, "last_batch_iteration must be -1"),
@@ -111,7 +115,10 @@ def test_scheduler_values_that_cannot_train_are_errors(params: dict[str, Any], n
          "scheduler.params.warmup_min_ratio: expected a number >= 0"),
         ("LRRangeTest", {"lr_range_test_step_rate": -1},
          "scheduler.params.lr_range_test_step_rate: expected a number >= 0"),
-        ("WarmupDecayLR", {"total_num_steps": 0}, "scheduler.params.total_num_steps: expected an"),
+        ("WarmupDecayLR", {"total_num_steps": 0},
+         "scheduler.params.total_num_steps: expected an integer >= 1, got 0"),
+        ("WarmupDecayLR", {"total_num_steps": 1e308},
+         "scheduler.params.total_num_steps: expected an integer >= 1 that fits in int64"),
     ],
 )
 def test_every_schedule_checks_its_values(
@@ -130,6 +137,27 @@ def test_scheduler_values_are_normalised_so_the_saved_config_reloads() -> None:
         "total_num_steps": 1000, "warmup_num_steps": 10, "warmup_type": "linear",
         "warmup_max_lr": 1.0})
     assert Config.load(cfg.to_dict(), world_size=1) == cfg
+
+
+@pytest.mark.parametrize("type_", ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"])
+def test_zero_warmup_steps_is_deepspeeds_two_step_warmup(type_: str) -> None:
+    # DeepSpeed warms up over max(2, warmup_num_steps) steps; 0 is the HF Trainer's default.
+    params = {"warmup_type": "linear", "total_num_steps": 10}
+    if type_ == "WarmupLR":
+        del params["total_num_steps"]
+    schedules = [
+        schedule_from_config(load({"train_batch_size": 8, "scheduler": {
+            "type": type_, "params": {**params, "warmup_num_steps": steps}}}), base_lr=1.0)[0]
+        for steps in (0, 1, 2)
+    ]
+    zero = load({"train_batch_size": 8, "scheduler": {
+        "type": type_, "params": {**params, "warmup_num_steps": 0}}})
+    assert zero.scheduler is not None and zero.scheduler.params["warmup_num_steps"] == 1
+    assert Config.load(zero.to_dict(), world_size=1) == zero
+    counts = torch.arange(12)
+    for schedule in schedules:
+        assert callable(schedule)
+        torch.testing.assert_close(schedule(counts), schedules[2](counts), rtol=0, atol=0)
 
 
 def test_every_schedule_parameter_has_a_value_check() -> None:

@@ -27,8 +27,8 @@ def error_of(d: dict[str, Any], world_size: int = 1) -> str:
         ({"gradient_clippin": 1.0},
          "unknown key 'gradient_clippin'; did you mean 'gradient_clipping'?"),
         ({"zero_optimization": {"stage3_prefetch_bucket_sise": 1}},
-         "unknown key 'zero_optimization.stage3_prefetch_bucket_sise'; "
-         "did you mean 'stage3_prefetch_bucket_size'?"),
+         ("unknown key 'zero_optimization.stage3_prefetch_bucket_sise'; "
+         "did you mean 'stage3_prefetch_bucket_size'?")),
         ({"fp16": {"enabled": True, "initial_scale_pow": 8}},
          "unknown key 'fp16.initial_scale_pow'; did you mean 'initial_scale_power'?"),
         ({"zero_optimization": {"offload_param": {"device": "none", "pin_memroy": True}}},
@@ -54,18 +54,18 @@ def error_of(d: dict[str, Any], world_size: int = 1) -> str:
          'communication_data_type: expected one of null, "fp32", "fp16", "bf16", got "float64"'),
         ({"fp16": []}, "fp16: expected an object, got []"),
         ({"zero_optimization": {"reduce_bucket_size": 1e19}},
-         "zero_optimization.reduce_bucket_size: expected an integer >= 0 that fits in int64 "
-         "(-2**63 to 2**63 - 1), got 1e+19"),
+         ("zero_optimization.reduce_bucket_size: expected an integer >= 0 that fits in int64 "
+         "(-2**63 to 2**63 - 1), got 1e+19")),
         ({"zero_optimization": {"reduce_bucket_size": 10**309}},
-         "zero_optimization.reduce_bucket_size: expected an integer >= 0 that fits in int64 "
-         "(-2**63 to 2**63 - 1), got an integer of about 310 digits"),
+         ("zero_optimization.reduce_bucket_size: expected an integer >= 0 that fits in int64 "
+         "(-2**63 to 2**63 - 1), got an integer of about 310 digits")),
         ({"gradient_clipping": 10**309},
          "gradient_clipping: expected a number >= 0, got an integer of about 310 digits"),
         ({"fp16": {"loss_scale": 1e39}},
          "fp16.loss_scale: expected a number >= 0 and <= 1.70141e+38, got 1e+39"),
         ({"zero_optimization": {"stage3_module_granularity_threshold": -(10**30)}},
-         "zero_optimization.stage3_module_granularity_threshold: expected an integer that fits "
-         "in int64 (-2**63 to 2**63 - 1), got -1000000000000000000000000000000"),
+         ("zero_optimization.stage3_module_granularity_threshold: expected an integer that fits "
+         "in int64 (-2**63 to 2**63 - 1), got -1000000000000000000000000000000")),
         ({"k" * 5000: 1}, "unknown key '\"" + "k" * 100 + "...\"' (see docs/config.md for the "
          "keys accepted here)"),
         ({"a\nb": 1}, "unknown key '\"a\\nb\"' (see docs/config.md for the keys accepted here)"),
@@ -127,36 +127,76 @@ def test_auto_resolves_where_computable() -> None:
 
 
 @pytest.mark.parametrize(
-    ("config", "needle"),
+    ("config", "line"),
     [
-        ({"gradient_clipping": "auto"}, 'gradient_clipping is "auto"'),
-        ({"fp16": {"enabled": "auto"}}, 'fp16.enabled is "auto"'),
+        ({"gradient_clipping": "auto"}, "gradient_clipping: max_grad_norm="),
+        ({"fp16": {"enabled": "auto"}},
+         "fp16.enabled: fp16= or bf16= (giving one makes the other false)"),
+        ({"bfloat16": {"enabled": "auto"}},
+         "bf16.enabled: bf16= or fp16= (giving one makes the other false)"),
         ({"optimizer": {"type": "Adam", "params": {"lr": "auto"}}},
-         'optimizer.params.lr is "auto"'),
+         "optimizer.params.lr: learning_rate="),
         ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}},
-         'scheduler.params.total_num_steps is "auto"'),
+         "scheduler.params.total_num_steps: num_training_steps="),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}},
+         ("scheduler.params.warmup_num_steps: warmup_steps=, or warmup_ratio= with "
+         "num_training_steps=")),
         ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}}},
-         'scheduler.params.warmup_max_lr is "auto", which means the optimizer\'s lr, but there '
-         "is no optimizer block; add one or set a concrete value"),
-        ({"steps_per_print": "auto"},
-         'steps_per_print: expected null or an integer >= 1, got "auto"'),
+         ("scheduler.params.warmup_max_lr: learning_rate= (or add an optimizer block: its lr is "
+         "then the value)")),
+        ({"amp": {"enabled": "auto", "opt_level": "auto"}},
+         ("amp.enabled: any auto_values_from_trainer_args(...) call gives false; or write "
+         '"enabled": false')),
     ],
 )
-def test_auto_that_needs_a_value_is_an_error(config: dict[str, Any], needle: str) -> None:
-    assert needle in error_of({"train_batch_size": 8, **config})
+def test_auto_that_needs_a_value_is_one_problem_naming_what_fills_it(
+    config: dict[str, Any], line: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"train_batch_size": 8, **config})
+    assert info.value.problems == [
+        ('1 "auto" value that only the HF Trainer fills in got no value. Pass Config.load(..., '
+        "auto=funczero.config.auto_values_from_trainer_args(...)) with these arguments, or write "
+        f"concrete values in the config:\n  {line}")
+    ]
+
+
+def test_auto_where_deepspeed_never_accepted_it_is_a_bad_value() -> None:
+    assert error_of({"train_batch_size": 8, "steps_per_print": "auto"}) == (
+        'steps_per_print: expected null or an integer >= 1, got "auto"')
+    assert error_of({"train_batch_size": 8, "scheduler": {"type": "OneCycle", "params": {
+        "cycle_min_lr": "auto", "cycle_max_lr": 0.1}}}) == (
+        'scheduler.params.cycle_min_lr is "auto", but no HF Trainer fills this key ("auto" is '
+        "not one of its values); set a number >= 0 and <= 3.40282e+38")
 
 
 def test_auto_scheduler_lr_with_a_broken_optimizer_block_blames_that_block() -> None:
     with pytest.raises(ConfigError) as info:
         load({"train_batch_size": 8,
-              "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9]}},
               "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}}})
-    assert info.value.problems[0].startswith('optimizer.params.lr is "auto"')
+    assert info.value.problems[0].startswith("optimizer.params.betas: expected a list of two")
     assert info.value.problems[1] == (
         'scheduler.params.warmup_max_lr is "auto", which means the optimizer\'s lr, but the '
         "optimizer block has errors (listed with it); fix them or set a concrete value"
     )
     assert "no optimizer block" not in str(info.value)
+
+
+def test_auto_scheduler_lr_with_an_auto_optimizer_lr_lists_only_the_optimizer_lr() -> None:
+    # The misleading "there is no optimizer block" of issue 11: the lr fills both.
+    with pytest.raises(ConfigError) as info:
+        load({"train_batch_size": 8,
+              "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+              "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}}})
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].endswith("config:\n  optimizer.params.lr: learning_rate=")
+    cfg = Config.load({"train_batch_size": 8,
+                       "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+                       "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}}},
+                      world_size=1, auto={"optimizer.params.lr": 0.25})
+    assert cfg.optimizer is not None and cfg.optimizer.lr == 0.25
+    assert cfg.scheduler is not None and cfg.scheduler.params["warmup_max_lr"] == 0.25
 
 
 # --- accepted but ignored --------------------------------------------------------------------

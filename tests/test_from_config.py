@@ -115,3 +115,78 @@ def test_optimizer_without_block_says_what_to_do() -> None:
     with pytest.raises(ConfigError, match=r"Add one.*funczero\.initialize\(optimizer=") as info:
         optimizer_from_config(load({"train_batch_size": 8}))
     assert "no \"optimizer\" block" in str(info.value)
+
+
+# --- funczero.no_decay_for_norms_and_biases ----------------------------------------------------
+
+SHAPES = {"embed.weight": (6, 4), "fc.weight": (3, 4), "fc.bias": (3,), "ln.weight": (4,),
+          "ln.bias": (4,)}
+
+
+def masked_config(block: dict[str, Any], switch: bool = True) -> Config:
+    return load({"train_batch_size": 8, "optimizer": block,
+                 "funczero": {"no_decay_for_norms_and_biases": switch}})
+
+
+def test_no_decay_switch_matches_torch_adamw_param_groups_on_zero_shards() -> None:
+    # ZeRO-3 at world 1: the optimizer holds each parameter as one flat 1-D shard, so only the
+    # global shapes can tell a bias from a matrix.
+    torch.manual_seed(0)
+    full = {n: torch.randn(s, dtype=torch.float64) for n, s in SHAPES.items()}
+    grads = [{n: torch.randn(s, dtype=torch.float64) for n, s in SHAPES.items()}
+             for _ in range(4)]
+    cfg = masked_config({"type": "AdamW", "params": {"lr": 0.1, "betas": [0.8, 0.9],
+                                                     "eps": 1e-6, "weight_decay": 0.3}})
+    opt = optimizer_from_config(cfg, shapes=SHAPES)
+    shards = {n: p.reshape(-1).clone() for n, p in full.items()}
+    state = opt.init(shards)
+    for g in grads:
+        state = opt.update_({n: t.reshape(-1) for n, t in g.items()}, state, shards)
+
+    reference = {n: p.clone().requires_grad_() for n, p in full.items()}
+    decayed = [reference[n] for n in ("embed.weight", "fc.weight")]
+    kept = [reference[n] for n in ("fc.bias", "ln.weight", "ln.bias")]
+    torch_opt = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": 0.3}, {"params": kept, "weight_decay": 0.0}],
+        lr=0.1, betas=(0.8, 0.9), eps=1e-6, foreach=False,
+    )
+    for g in grads:
+        for n, p in reference.items():
+            p.grad = g[n].clone()
+        torch_opt.step()
+    for n, p in reference.items():
+        torch.testing.assert_close(shards[n].reshape(p.shape), p.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [{"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5}},
+     {"type": "Adam", "params": {"lr": 0.1, "weight_decay": 0.5, "adam_w_mode": False}},
+     {"type": "Lamb", "params": {"lr": 0.1, "weight_decay": 0.5}},
+     {"type": "Lion", "params": {"lr": 0.1, "weight_decay": 0.5}},
+     {"type": "SGD", "params": {"lr": 0.1, "weight_decay": 0.5}},
+     {"type": "Adagrad", "params": {"lr": 0.1, "weight_decay": 0.5}}],
+    ids=lambda block: block["type"] + ("-L2" if "adam_w_mode" in block["params"] else ""),
+)
+def test_no_decay_switch_leaves_1d_parameters_undecayed_for_every_type(
+    block: dict[str, Any]
+) -> None:
+    # With zero gradients every change is weight decay.
+    for switch in (True, False):
+        opt = optimizer_from_config(masked_config(block, switch), shapes=SHAPES)
+        params = {n: torch.ones(s, dtype=torch.float64).reshape(-1) for n, s in SHAPES.items()}
+        state = opt.init(params)
+        opt.update_({n: torch.zeros_like(p) for n, p in params.items()}, state, params)
+        changed = {n for n, p in params.items() if not torch.equal(p, torch.ones_like(p))}
+        assert changed == ({"embed.weight", "fc.weight"} if switch else set(SHAPES)), switch
+
+
+def test_no_decay_switch_needs_the_global_shapes() -> None:
+    cfg = masked_config({"type": "AdamW", "params": {"weight_decay": 0.1}})
+    with pytest.raises(ValueError, match=r"pass shapes=plan\.spec\.shapes") as info:
+        optimizer_from_config(cfg)
+    assert "funczero.no_decay_for_norms_and_biases is true" in str(info.value)
+    assert load({"train_batch_size": 8}).funczero.no_decay_for_norms_and_biases is False
+    with pytest.raises(ValueError, match=r"shapes\['fc\.bias'\]=\(2,\) cannot be the global"):
+        optimizer_from_config(cfg, shapes={**SHAPES, "fc.bias": (2,)}).init(
+            {"fc.bias": torch.zeros(3)})

@@ -445,6 +445,13 @@ FUNCZERO: dict[str, Key] = {
         "raise when an fp16 step overflows at min_loss_scale with hysteresis used up (DeepSpeed's "
         "ZeRO path always raises); false: warn and keep skipping",
     ),
+    "no_decay_for_norms_and_biases": Key(
+        boolean(), False,
+        "true: weight decay skips parameters of fewer than 2 dimensions (biases, LayerNorm and "
+        "RMSNorm weights), decided on global shapes (funczero.optim.no_decay_for_norms_and_biases;"
+        " optimizer_from_config then needs shapes=plan.spec.shapes); false: decay every "
+        "parameter, as DeepSpeed does",
+    ),
 }
 
 OPTIMIZER_BLOCK: dict[str, Key] = {
@@ -659,7 +666,11 @@ SCHEDULER_PARAMS: dict[str, Key] = {
         optional(_SCHED_LR.check), None, _SCHED_LR.doc + "; WarmupLR: null is the optimizer's lr",
         auto=Auto.COMPUTED,
     ),
-    "warmup_num_steps": _STEPS,
+    "warmup_num_steps": Key(
+        integer(ge=0), None,
+        "a number of steps; 0 is stored as 1 (DeepSpeed warms up over max(2, n) steps, so 0, 1 "
+        "and 2 are one schedule; 0 is the HF Trainer's default warmup)",
+    ),
     "warmup_type": Key(choice("log", "linear"), None, "the shape of the warmup"),
     "total_num_steps": _STEPS,
     "warmup_min_ratio": Key(number(ge=0), None, "the lr at the start of warmup, over base lr"),

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from funczero.config.auto import AutoFilled, fill_auto
 from funczero.config.batch import resolve_batch
 from funczero.config.errors import ConfigError
 from funczero.config.keys import (
@@ -105,7 +106,11 @@ class Config:
 
     @classmethod
     def load(
-        cls, source: Mapping[str, Any] | str | os.PathLike[str], *, world_size: int | None = None
+        cls,
+        source: Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        world_size: int | None = None,
+        auto: Mapping[str, Any] | None = None,
     ) -> Config:
         """Load and validate a DeepSpeed (or funczero) config.
 
@@ -113,6 +118,9 @@ class Config:
             source: a dict; a path to a JSON file, which may contain ``//``, ``/* */`` and ``#``
                 comments and trailing commas; or DeepSpeed's url-safe base64 JSON string.
             world_size: the data-parallel size; defaults to ``$WORLD_SIZE`` or 1.
+            auto: the values the HF Trainer would fill in for ``"auto"``, ``{key path: value}``
+                (:func:`funczero.config.auto_values_from_trainer_args` builds it). ``"auto"``
+                values it does not give keep their own meaning (docs/config.md, "auto").
 
         Returns:
             The resolved config.
@@ -128,7 +136,7 @@ class Config:
         """
         raw = read_source(source)
         w, w_source = world_size_from(world_size)
-        return _resolve(raw, w, w_source)
+        return _resolve(raw, fill_auto(raw, auto, w), w, w_source)
 
     # --- derived views -------------------------------------------------------------------
 
@@ -186,18 +194,25 @@ _TOP_SCALARS = (
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def _resolve(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
-    """Check every key of ``raw`` and build the Config; raise every problem at once."""
-    errors: list[str] = [
+def _resolve(
+    raw: dict[str, Any], filled: AutoFilled, world_size: int, world_source: str
+) -> Config:
+    """Check every key of ``filled.config`` and build the Config; raise every problem at once.
+
+    ``raw`` is the config as given, kept as ``Config.raw``.
+    """
+    config = filled.config
+    errors: list[str] = list(filled.problems)
+    errors += [
         f"'{k}': {what} is not supported by funczero; remove the key"
         for k, what in UNSUPPORTED_FEATURES.items()
-        if k in raw
+        if k in config
     ]
-    given = {k: v for k, v in raw.items() if k not in UNSUPPORTED_FEATURES}
+    given = {k: v for k, v in config.items() if k not in UNSUPPORTED_FEATURES}
     top = parse_block(given, "", TOP, errors, KEY_HOMES)
-    blocks = _parse_blocks(raw, top, errors)
-    if any(e.startswith(_BATCH_KEYS) for e in errors):
-        raise ConfigError(errors)  # a bad batch value already explains the batch problem
+    blocks = _parse_blocks(config, top, errors, filled.unfilled)
+    if any(e.startswith(_BATCH_KEYS) for e in errors) or set(_BATCH_KEYS) & set(filled.unfilled):
+        raise ConfigError(errors)  # the batch problem is explained already
     try:
         tbs, mbs, gas = resolve_batch(
             *(None if top[k] is AUTO else top[k] for k in _BATCH_KEYS), world_size, world_source
@@ -234,8 +249,13 @@ def _resolve(raw: dict[str, Any], world_size: int, world_source: str) -> Config:
     return cfg
 
 
-def _parse_blocks(raw: dict[str, Any], top: dict[str, Any], errors: list[str]) -> dict[str, Any]:
-    """Parse the sub-blocks and check the rules that tie keys of different blocks together."""
+def _parse_blocks(
+    raw: dict[str, Any], top: dict[str, Any], errors: list[str], unfilled: tuple[str, ...]
+) -> dict[str, Any]:
+    """Parse the sub-blocks and check the rules that tie keys of different blocks together.
+
+    ``unfilled``: the paths of "auto" values removed for want of a value (already reported).
+    """
     fp16 = parse_block(top["fp16"], "fp16", FP16, errors, KEY_HOMES)
     bf16_name = "bfloat16" if "bfloat16" in raw and "bf16" not in raw else "bf16"
     bf16 = parse_block(top["bf16"], bf16_name, BF16, errors, KEY_HOMES)
@@ -247,7 +267,8 @@ def _parse_blocks(raw: dict[str, Any], top: dict[str, Any], errors: list[str]) -
     scheduler = None
     if top["scheduler"] is not None:
         scheduler = parse_scheduler(
-            top["scheduler"], optimizer, errors, optimizer_given=top["optimizer"] is not None
+            top["scheduler"], optimizer, errors, optimizer_given=raw.get("optimizer") is not None,
+            incomplete=any(p.startswith("scheduler.params.") for p in unfilled),
         )
     if fp16["enabled"] and bf16["enabled"]:
         errors.append(

@@ -156,14 +156,17 @@ def parse_scheduler(
     errors: list[str],
     *,
     optimizer_given: bool,
+    incomplete: bool = False,
 ) -> SchedulerConfig | None:
     """Validate a ``"scheduler"`` block and resolve its computable ``"auto"`` values.
 
     ``warmup_min_lr: "auto"`` becomes 0 and ``warmup_max_lr: "auto"`` the optimizer's lr, which
-    is what the HF Trainer writes; any other ``"auto"`` needs a concrete value. Names are checked
-    here (with suggestions), each value against ``SCHEDULER_PARAMS`` (a value that cannot train,
-    such as a negative or infinite learning rate, is an error naming its key), and the whole
-    block by building the schedule once with ``funczero.optim.schedules.from_deepspeed``.
+    is what the HF Trainer writes (the values of ``Config.load``'s ``auto`` were filled in
+    before). Names are checked here (with suggestions), each value against ``SCHEDULER_PARAMS``
+    (a value that cannot train, such as a negative or infinite learning rate, is an error naming
+    its key), and the whole block by building the schedule once with
+    ``funczero.optim.schedules.from_deepspeed``. ``warmup_num_steps: 0`` is stored as 1:
+    DeepSpeed warms up over ``max(2, warmup_num_steps)`` steps, so both are the same schedule.
 
     Args:
         raw: the block as given.
@@ -171,6 +174,8 @@ def parse_scheduler(
         errors: problems are appended here.
         optimizer_given: whether the config has an optimizer block (valid or not), so that an
             ``"auto"`` learning rate is explained correctly.
+        incomplete: ``"auto"`` parameters were removed for want of a value (and reported), so
+            the combination is not checked and ``None`` is returned.
     """
     from funczero.optim.deepspeed_schedules import DEEPSPEED_SCHEDULES
     from funczero.optim.schedules import from_deepspeed
@@ -191,7 +196,7 @@ def parse_scheduler(
     n_errors = len(errors)
     params = _scheduler_params(name, block["params"] or {}, DEEPSPEED_SCHEDULES[name], optimizer,
                                optimizer_given, errors)
-    if len(errors) > n_errors:
+    if len(errors) > n_errors or incomplete:
         return None
     try:  # validate the combination now rather than at the first step
         from_deepspeed(name, params, base_lr=optimizer.lr if optimizer is not None else 1e-3)
@@ -221,11 +226,14 @@ def _scheduler_params(
                 params[key] = SCHEDULER_PARAMS[key].check(value, path)
             except ConfigError as e:
                 errors.extend(e.problems)
+            if key == "warmup_num_steps" and params.get(key) == 0:
+                params[key] = 1  # DeepSpeed's max(2, n): the same schedule, and a valid count
         elif key == "warmup_min_lr":
             params[key] = 0.0
         elif key == "warmup_max_lr" and optimizer is not None:
             params[key] = optimizer.lr
         elif key == "warmup_max_lr":
+            # Without an optimizer block Config.load's auto step has reported (and removed) it.
             why = (
                 "the optimizer block has errors (listed with it); fix them"
                 if optimizer_given
@@ -235,9 +243,9 @@ def _scheduler_params(
                 f'{path} is "auto", which means the optimizer\'s lr, but {why} or set a '
                 "concrete value"
             )
-        else:
+        else:  # the keys the HF Trainer fills were filled or reported by Config.load's auto step
             errors.append(
-                f'{path} is "auto" (the HF Trainer computes it from its own arguments); '
-                "set a concrete value"
+                f'{path} is "auto", but no HF Trainer fills this key ("auto" is not one of its '
+                f"values); set {SCHEDULER_PARAMS[key].check.describe}"
             )
     return params

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from funczero.config.auto import TRAINER_FILLS
 from funczero.config.keys import (
     OPTIMIZER_PARAMS,
     SCHEDULER_PARAMS,
@@ -44,7 +45,7 @@ _AUTO = {
     Auto.NO: "no",
     Auto.DEFAULT: "default",
     Auto.COMPUTED: "computed",
-    Auto.ERROR: "error",
+    Auto.ERROR: "from `auto=`",
 }
 
 
@@ -67,7 +68,7 @@ def _row(path: str, key: Key) -> str:
     elif key.status is Status.IGNORED and key.check.describe.endswith("an object"):
         doc = f"any contents accepted, not checked: {doc}"
     if key.auto is Auto.ERROR:
-        doc += f"; `\"auto\"` is an error (HF Trainer fills it {key.hint})"
+        doc += f"; `\"auto\"` needs a value from `auto=` (the HF Trainer fills it {key.hint})"
     ds = key.ds if key.ds is not None else "same"
     return (
         f"| {name} | {_value(key.default)} | {ds} | {key.status.value} | "
@@ -83,7 +84,7 @@ _HEADER = (
 
 def render() -> str:
     """Return the generated markdown: one table per block, one per optimizer type."""
-    out = [BEGIN, ""]
+    out = [BEGIN, "", *_trainer_table()]
     for prefix, table in SECTIONS.items():
         out += [f"#### {_TITLES[prefix]}", "", _HEADER]
         out += [_row(f"{prefix}.{n}" if prefix else n, k) for n, k in table.items()]
@@ -104,13 +105,27 @@ def render() -> str:
     return "\n".join(out)
 
 
+def _trainer_table() -> list[str]:
+    out = [
+        "#### Keys the HF Trainer fills (`auto=`)", "",
+        ("| key | `auto_values_from_trainer_args` argument | the HF Trainer's value | "
+        "`\"auto\"` without a value | conflict checked |"),
+        "|---|---|---|---|---|",
+    ]
+    for path, fill in TRAINER_FILLS.items():
+        formula = fill.formula.replace("|", "\\|")
+        checked = "yes" if fill.checked else "no"
+        out.append(f"| `{path}` | {fill.arguments} | `{formula}` | {fill.without} | {checked} |")
+    return [*out, ""]
+
+
 def _scheduler_table() -> list[str]:
     from funczero.optim.deepspeed_schedules import DEEPSPEED_SCHEDULES
 
     out = [
         "#### `scheduler.params`", "",
-        "Defaults are the schedule's (see `funczero.optim.deepspeed_schedules`); each value is "
-        "checked as listed.", "",
+        ("Defaults are the schedule's (see `funczero.optim.deepspeed_schedules`); each value is "
+        "checked as listed."), "",
         "| key | schedules | accepted values | notes |", "|---|---|---|---|",
     ]
     for name, key in SCHEDULER_PARAMS.items():

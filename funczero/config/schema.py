@@ -31,7 +31,7 @@ class Auto(enum.Enum):
 
     NO = "not accepted"  # "auto" is an ordinary bad value (DeepSpeed never accepted it here)
     DEFAULT = "default"  # "auto" means the default, as DeepSpeed does inside its pydantic blocks
-    ERROR = "error"  # only the HF Trainer can fill it: the user must give a concrete value
+    ERROR = "error"  # only the HF Trainer's values fill it (Config.load's auto=), else an error
     COMPUTED = "computed"  # derived from other keys by dedicated code (batch sizes, warmup_max_lr)
 
 
@@ -110,7 +110,7 @@ def _resolve(key: Key, value: Any, path: str) -> Any:
         if key.auto is Auto.ERROR:
             raise ConfigError(
                 f'{path} is "auto", a value only the HuggingFace Trainer fills in ({key.hint}); '
-                f"set a concrete value ({key.check.describe})"
+                f"pass it with Config.load(..., auto=...) or set {key.check.describe}"
             )
     if key.disabled_only:
         if not isinstance(value, dict):

@@ -89,6 +89,7 @@ class FunczeroConfig:
 
     seed: int | None = default("funczero.seed")
     raise_at_min_loss_scale: bool = default("funczero.raise_at_min_loss_scale")
+    no_decay_for_norms_and_biases: bool = default("funczero.no_decay_for_norms_and_biases")
 
 
 def parse_zero(value: Any, allgather_size: int, errors: list[str]) -> dict[str, Any]:
