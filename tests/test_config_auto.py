@@ -296,7 +296,9 @@ def test_helper_warmup_follows_get_warmup_steps(kwargs: dict[str, Any], warmup: 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"learning_rate": -1e-3}, "learning_rate: expected null or a number >= 0"),
+        ({"learning_rate": -1e-3},
+         "learning_rate: expected a number >= 0 and <= 3.40282e+38, got -0.001"),
+        ({"learning_rate": 1e39}, "learning_rate: expected a number >= 0 and <= 3.40282e+38"),
         ({"per_device_train_batch_size": 0},
          "per_device_train_batch_size: expected an integer >= 1"),
         ({"max_grad_norm": "1.0"}, 'max_grad_norm: expected a number >= 0, got "1.0"'),

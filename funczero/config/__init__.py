@@ -11,8 +11,8 @@ objects it describes are built by :mod:`funczero.from_config`.
 Modules: ``load`` (``Config``), ``source`` (reading dicts, files, base64), ``jsonc`` (JSON with
 comments), ``keys`` (the table of every key), ``schema`` (how a table is applied), ``checks``
 (value checkers), ``sections`` (sub-block dataclasses), ``optimizer`` (optimizer and scheduler
-blocks), ``batch`` (the batch-size rule), ``auto`` (the HF Trainer's ``"auto"`` values),
-``errors``, ``reference`` (the generated docs).
+blocks), ``batch`` (the batch-size rule), ``auto`` (filling the HF Trainer's ``"auto"``),
+``trainer_args`` (its arguments as ``auto``), ``errors``, ``reference`` (the generated docs).
 
 Example:
     >>> from funczero.config import Config
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from funczero.config.auto import TRAINER_FILLS as TRAINER_FILLS
 from funczero.config.auto import TrainerFill as TrainerFill
-from funczero.config.auto import auto_values_from_trainer_args as auto_values_from_trainer_args
 from funczero.config.errors import ConfigError as ConfigError
 from funczero.config.errors import ConfigWarning as ConfigWarning
 from funczero.config.keys import KEYS as KEYS
@@ -42,6 +41,9 @@ from funczero.config.sections import BF16Config as BF16Config
 from funczero.config.sections import FP16Config as FP16Config
 from funczero.config.sections import FunczeroConfig as FunczeroConfig
 from funczero.config.sections import ZeroConfig as ZeroConfig
+from funczero.config.trainer_args import (
+    auto_values_from_trainer_args as auto_values_from_trainer_args,
+)
 
 __all__ = [
     "KEYS",

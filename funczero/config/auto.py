@@ -3,17 +3,18 @@
 The HF Trainer replaces ``"auto"`` in a DeepSpeed config before DeepSpeed sees it, with values
 from its ``TrainingArguments`` and the model (transformers'
 ``HfTrainerDeepSpeedConfig.trainer_config_process`` and ``trainer_config_finalize``).
-``Config.load(source, auto={key path: value})`` does the same; :func:`auto_values_from_trainer_args`
-builds that mapping from the Trainer's argument names. :data:`TRAINER_FILLS` lists every key the
-Trainer fills, what fills it, and what ``"auto"`` means when no value is given.
+``Config.load(source, auto={key path: value})`` does the same (:func:`fill_auto`), and
+:func:`funczero.config.trainer_args.auto_values_from_trainer_args` builds that mapping from the
+Trainer's argument names. :data:`TRAINER_FILLS` lists every key the Trainer fills, what fills it,
+and what ``"auto"`` means when no value is given.
 
 Example:
     >>> from funczero.config import Config
     >>> template = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
     ...             "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
     ...             "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
-    >>> values = auto_values_from_trainer_args(learning_rate=3e-4, per_device_train_batch_size=4,
-    ...                                        max_grad_norm=1.0, bf16=True)
+    >>> values = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+    ...           "bf16.enabled": True, "optimizer.params.lr": 3e-4}
     >>> cfg = Config.load(template, world_size=2, auto=values)
     >>> cfg.train_batch_size, cfg.optimizer.lr, cfg.gradient_clipping, cfg.precision
     (8, 0.0003, 1.0, 'bf16')
@@ -23,17 +24,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from funczero.config.checks import Check, boolean, integer, number
+from funczero.config.checks import Check, boolean, integer
 from funczero.config.errors import ConfigError, did_you_mean, show
 from funczero.config.keys import KEYS, MAX_BATCH, OPTIMIZER_PARAMS, SCHEDULER_PARAMS, SECTIONS
 from funczero.config.schema import Status
 
-__all__ = ["TRAINER_FILLS", "AutoFilled", "TrainerFill", "auto_values_from_trainer_args",
-           "fill_auto"]
+__all__ = ["TRAINER_FILLS", "AutoFilled", "TrainerFill", "fill_auto", "key_check"]
 
 _HELPER = "auto_values_from_trainer_args"
 
@@ -44,7 +43,7 @@ class TrainerFill:
 
     Attributes:
         path: the key's dotted path.
-        arguments: the :func:`auto_values_from_trainer_args` arguments that give the value.
+        arguments: the ``auto_values_from_trainer_args`` arguments that give the value.
         formula: how the Trainer computes it from its arguments.
         without: what ``"auto"`` means when ``auto`` has no value for the key.
         ask: for a key that cannot stay ``"auto"`` without a value, what to pass; ``""`` for
@@ -117,7 +116,7 @@ TRAINER_FILLS: Mapping[str, TrainerFill] = {f.path: f for f in (
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def _key_check(path: str) -> Check:
+def key_check(path: str) -> Check:
     """The check of the key at ``path`` (optimizer params: AdamW's, the Trainer's optimizer)."""
     if path.startswith("optimizer.params."):
         return OPTIMIZER_PARAMS["AdamW"][path.removeprefix("optimizer.params.")].check
@@ -220,7 +219,7 @@ def _checked_mapping(auto: Mapping[str, Any] | None) -> dict[str, Any]:
             problems.append(f"auto: {show(path)} is not a key the HF Trainer fills{hint}")
             continue
         try:
-            values[path] = _key_check(path)(value, f"auto[{path!r}]")
+            values[path] = key_check(path)(value, f"auto[{path!r}]")
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:
@@ -276,7 +275,8 @@ def _fill_train_batch_size(
 ) -> None:
     """``train_batch_size: "auto"`` without a micro-batch key: the Trainer's formula.
 
-    With a micro-batch key the batch rule derives it (and checks the three agree).
+    With a micro-batch key the batch rule derives it (and checks the three agree). The
+    accumulation is the config's (the Trainer would insist they agree), else ``auto``'s, else 1.
     """
     micro = values.get("train_micro_batch_size_per_gpu")
     if micro is None or "train_micro_batch_size_per_gpu" in config:
@@ -284,8 +284,10 @@ def _fill_train_batch_size(
     if not _is_auto(config.get("train_batch_size")):
         return
     accumulation = _concrete(config, "gradient_accumulation_steps")
-    if not isinstance(accumulation, int) or isinstance(accumulation, bool):
-        accumulation = 1
+    try:  # a bad value is reported by its own check; the batch rule then says the rest
+        accumulation = integer(ge=1)(accumulation, "gradient_accumulation_steps")
+    except ConfigError:
+        accumulation = values.get("gradient_accumulation_steps", 1)
     config["train_batch_size"] = world_size * micro * accumulation
 
 
@@ -310,135 +312,3 @@ def _unfilled_message(paths: list[str]) -> str:
         f"fills in got no value. Pass Config.load(..., auto=funczero.config.{_HELPER}(...)) "
         f"with these arguments, or write concrete values in the config:\n{lines}"
     )
-
-
-def _arg(check: Check, name: str, value: Any) -> Any:
-    return None if value is None else check(value, name)
-
-
-def auto_values_from_trainer_args(
-    *,
-    learning_rate: float | None = None,
-    per_device_train_batch_size: int | None = None,
-    gradient_accumulation_steps: int | None = None,
-    max_grad_norm: float | None = None,
-    fp16: bool | None = None,
-    bf16: bool | None = None,
-    weight_decay: float | None = None,
-    adam_beta1: float | None = None,
-    adam_beta2: float | None = None,
-    adam_epsilon: float | None = None,
-    num_training_steps: int | None = None,
-    warmup_steps: int | None = None,
-    warmup_ratio: float | None = None,
-    hidden_size: int | None = None,
-) -> dict[str, Any]:
-    """The ``auto`` mapping of :meth:`Config.load` from the HF Trainer's argument names.
-
-    Each argument fills the keys the HF Trainer fills from its ``TrainingArguments`` field of
-    the same name (:data:`TRAINER_FILLS`); an argument left ``None`` fills nothing. Exceptions,
-    as in the Trainer: giving ``fp16`` or ``bf16`` makes the other false; giving one of
-    ``adam_beta1``/``adam_beta2`` gives the other the Trainer's default (0.9 / 0.999);
-    ``warmup_num_steps`` is ``warmup_steps`` if > 0, else ``ceil(warmup_ratio *
-    num_training_steps)``; ``hidden_size`` (the model config's, the largest of
-    ``hidden_sizes``) fills the ZeRO bucket sizes. ``amp.enabled`` is always false (funczero has
-    no Apex backend).
-
-    Args:
-        learning_rate: ``optimizer.params.lr`` and ``scheduler.params.warmup_max_lr``.
-        per_device_train_batch_size: ``train_micro_batch_size_per_gpu`` (and
-            ``train_batch_size``, computed with the world size).
-        gradient_accumulation_steps: ``gradient_accumulation_steps``.
-        max_grad_norm: ``gradient_clipping``.
-        fp16: ``fp16.enabled``.
-        bf16: ``bf16.enabled``.
-        weight_decay: ``optimizer.params.weight_decay``.
-        adam_beta1: ``optimizer.params.betas[0]``.
-        adam_beta2: ``optimizer.params.betas[1]``.
-        adam_epsilon: ``optimizer.params.eps``.
-        num_training_steps: ``scheduler.params.total_num_steps``.
-        warmup_steps: ``scheduler.params.warmup_num_steps``.
-        warmup_ratio: ``scheduler.params.warmup_num_steps`` as a share of
-            ``num_training_steps`` (read when ``warmup_steps`` is ``None`` or 0).
-        hidden_size: ``zero_optimization.reduce_bucket_size`` (``hidden_size**2``),
-            ``stage3_prefetch_bucket_size`` (``int(0.9 * hidden_size**2)``) and
-            ``stage3_param_persistence_threshold`` (``10 * hidden_size``).
-
-    Returns:
-        ``{key path: value}`` for :meth:`Config.load`'s ``auto``.
-
-    Raises:
-        ConfigError: an argument has a value its key does not accept (named by the argument), or
-            ``warmup_ratio`` is given without ``num_training_steps``.
-
-    Example:
-        >>> auto_values_from_trainer_args(learning_rate=1e-4, bf16=True, hidden_size=8)
-        ... # doctest: +NORMALIZE_WHITESPACE
-        {'optimizer.params.lr': 0.0001, 'scheduler.params.warmup_max_lr': 0.0001,
-         'fp16.enabled': False, 'bf16.enabled': True, 'amp.enabled': False,
-         'zero_optimization.reduce_bucket_size': 64,
-         'zero_optimization.stage3_prefetch_bucket_size': 57,
-         'zero_optimization.stage3_param_persistence_threshold': 80}
-    """
-    out: dict[str, Any] = {}
-    steps = integer(ge=1)
-    positive = number(ge=0)
-    if learning_rate is not None:
-        lr = _arg(SCHEDULER_PARAMS["warmup_max_lr"].check, "learning_rate", learning_rate)
-        out["optimizer.params.lr"] = out["scheduler.params.warmup_max_lr"] = lr
-    batch = {
-        "train_micro_batch_size_per_gpu": ("per_device_train_batch_size",
-                                           per_device_train_batch_size),
-        "gradient_accumulation_steps": ("gradient_accumulation_steps",
-                                        gradient_accumulation_steps),
-    }
-    for path, (name, value) in batch.items():
-        if value is not None:
-            out[path] = _arg(_key_check(path), name, value)
-    if max_grad_norm is not None:
-        out["gradient_clipping"] = _arg(positive, "max_grad_norm", max_grad_norm)
-    if fp16 is not None or bf16 is not None:
-        out["fp16.enabled"] = _arg(boolean(), "fp16", fp16) or False
-        out["bf16.enabled"] = _arg(boolean(), "bf16", bf16) or False
-    out["amp.enabled"] = False
-    if weight_decay is not None:
-        out["optimizer.params.weight_decay"] = _arg(positive, "weight_decay", weight_decay)
-    if adam_beta1 is not None or adam_beta2 is not None:
-        beta = number(ge=0, lt=1)
-        out["optimizer.params.betas"] = [
-            0.9 if adam_beta1 is None else _arg(beta, "adam_beta1", adam_beta1),
-            0.999 if adam_beta2 is None else _arg(beta, "adam_beta2", adam_beta2),
-        ]
-    if adam_epsilon is not None:
-        out["optimizer.params.eps"] = _arg(positive, "adam_epsilon", adam_epsilon)
-    if num_training_steps is not None:
-        out["scheduler.params.total_num_steps"] = _arg(steps, "num_training_steps",
-                                                       num_training_steps)
-    warmup = _warmup_num_steps(warmup_steps, warmup_ratio, num_training_steps)
-    if warmup is not None:
-        out["scheduler.params.warmup_num_steps"] = warmup
-    if hidden_size is not None:
-        h = _arg(steps, "hidden_size", hidden_size)
-        out["zero_optimization.reduce_bucket_size"] = h * h
-        # The Trainer writes 0.9 * h * h, a float; the key counts elements.
-        out["zero_optimization.stage3_prefetch_bucket_size"] = int(0.9 * h * h)
-        out["zero_optimization.stage3_param_persistence_threshold"] = 10 * h
-    return out
-
-
-def _warmup_num_steps(
-    warmup_steps: int | None, warmup_ratio: float | None, num_training_steps: int | None
-) -> int | None:
-    """``TrainingArguments.get_warmup_steps``: the steps if > 0, else the ratio of the total."""
-    steps = _arg(integer(ge=0), "warmup_steps", warmup_steps)
-    ratio = _arg(number(ge=0, le=1), "warmup_ratio", warmup_ratio)
-    if steps is not None and (steps > 0 or ratio is None):
-        return steps
-    if ratio is None:
-        return None
-    if num_training_steps is None:
-        raise ConfigError(
-            "warmup_ratio needs num_training_steps= (the warmup is "
-            "ceil(warmup_ratio * num_training_steps) steps), or give warmup_steps= instead"
-        )
-    return math.ceil(ratio * num_training_steps)
