@@ -413,3 +413,59 @@ def test_finetune_example_trains_and_exports_a_tiny_llama(tmp_path: Path, monkey
     tuned = transformers.AutoModelForCausalLM.from_pretrained(out)
     base = load_file(tmp_path / "tiny" / "model.safetensors")
     assert not torch.equal(tuned.model.norm.weight, base["model.norm.weight"])  # it trained
+
+
+class _Net(torch.nn.Module):
+    """A linear layer with a frozen bias and a BatchNorm (persistent and non-persistent buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 3)
+        self.fc.bias.requires_grad_(False)
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc(x))
+
+
+def test_frozen_parameters_and_persistent_buffers_load_and_export(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = _Net()
+    source.norm.running_mean.uniform_()
+    save_file(dict(source.state_dict()), tmp_path / "model.safetensors")
+    plan_model = _Net()
+    from funczero import optim
+    from funczero.parallel.plan import build_plan
+    from funczero.train.state import init_state
+
+    plan = build_plan(plan_model, stage=2, precision="bf16")
+    params = dict(plan_model.named_parameters())
+    state = init_state(plan, optim.sgd(0.1), params, dict(plan_model.named_buffers()))
+    loaded = load_pretrained(state, tmp_path, plan=plan)
+    assert torch.equal(loaded.params["fc.bias"], source.fc.bias.detach().to(torch.bfloat16))  # frozen: no master
+    assert "fc.bias" not in loaded.master
+    assert torch.equal(loaded.buffers["norm.running_mean"], source.norm.running_mean)
+    export_pretrained(loaded, tmp_path / "out", dtype="fp32", plan=plan)
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert "scratch" not in exported and "norm.num_batches_tracked" in exported  # as state_dict() has them
+    assert torch.equal(exported["fc.weight"], source.fc.weight.detach())  # from the fp32 master
+    del exported["norm.running_mean"]
+    save_file(exported, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsMismatchError) as info:
+        load_pretrained(state, tmp_path, plan=plan)
+    assert info.value.missing == ["norm.running_mean"]
+
+
+def test_a_prefix_the_model_has_and_the_checkpoint_lacks_is_added() -> None:
+    from funczero.pretrained.names import match_names
+    from funczero.pretrained.sources import SourceTensor
+
+    f32 = SourceTensor((2,), torch.float32)
+    shapes = {"lm.model.w": (2,), "lm.head.w": (2,)}
+    match = match_names({"model.w": f32, "head.w": f32}, shapes=shapes)
+    assert match.rename == "add 'lm.'" and match.params == {"lm.model.w": "model.w", "lm.head.w": "head.w"}
+    exact = match_names({"model.w": f32, "head.w": f32}, shapes=shapes, prefix="")
+    assert exact.missing == ["lm.model.w", "lm.head.w"] and exact.unexpected == ["model.w", "head.w"]
+    renamed = match_names({"a": f32, "b": f32}, shapes=shapes, name_map=lambda k: {"a": "lm.model.w"}.get(k))
+    assert renamed.params == {"lm.model.w": "a"} and renamed.missing == ["lm.head.w"] and not renamed.unexpected

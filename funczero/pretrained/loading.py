@@ -78,9 +78,11 @@ def load_pretrained(
             key); see :mod:`funczero.pretrained.names`.
         prefix: strip this prefix from checkpoint keys (``"model."``); default: detected;
             ``""``: names must match exactly.
-        donate: write into ``state``'s own tensors (peak memory: the state plus one 64 MiB
-            block) and mark it donated, as a donating ``train_step`` does. Default: the
-            returned state has new tensors and ``state`` is left untouched.
+        donate: write into ``state``'s own tensors and mark it donated, as a donating
+            ``train_step`` does (peak memory: the state plus two staging blocks of
+            :data:`~funczero.pretrained.sources.BLOCK_ELEMS` elements, 128 MiB for an fp32
+            checkpoint). Default: the returned state has new tensors and ``state`` is left
+            untouched.
 
     Returns:
         The state with the checkpoint's parameters (fp32 master weights exact, compute-dtype
