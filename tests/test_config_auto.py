@@ -210,6 +210,15 @@ def test_train_batch_size_auto_without_a_micro_batch_key_uses_the_trainers_formu
             cfg.gradient_accumulation_steps) == (24, 2, 3)
 
 
+def test_train_batch_size_auto_alone_is_filled_and_split_as_deepspeed_splits_it() -> None:
+    # The Trainer writes train_batch_size = 4 * 2 * 3; DeepSpeed then derives accumulation 1.
+    auto = auto_values_from_trainer_args(per_device_train_batch_size=2,
+                                         gradient_accumulation_steps=3)
+    cfg = Config.load({"train_batch_size": "auto"}, world_size=4, auto=auto)
+    assert (cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
+            cfg.gradient_accumulation_steps) == (24, 6, 1)
+
+
 def test_aliases_and_the_legacy_bf16_block_are_filled() -> None:
     config = {"train_batch_size": 8, "bfloat16": {"enabled": "auto"},
               "zero_optimization": {"stage": 3, "param_persistence_threshold": "auto",

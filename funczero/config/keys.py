@@ -451,6 +451,7 @@ FUNCZERO: dict[str, Key] = {
         "RMSNorm weights), decided on global shapes (funczero.optim.no_decay_for_norms_and_biases;"
         " optimizer_from_config then needs shapes=plan.spec.shapes); false: decay every "
         "parameter, as DeepSpeed does",
+        ds="no such key: every parameter is decayed",
     ),
 }
 
