@@ -65,6 +65,7 @@ def initialize(
     wrap: Sequence[str] | Callable[[nn.Module], list[str]] | None = None,
     remat: Remat = False,
     init_fn: InitFn | None = None,
+    init_from: str | os.PathLike[str] | None = None,
     donate: bool = True,
     device: torch.device | str | None = None,
 ) -> Initialized:
@@ -92,6 +93,10 @@ def initialize(
             unit (an int), unit names, or a predicate on a unit's name.
         init_fn: for a meta-device model, initialises one module's own tensors (default: the
             model's ``_init_weights(module)``, else each module's ``reset_parameters()``).
+        init_from: start from pretrained weights: a Hugging Face ``model.safetensors`` (or its
+            sharded index), funczero's consolidated output, or a funczero checkpoint's weights;
+            each rank reads only its own shards (:func:`funczero.pretrained.load_pretrained`,
+            strict). Build the model on the meta device to skip creating random weights.
         donate: let each step reuse the previous state's buffers in place.
         device: where the state lives (default: the current CUDA device, else CPU).
     """
@@ -106,7 +111,6 @@ def initialize(
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    opt = optimizer if optimizer is not None else optimizer_from_config(cfg)
     plan = build_plan(
         model,
         stage=cfg.zero.stage,
@@ -124,6 +128,8 @@ def initialize(
             "elements, so all stay replicated (as stage 2); lower the threshold to shard them",
             stacklevel=2,
         )
+    # Masks decided from global shapes, so they hold at stage 3 where a rank sees only shards.
+    opt = optimizer if optimizer is not None else optimizer_from_config(cfg, shapes=plan.spec.shapes)
     loss_scale = loss_scale_from_config(cfg)
     if is_meta(model):
         state = init_state(
@@ -137,6 +143,10 @@ def initialize(
             plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
         )
         del params
+    if init_from is not None:
+        from funczero.pretrained import load_pretrained
+
+        state = load_pretrained(state, init_from, plan=plan, donate=True)
     timer = PhaseTimer(device) if cfg.monitors.wall_clock_breakdown else None
     step = make_train_step(
         loss_fn,

@@ -35,3 +35,23 @@ def test_wall_clock_breakdown_gives_the_step_a_timer() -> None:
     run = funczero.initialize(torch.nn.Linear(4, 1), {**CONFIG, "wall_clock_breakdown": True}, _loss, device="cpu")
     state, _ = run.train_step(run.state, torch.ones(2, 4))
     assert set(run.timer.collect()) == {"forward", "backward", "reduce", "optimizer"}
+
+
+def test_init_from_starts_a_meta_model_from_pretrained_weights(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(cfg)
+    config = {**CONFIG, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+    def loss_fn(m, batch):
+        return m(input_ids=batch, labels=batch).loss
+
+    run = funczero.initialize(model, config, loss_fn, init_from=tmp_path, device="cpu")
+    x = torch.randint(0, 32, (2, 8))
+    with funczero.bound_module(run.plan, run.state) as bound:
+        bound.eval()  # from_pretrained's reference is in eval mode (no dropout)
+        torch.testing.assert_close(bound(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
