@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import funczero
 from funczero import checkpoint, optim
 from funczero.checkpoint import reader as reader_module
 from funczero.cli.app import app
@@ -278,3 +279,26 @@ def test_cli_inspect_escapes_control_characters_from_the_index(tmp_path: Path) -
     assert "Adam\\x1b[31m\\u202e" in res.output
     res = runner.invoke(app, ["ckpt", "verify", str(tmp_path)])
     assert res.exit_code == 1 and "opt_state/0/\\x1b]0;owned\\x07\\x1b[2Jcount" in res.output
+
+
+def test_ckpt_export_writes_a_directory_from_pretrained_opens(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    hf.save_pretrained(tmp_path / "src")
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(cfg)
+    run = funczero.initialize(
+        model, {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}},
+        lambda m, b: m(input_ids=b, labels=b).loss, init_from=tmp_path / "src", device="cpu",
+    )  # fmt: skip
+    checkpoint.save(tmp_path / "ckpt", run.state)
+    result = CliRunner().invoke(
+        app, ["ckpt", "export", str(tmp_path / "ckpt"), str(tmp_path / "out"),
+              "--config-json", str(tmp_path / "src" / "config.json"), "--dtype", "fp32"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out")
+    for name, p in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p), name

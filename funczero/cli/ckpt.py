@@ -342,6 +342,44 @@ def consolidate_cmd(
             con.print(_safe(f"wrote {f} ({_bytes(f.stat().st_size)})"))
 
 
+@ckpt_app.command("export", cls=CkptCommand)
+def export_cmd(
+    directory: DirArg,
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output model directory (from_pretrained opens it).")
+    ],
+    config_json: Annotated[
+        Path,
+        typer.Option("--config-json", help="The model's config.json (or its directory) to copy."),
+    ],
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="fp32, bf16 or fp16 for floating-point weights.")
+    ] = "bf16",
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Split into files of at most this size.")
+    ] = "5GB",
+    tag: TagOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier export in OUT.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a Hugging Face model directory: sharded safetensors, their index and config.json."""
+    with _errors("export", as_json):
+        from funczero.pretrained import export_pretrained
+
+        files = export_pretrained(
+            directory, out, config_json=config_json, dtype=dtype,
+            max_shard_size=max_shard_size, tag=tag, overwrite=overwrite,
+        )  # fmt: skip
+    if as_json:
+        _emit_json({"ok": True, "files": [str(f) for f in files]})
+    else:
+        con = _console()
+        for f in files:
+            con.print(_safe(f"wrote {f} ({_bytes(f.stat().st_size)})"))
+
+
 @ckpt_app.command("diff", cls=CkptCommand)
 def diff_cmd(
     a: Annotated[
