@@ -68,6 +68,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -75,11 +76,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Measured on one H200 (nvidia-h200, torch 2.11.0+cu130, 2026-11-23) with `measure`: forward and
-# backward of the 1.34B GPT (seq 2048, micro-batch 4, bf16, funczero stage 0) and the fused AdamW
-# pass over its 1.34B fp32 master weights. Filled in from `measure`'s output (docs/scaling.md).
-ACHIEVED_TFLOPS = 600.0
-HBM_GBPS = 3000.0
+# Measured on one H200 (nvidia-h200: torch 2.11.0+cu130, driver 580.159.04) on 2026-12-02 with
+# `measure`, three runs (10, 20, 20 repetitions): forward and backward of the 1.34B GPT (seq 2048,
+# micro-batch 4, bf16, funczero stage 0) took 124.4 / 125.4 / 125.2 ms (583 / 578 / 579 TFLOP/s
+# by this model's FLOP count); the fused AdamW pass over its 1.34B fp32 master weights 11.31 /
+# 11.22 / 11.31 ms (28 bytes per element: 3326 / 3351 / 3326 GB/s). The medians:
+ACHIEVED_TFLOPS = 579.0
+HBM_GBPS = 3326.0
 
 
 # --------------------------------------------------------------------------- model shapes
@@ -127,11 +130,23 @@ def _linear(name: str, out_f: int, in_f: int, unit: str, bias: bool, **kw: objec
 
 
 def _norm(name: str, d: int, unit: str, bias: bool, **kw: object) -> list[Param]:
-    return [Param(f"{name}.{w}", d, unit, **kw) for w in (("weight", "bias") if bias else ("weight",))]  # type: ignore[arg-type]
+    return [
+        Param(f"{name}.{w}", d, unit, **kw) for w in (("weight", "bias") if bias else ("weight",))
+    ]  # type: ignore[arg-type]
 
 
-def gpt_shape(vocab: int, seq: int, d: int, layers: int, *, micro_batch: int = 1, bias: bool = True,
-              tie: bool = True, batch_norm: bool = False, name: str = "gpt") -> ModelShape:
+def gpt_shape(
+    vocab: int,
+    seq: int,
+    d: int,
+    layers: int,
+    *,
+    micro_batch: int = 1,
+    bias: bool = True,
+    tie: bool = True,
+    batch_norm: bool = False,
+    name: str = "gpt",
+) -> ModelShape:
     """``funczero.models.gpt.GPT``'s parameters, in its module order."""
     ps = [Param("wte.weight", vocab * d, "", "wte"), Param("wpe.weight", seq * d, "", "wpe")]
     for i in range(layers):
@@ -150,8 +165,18 @@ def gpt_shape(vocab: int, seq: int, d: int, layers: int, *, micro_batch: int = 1
     return ModelShape(name, tuple(ps), layers, d, seq, micro_batch, 2 * d if batch_norm else 0)
 
 
-def llama_shape(vocab: int, d: int, layers: int, ffn: int, heads: int, kv_heads: int, *,
-                seq: int, micro_batch: int = 1, name: str = "llama") -> ModelShape:
+def llama_shape(
+    vocab: int,
+    d: int,
+    layers: int,
+    ffn: int,
+    heads: int,
+    kv_heads: int,
+    *,
+    seq: int,
+    micro_batch: int = 1,
+    name: str = "llama",
+) -> ModelShape:
     """Hugging Face ``LlamaForCausalLM``'s parameters (untied): root parts ``model`` (embedding
     and final norm) and ``lm_head``; one unit per ``model.layers.i``."""
     kv = d // heads * kv_heads
@@ -169,30 +194,46 @@ def llama_shape(vocab: int, d: int, layers: int, ffn: int, heads: int, kv_heads:
     return ModelShape(name, tuple(ps), layers, d, seq, micro_batch)
 
 
-def custom_shape(params: int, layers: int, d: int, *, seq: int, micro_batch: int = 1,
-                 vocab: int = 32000) -> ModelShape:
+def custom_shape(
+    params: int, layers: int, d: int, *, seq: int, micro_batch: int = 1, vocab: int = 32000
+) -> ModelShape:
     """A model known only by its size: an untied ``vocab x d`` embedding and head, and the rest
     split evenly over ``layers`` blocks of one weight each (padding is then a lower bound)."""
     per_block = (params - 2 * vocab * d) // layers
     if per_block <= 0:
         raise ValueError(f"params={params} is too small for 2 x vocab({vocab}) x d({d}) embeddings")
     ps = [Param("embed.weight", vocab * d, "", "embed")]
-    ps += [Param(f"layers.{i}.weight", per_block, f"layers.{i}", flops=2 * per_block) for i in range(layers)]
+    ps += [
+        Param(f"layers.{i}.weight", per_block, f"layers.{i}", flops=2 * per_block)
+        for i in range(layers)
+    ]
     ps.append(Param("head.weight", vocab * d, "", "head", 2 * vocab * d, True))
     return ModelShape(f"custom-{params / 1e9:.1f}B", tuple(ps), layers, d, seq, micro_batch)
 
 
 PRESETS = {  # name: (builder, what it is)
-    "gpt-1.3b": (lambda: gpt_shape(32000, 2048, 2048, 24, micro_batch=4, bias=False, tie=False,
-                                   name="gpt-1.3b"), "benchmarks/gpt_throughput.py's GPT, seq 2048, micro-batch 4"),
-    "llama-7b": (lambda: llama_shape(32000, 4096, 32, 11008, 32, 32, seq=4096, name="llama-7b"),
-                 "Llama 2 7B, seq 4096, micro-batch 1"),
-    "llama-8b": (lambda: llama_shape(128256, 4096, 32, 14336, 32, 8, seq=8192, name="llama-8b"),
-                 "Llama 3 8B (GQA, 128K vocabulary), seq 8192, micro-batch 1"),
-    "llama-13b": (lambda: llama_shape(32000, 5120, 40, 13824, 40, 40, seq=4096, name="llama-13b"),
-                  "Llama 2 13B, seq 4096, micro-batch 1"),
-    "llama-70b": (lambda: llama_shape(32000, 8192, 80, 28672, 64, 8, seq=4096, name="llama-70b"),
-                  "Llama 2 70B (GQA), seq 4096, micro-batch 1"),
+    "gpt-1.3b": (
+        lambda: gpt_shape(
+            32000, 2048, 2048, 24, micro_batch=4, bias=False, tie=False, name="gpt-1.3b"
+        ),
+        "benchmarks/gpt_throughput.py's GPT, seq 2048, micro-batch 4",
+    ),
+    "llama-7b": (
+        lambda: llama_shape(32000, 4096, 32, 11008, 32, 32, seq=4096, name="llama-7b"),
+        "Llama 2 7B, seq 4096, micro-batch 1",
+    ),
+    "llama-8b": (
+        lambda: llama_shape(128256, 4096, 32, 14336, 32, 8, seq=8192, name="llama-8b"),
+        "Llama 3 8B (GQA, 128K vocabulary), seq 8192, micro-batch 1",
+    ),
+    "llama-13b": (
+        lambda: llama_shape(32000, 5120, 40, 13824, 40, 40, seq=4096, name="llama-13b"),
+        "Llama 2 13B, seq 4096, micro-batch 1",
+    ),
+    "llama-70b": (
+        lambda: llama_shape(32000, 8192, 80, 28672, 64, 8, seq=4096, name="llama-70b"),
+        "Llama 2 70B (GQA), seq 4096, micro-batch 1",
+    ),
 }
 
 
@@ -255,7 +296,9 @@ class Setup:
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3) or self.grad_accum < 1:
-            raise ValueError(f"stage={self.stage} must be 0-3 and grad_accum={self.grad_accum} >= 1")
+            raise ValueError(
+                f"stage={self.stage} must be 0-3 and grad_accum={self.grad_accum} >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +320,9 @@ class Call:
 # --------------------------------------------------------------------------- the collectives
 
 
-def _units(model: ModelShape, setup: Setup) -> tuple[list[tuple[str, list[Param]]], list[Param], list[Param]]:
+def _units(
+    model: ModelShape, setup: Setup
+) -> tuple[list[tuple[str, list[Param]]], list[Param], list[Param]]:
     """``(root parts + blocks as (key, params), the whole root, persistent)`` the plan communicates."""
     kept = [p for p in model.params if setup.stage == 3 and p.numel < setup.persistence_threshold]
     moving = [p for p in model.params if p not in kept]
@@ -285,7 +330,9 @@ def _units(model: ModelShape, setup: Setup) -> tuple[list[tuple[str, list[Param]
     parts: dict[str, list[Param]] = {}
     for p in root:
         parts.setdefault(p.part, []).append(p)
-    root_units = [("root", root)] if len(parts) > 8 else [(f"root.{k}", v) for k, v in parts.items()]
+    root_units = (
+        [("root", root)] if len(parts) > 8 else [(f"root.{k}", v) for k, v in parts.items()]
+    )
     blocks = [(u, [p for p in moving if p.unit == u]) for u in model.blocks]
     return root_units + [(u, ps) for u, ps in blocks if ps], root, kept
 
@@ -308,15 +355,32 @@ def collective_calls(model: ModelShape, mesh: Mesh, setup: Setup) -> list[Call]:
 
     def reduce(unit: str, ps: list[Param], micro: int) -> None:
         if setup.stage == 0:
-            calls.append(Call("all_reduce", "world", "reduce_grads", unit, sum(p.numel for p in ps) * r, micro))
+            calls.append(
+                Call(
+                    "all_reduce", "world", "reduce_grads", unit, sum(p.numel for p in ps) * r, micro
+                )
+            )
             return
         kind = "reduce_scatter" if setup.reduce_scatter else "all_reduce"
-        calls.append(Call(kind, sharded_group, "reduce_grads", unit, s * shard_numel(ps, s) * r, micro))
+        calls.append(
+            Call(kind, sharded_group, "reduce_grads", unit, s * shard_numel(ps, s) * r, micro)
+        )
         if mesh.replicas > 1 and micro in (-1, setup.grad_accum - 1):
-            calls.append(Call("all_reduce", "replicate", "reduce_replicas", unit, shard_numel(ps, s) * r, micro))
+            calls.append(
+                Call(
+                    "all_reduce",
+                    "replicate",
+                    "reduce_replicas",
+                    unit,
+                    shard_numel(ps, s) * r,
+                    micro,
+                )
+            )
 
     def gather(unit: str, ps: list[Param], purpose: str, micro: int = -1) -> None:
-        calls.append(Call("all_gather", sharded_group, purpose, unit, s * shard_numel(ps, s) * c, micro))
+        calls.append(
+            Call("all_gather", sharded_group, purpose, unit, s * shard_numel(ps, s) * c, micro)
+        )
 
     for micro in range(setup.grad_accum):
         if setup.stage == 3:
@@ -399,17 +463,24 @@ class Hardware:
         if kind == "all_reduce":
             ring = (2 * (n - k), 2 * (k - 1)) if k > 1 else (2 * (n - 1), 0)
             tree = (2 * (m - 1), 2 * math.ceil(math.log2(k)))
-            steps = min(ring, tree, key=lambda s: s[0] * self.intra_step_us + s[1] * self.inter_step_us)
+            steps = min(
+                ring, tree, key=lambda s: s[0] * self.intra_step_us + s[1] * self.inter_step_us
+            )
         else:
             steps = (n - k, k - 1) if k > 1 else (n - 1, 0)
-        return (self.base_latency_us + steps[0] * self.intra_step_us + steps[1] * self.inter_step_us) * 1e-6
+        return (
+            self.base_latency_us + steps[0] * self.intra_step_us + steps[1] * self.inter_step_us
+        ) * 1e-6
 
     def seconds(self, call: Call, mesh: Mesh) -> float:
         n, k = mesh.nodes(call.group)
         if n == 1:
             return 0.0
         intra, inter = link_bytes(call, mesh)
-        bw = max(intra / (self.nvlink_gbps / 2 * 1e9), inter * mesh.gpus_per_node / (self.ib_gbit_per_node / 8 * 1e9))
+        bw = max(
+            intra / (self.nvlink_gbps / 2 * 1e9),
+            inter * mesh.gpus_per_node / (self.ib_gbit_per_node / 8 * 1e9),
+        )
         return self.latency_s(call.kind, n, k) + bw
 
 
@@ -418,24 +489,25 @@ def pass_bytes(model: ModelShape, mesh: Mesh, setup: Setup) -> float:
     s, c, r, a = mesh.shard_size, setup.compute_bytes, setup.reduce_bytes, setup.grad_accum
     world = mesh.world
     full = model.numel
-    units, root, kept = _units(model, setup)
+    kept = _units(model, setup)[2]
     shard = shard_numel(model.params, s)
     padded = s * shard
     cast_out = (r + 4) * shard if r != 4 or not setup.reduce_scatter and world > 1 else 0
     reduced = setup.stage >= 2 or (a == 1 and world > 1)
     extra = a - 1  # micro-batches after the first
+    to_fp32 = (c + 4) * full if c != 4 else 0  # the first micro-batch's gradients, converted
     if setup.stage == 0:
         if reduced:
             grads = a * ((c + r) * full + ((r + 4) * full if r != 4 else 0))
         else:
-            grads = (c + 4) * full + extra * (8 + c) * full + ((8 + 2 * r) * full if world > 1 else 0)
+            grads = to_fp32 + extra * (8 + c) * full + ((8 + 2 * r) * full if world > 1 else 0)
         return grads + 32 * full + ((4 + c) * full if c != 4 else 0)
     norm_opt = 32 * shard
     if setup.stage in (1, 2):
         if reduced:
             grads = a * (c * full + r * padded + cast_out) + extra * 12 * shard
         elif a > 1:
-            grads = (c + 4) * full + extra * (8 + c) * full + 4 * full + r * padded + cast_out
+            grads = to_fp32 + extra * (8 + c) * full + 4 * full + r * padded + cast_out
         else:  # one rank: the compute-dtype gradients are chunked directly
             grads = c * full + r * padded + cast_out
         return grads + norm_opt + (4 + c) * shard + 2 * c * padded
@@ -506,14 +578,24 @@ def step_time(model: ModelShape, mesh: Mesh, setup: Setup, hw: Hardware = Hardwa
         _micro_batch(tl, model, setup, [c for c in calls if c.micro == micro], fwd)
     blocks_fwd = sum(fwd[u] for u in model.blocks)
     compute = setup.grad_accum * (3 * fwd[""] + (3 + setup.remat) * blocks_fwd)
-    serial = [c for c in calls if c.micro == -1]  # boundary reductions, scalars, after-update gathers
+    serial = [
+        c for c in calls if c.micro == -1
+    ]  # boundary reductions, scalars, after-update gathers
     exposed = tl.t - compute + sum(hw.seconds(c, mesh) for c in serial)
     passes = pass_bytes(model, mesh, setup) / (hw.hbm_gbps * 1e9)
-    return StepTime(compute, passes, max(exposed, 0.0), tokens * setup.grad_accum,
-                    model.flops_per_token(), hw.peak_tflops)
+    return StepTime(
+        compute,
+        passes,
+        max(exposed, 0.0),
+        tokens * setup.grad_accum,
+        model.flops_per_token(),
+        hw.peak_tflops,
+    )
 
 
-def _micro_batch(tl: _Timeline, model: ModelShape, setup: Setup, calls: list[Call], fwd: dict[str, float]) -> None:
+def _micro_batch(
+    tl: _Timeline, model: ModelShape, setup: Setup, calls: list[Call], fwd: dict[str, float]
+) -> None:
     """One micro-batch's forward and backward on the timeline."""
     by_unit: dict[tuple[str, str], list[Call]] = defaultdict(list)
     for call in calls:
@@ -560,7 +642,9 @@ def _micro_batch(tl: _Timeline, model: ModelShape, setup: Setup, calls: list[Cal
             if u not in pending:  # the last block is gathered on first use, not prefetched
                 pending[u] = tl.issue(by_unit[("gather_bwd", u)])
             if j > 0:
-                pending[gathered_units[j - 1]] = tl.issue(by_unit[("gather_bwd", gathered_units[j - 1])])
+                pending[gathered_units[j - 1]] = tl.issue(
+                    by_unit[("gather_bwd", gathered_units[j - 1])]
+                )
             tl.wait(pending.pop(u))
         tl.t += backward[u]
         if any(x == u for x, _ in units):
@@ -586,18 +670,26 @@ def state_bytes(model: ModelShape, mesh: Mesh, setup: Setup) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """Forward+backward time of the 1.34B GPT and the fused AdamW pass, on one GPU."""
-    import torch  # noqa: PLC0415  (the model itself needs no torch)
+    import torch
 
-    from funczero import optim  # noqa: PLC0415
-    from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: PLC0415
-    from funczero.module import extract_tensors, release_module_tensors  # noqa: PLC0415
-    from funczero.parallel.forward_backward import PrefetchOrder, forward_backward  # noqa: PLC0415
-    from funczero.parallel.plan import build_plan  # noqa: PLC0415
-    from funczero.train.step import init_state  # noqa: PLC0415
+    from funczero import optim
+    from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+    from funczero.module import extract_tensors, release_module_tensors
+    from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
+    from funczero.parallel.plan import build_plan
+    from funczero.train.step import init_state
 
     shape = preset("gpt-1.3b")
-    cfg = GPTConfig(vocab_size=32000, seq_len=2048, d_model=2048, n_layers=24, n_heads=16,
-                    dropout=0.0, bias=False, tie_weights=False)
+    cfg = GPTConfig(
+        vocab_size=32000,
+        seq_len=2048,
+        d_model=2048,
+        n_layers=24,
+        n_heads=16,
+        dropout=0.0,
+        bias=False,
+        tie_weights=False,
+    )
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = GPT(cfg, device=device)
@@ -612,8 +704,17 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     one, order = torch.ones((), device=device), PrefetchOrder()
 
     def fb() -> None:
-        forward_backward(plan, cross_entropy_loss, state.params, state.master, state.buffers, batch, one,
-                         single_micro_batch=True, order=order)
+        forward_backward(
+            plan,
+            cross_entropy_loss,
+            state.params,
+            state.master,
+            state.buffers,
+            batch,
+            one,
+            single_micro_batch=True,
+            order=order,
+        )
 
     master = {n: state.master[n] for n in plan.trainable}
     grads = {n: torch.full_like(m, 1e-3) for n, m in master.items()}
@@ -642,23 +743,38 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
     fb_s, adamw_s, cast_s = timed(fb, args.reps), timed(adamw, args.reps), timed(cast, args.reps)
     flops = shape.flops_per_token() * shape.micro_batch * shape.seq
-    return {"fb_ms": fb_s * 1e3, "adamw_ms": adamw_s * 1e3, "cast_ms": cast_s * 1e3,
-            "achieved_tflops": flops / fb_s / 1e12, "hbm_gbps": 28 * shape.numel / adamw_s / 1e9,
-            "cast_gbps": 6 * shape.numel / cast_s / 1e9, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__}
+    return {
+        "fb_ms": fb_s * 1e3,
+        "adamw_ms": adamw_s * 1e3,
+        "cast_ms": cast_s * 1e3,
+        "achieved_tflops": flops / fb_s / 1e12,
+        "hbm_gbps": 28 * shape.numel / adamw_s / 1e9,
+        "cast_gbps": 6 * shape.numel / cast_s / 1e9,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
 
 
 # --------------------------------------------------------------------------- validation, table
 
 SYSTEM_STAGE = {"ddp": 0, "fsdp2": 3, "ds1": 1, "ds2": 2, "ds3": 3}
-# One H200 (this workplace's nvidia-h200, torch 2.11.0+cu130): `gpt_throughput.py --nprocs 1`.
-MEASURED_1GPU: list[dict[str, object]] = []
+# One H200, the same machine and day as the constants above: `python3 benchmarks/gpt_throughput.py
+# --nprocs 1 --systems z0,z1,z2,z3,fsdp2,ddp --tag 1gpu` (median of 20 steps after 5 warm-up).
+MEASURED_1GPU: list[dict[str, object]] = [
+    {"impl": impl, "world": 1, "params_M": 1343.3, "seq": 2048, "mbs": 4, "step_ms_median": ms,
+     "peak_mem_gib_max": gib, "tag": "1gpu"}
+    for impl, ms, gib in [("funczero-z0", 139.5, 32.586), ("funczero-z1", 142.56, 32.586),
+                          ("funczero-z2", 142.25, 32.586), ("funczero-z3", 145.85, 30.207),
+                          ("fsdp2", 162.21, 30.335), ("ddp", 170.56, 39.48)]
+]  # fmt: skip
 
 
 def measured_rows() -> list[tuple[str, dict[str, object]]]:
     """``(source, JSON line)`` of every GPT step time measured: benchmarks/results, the shared
     anchors (DDP, FSDP2, DeepSpeed) and the one-GPU rows above."""
-    rows: list[tuple[str, dict[str, object]]] = [("1xh200 (scale_model.py)", r) for r in MEASURED_1GPU]
+    rows: list[tuple[str, dict[str, object]]] = [
+        ("1xh200 (scale_model.py)", r) for r in MEASURED_1GPU
+    ]
     files = sorted((ROOT / "benchmarks" / "results").glob("*.jsonl"))
     files += sorted((ROOT.parent / "shared" / "benchmarks").glob("anchor-*.jsonl"))
     for path in files:
@@ -673,52 +789,93 @@ def validate(hw: Hardware = Hardware()) -> list[dict[str, object]]:
     other systems with the same communication pattern)."""
     out = []
     for source, row in measured_rows():
+        if not {"impl", "world", "seq", "mbs", "step_ms_median"} <= row.keys():
+            continue  # another benchmark's lines
         impl = str(row["impl"])
-        stage = int(impl[-1]) if impl.startswith("funczero-z") else SYSTEM_STAGE.get(impl)
+        numbered = re.fullmatch(r"funczero-z([0-3])", impl)
+        stage = int(numbered[1]) if numbered else SYSTEM_STAGE.get(impl)
         if stage is None or row.get("params_M") not in (1343.3, 1343.4):
             continue
-        model = dataclasses.replace(preset("gpt-1.3b"), seq=int(row["seq"]), micro_batch=int(row["mbs"]))  # type: ignore[arg-type]
+        model = dataclasses.replace(
+            preset("gpt-1.3b"), seq=int(row["seq"]), micro_batch=int(row["mbs"])
+        )  # type: ignore[arg-type]
         t = step_time(model, Mesh(int(row["world"])), Setup(stage), hw)  # type: ignore[arg-type]
         measured = float(row["step_ms_median"])  # type: ignore[arg-type]
-        out.append({"source": source, "tag": row.get("tag", ""), "impl": impl, "world": row["world"],
-                    "funczero": impl.startswith("funczero"), "measured_ms": measured,
-                    "predicted_ms": t.total_s * 1e3, "compute_ms": t.compute_s * 1e3,
-                    "passes_ms": t.passes_s * 1e3, "exposed_ms": t.exposed_s * 1e3,
-                    "error": t.total_s * 1e3 / measured - 1})
+        out.append(
+            {
+                "source": source,
+                "tag": row.get("tag", ""),
+                "impl": impl,
+                "world": row["world"],
+                "funczero": bool(numbered),
+                "measured_ms": measured,
+                "predicted_ms": t.total_s * 1e3,
+                "compute_ms": t.compute_s * 1e3,
+                "passes_ms": t.passes_s * 1e3,
+                "exposed_ms": t.exposed_s * 1e3,
+                "error": t.total_s * 1e3 / measured - 1,
+            }
+        )
     return out
 
 
-def table_rows(models: Sequence[str], worlds: Sequence[int], stages: Sequence[int], hw: Hardware,
-               gpus_per_node: int) -> list[dict[str, object]]:
+def table_rows(
+    models: Sequence[str],
+    worlds: Sequence[int],
+    stages: Sequence[int],
+    hw: Hardware,
+    gpus_per_node: int,
+    reduce_bytes: int = 4,
+) -> list[dict[str, object]]:
     rows = []
     for name in models:
         model = preset(name)
         for world in worlds:
             for stage in stages:
-                row: dict[str, object] = {"model": name, "params_B": model.numel / 1e9, "gpus": world, "stage": stage}
+                row: dict[str, object] = {
+                    "model": name,
+                    "params_B": model.numel / 1e9,
+                    "gpus": world,
+                    "stage": stage,
+                }
                 for label, shard in (("flat", world), ("hybrid", min(world, gpus_per_node))):
-                    mesh, setup = Mesh(world, gpus_per_node, shard), Setup(stage)
+                    mesh, setup = (
+                        Mesh(world, gpus_per_node, shard),
+                        Setup(stage, reduce_bytes=reduce_bytes),
+                    )
                     t = step_time(model, mesh, setup, hw)
                     inter = sum(v[1] for v in bytes_per_gpu(model, mesh, setup).values())
-                    row[label] = {"step_ms": t.total_s * 1e3, "exposed_ms": t.exposed_s * 1e3,
-                                  "efficiency": t.efficiency, "mfu": t.mfu, "inter_gb": inter / 1e9,
-                                  "state_gib": state_bytes(model, mesh, setup) / 2**30,
-                                  "tokens_per_s_per_gpu": t.tokens_per_gpu / t.total_s}
+                    row[label] = {
+                        "step_ms": t.total_s * 1e3,
+                        "exposed_ms": t.exposed_s * 1e3,
+                        "efficiency": t.efficiency,
+                        "mfu": t.mfu,
+                        "inter_gb": inter / 1e9,
+                        "state_gib": state_bytes(model, mesh, setup) / 2**30,
+                        "tokens_per_s_per_gpu": t.tokens_per_gpu / t.total_s,
+                    }
                 rows.append(row)
     return rows
 
 
 def markdown_table(rows: list[dict[str, object]], hbm_gib: float) -> str:
-    head = ("| model | GPUs | ZeRO | flat: step ms | eff. | MFU | inter-node GB/GPU | states GiB "
-            "| hybrid: step ms | eff. | MFU | inter-node GB/GPU | states GiB | faster |")
+    head = (
+        "| model | GPUs | ZeRO | flat: step ms | eff. | MFU | inter-node GB/GPU | states GiB "
+        "| hybrid: step ms | eff. | MFU | inter-node GB/GPU | states GiB | faster |"
+    )
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         f, h = r["flat"], r["hybrid"]
         cells = [str(r["model"]), str(r["gpus"]), str(r["stage"])]
         for x in (f, h):
             fits = "" if x["state_gib"] < hbm_gib else " (does not fit)"  # type: ignore[index]
-            cells += [f"{x['step_ms']:,.0f}", f"{x['efficiency']:.2f}", f"{x['mfu']:.0%}",  # type: ignore[index]
-                      f"{x['inter_gb']:.2f}", f"{x['state_gib']:.1f}{fits}"]  # type: ignore[index]
+            cells += [
+                f"{x['step_ms']:,.0f}",
+                f"{x['efficiency']:.2f}",
+                f"{x['mfu']:.0%}",  # type: ignore[index]
+                f"{x['inter_gb']:.2f}",
+                f"{x['state_gib']:.1f}{fits}",
+            ]  # type: ignore[index]
         same = r["gpus"] <= 8 or abs(f["step_ms"] / h["step_ms"] - 1) < 0.01  # type: ignore[index,operator]
         cells.append("same" if same else "flat" if f["step_ms"] < h["step_ms"] else "hybrid")  # type: ignore[index,operator]
         lines.append("| " + " | ".join(cells) + " |")
@@ -730,20 +887,26 @@ def show(model: ModelShape, mesh: Mesh, setup: Setup, hw: Hardware) -> str:
     groups: dict[tuple[str, str, str], list[Call]] = defaultdict(list)
     for call in collective_calls(model, mesh, setup):
         groups[(call.purpose, call.kind, call.group)].append(call)
-    lines = ["| what | collective | group | calls | MB at the call | intra GB/GPU | inter GB/GPU | link ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| what | collective | group | calls | MB at the call | intra GB/GPU | inter GB/GPU | link ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (purpose, kind, group), calls in groups.items():
         intra = sum(link_bytes(c, mesh)[0] for c in calls)
         inter = sum(link_bytes(c, mesh)[1] for c in calls)
         ms = sum(hw.seconds(c, mesh) for c in calls) * 1e3
         mb = sum(c.nbytes for c in calls) / 1e6
-        lines.append(f"| {purpose} | {kind} | {group} | {len(calls)} | {mb:,.1f} | {intra / 1e9:.3f} "
-                     f"| {inter / 1e9:.3f} | {ms:.2f} |")
+        lines.append(
+            f"| {purpose} | {kind} | {group} | {len(calls)} | {mb:,.1f} | {intra / 1e9:.3f} "
+            f"| {inter / 1e9:.3f} | {ms:.2f} |"
+        )
     t = step_time(model, mesh, setup, hw)
-    lines.append(f"\nstep {t.total_s * 1e3:.1f} ms = compute {t.compute_s * 1e3:.1f} + passes "
-                 f"{t.passes_s * 1e3:.1f} + exposed communication {t.exposed_s * 1e3:.1f}; "
-                 f"efficiency {t.efficiency:.3f}, MFU {t.mfu:.1%}, model states "
-                 f"{state_bytes(model, mesh, setup) / 2**30:.1f} GiB per GPU")
+    lines.append(
+        f"\nstep {t.total_s * 1e3:.1f} ms = compute {t.compute_s * 1e3:.1f} + passes "
+        f"{t.passes_s * 1e3:.1f} + exposed communication {t.exposed_s * 1e3:.1f}; "
+        f"efficiency {t.efficiency:.3f}, MFU {t.mfu:.1%}, model states "
+        f"{state_bytes(model, mesh, setup) / 2**30:.1f} GiB per GPU"
+    )
     return "\n".join(lines)
 
 
@@ -753,31 +916,48 @@ def show(model: ModelShape, mesh: Mesh, setup: Setup, hw: Hardware) -> str:
 def _hardware_args(ap: argparse.ArgumentParser) -> None:
     d = Hardware()
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--nvlink-gbps", type=float, default=d.nvlink_gbps, help="GB/s per GPU, both directions")
-    ap.add_argument("--ib-gbit", type=float, default=d.ib_gbit_per_node, help="Gb/s per node, per direction")
+    ap.add_argument(
+        "--nvlink-gbps", type=float, default=d.nvlink_gbps, help="GB/s per GPU, both directions"
+    )
+    ap.add_argument(
+        "--ib-gbit", type=float, default=d.ib_gbit_per_node, help="Gb/s per node, per direction"
+    )
     ap.add_argument("--achieved-tflops", type=float, default=d.achieved_tflops)
     ap.add_argument("--hbm-gbps", type=float, default=d.hbm_gbps)
-    ap.add_argument("--latency-us", type=float, nargs=3, default=None, metavar=("BASE", "INTRA", "INTER"))
+    ap.add_argument(
+        "--latency-us", type=float, nargs=3, default=None, metavar=("BASE", "INTRA", "INTER")
+    )
 
 
 def _hardware(args: argparse.Namespace) -> Hardware:
     lat = dict(zip(("base_latency_us", "intra_step_us", "inter_step_us"), args.latency_us or ()))
-    return Hardware(nvlink_gbps=args.nvlink_gbps, ib_gbit_per_node=args.ib_gbit, achieved_tflops=args.achieved_tflops,
-                    hbm_gbps=args.hbm_gbps, **lat)
+    return Hardware(
+        nvlink_gbps=args.nvlink_gbps,
+        ib_gbit_per_node=args.ib_gbit,
+        achieved_tflops=args.achieved_tflops,
+        hbm_gbps=args.hbm_gbps,
+        **lat,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("table", help="flat ZeRO against hybrid (shard inside a node), markdown")
     t.add_argument("--models", default="gpt-1.3b,llama-7b,llama-8b,llama-13b,llama-70b")
     t.add_argument("--worlds", default="8,64,256,1024")
     t.add_argument("--stages", default="1,2,3")
-    t.add_argument("--hbm-gib", type=float, default=139.0, help="GPU memory, to flag states that do not fit")
+    t.add_argument(
+        "--hbm-gib", type=float, default=139.0, help="GPU memory, to flag states that do not fit"
+    )
     t.add_argument("--json", action="store_true", help="JSON lines instead of markdown")
     s = sub.add_parser("show", help="one configuration, collective by collective")
     s.add_argument("--preset", default="gpt-1.3b", choices=sorted(PRESETS))
-    s.add_argument("--params", type=float, default=None, help="instead of a preset: parameter count")
+    s.add_argument(
+        "--params", type=float, default=None, help="instead of a preset: parameter count"
+    )
     s.add_argument("--layers", type=int, default=None)
     s.add_argument("--hidden", type=int, default=None)
     s.add_argument("--seq", type=int, default=None)
@@ -786,12 +966,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--shard", type=int, default=None, help="shard-group size (default: world)")
     s.add_argument("--stage", type=int, default=3)
     s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--reduce-bytes", type=int, default=4, help="4: fp32 reductions, 2: bf16")
     for p in (t, s):
         _hardware_args(p)
+        p.add_argument("--reduce-bytes", type=int, default=4, help="4: fp32 reductions, 2: bf16")
     v = sub.add_parser("validate", help="predicted against measured step times (1.34B GPT)")
     _hardware_args(v)
-    m = sub.add_parser("measure", help="on one GPU: forward+backward and AdamW times of the 1.34B GPT")
+    m = sub.add_parser(
+        "measure", help="on one GPU: forward+backward and AdamW times of the 1.34B GPT"
+    )
     m.add_argument("--reps", type=int, default=10)
     m.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -803,25 +985,47 @@ def main(argv: list[str] | None = None) -> None:
         return
     hw = _hardware(args)
     if args.command == "table":
-        rows = table_rows(args.models.split(","), [int(w) for w in args.worlds.split(",")],
-                          [int(x) for x in args.stages.split(",")], hw, args.gpus_per_node)
-        print("\n".join(json.dumps(r) for r in rows) if args.json else markdown_table(rows, args.hbm_gib))
+        rows = table_rows(
+            args.models.split(","),
+            [int(w) for w in args.worlds.split(",")],
+            [int(x) for x in args.stages.split(",")],
+            hw,
+            args.gpus_per_node,
+            args.reduce_bytes,
+        )
+        print(
+            "\n".join(json.dumps(r) for r in rows)
+            if args.json
+            else markdown_table(rows, args.hbm_gib)
+        )
     elif args.command == "show":
         model = preset(args.preset)
         if args.params is not None:
             if not (args.layers and args.hidden and args.seq):
                 ap.error("--params needs --layers, --hidden and --seq")
             model = custom_shape(int(args.params), args.layers, args.hidden, seq=args.seq)
-        model = dataclasses.replace(model, seq=args.seq or model.seq, micro_batch=args.micro_batch or model.micro_batch)
-        print(show(model, Mesh(args.world, args.gpus_per_node, args.shard),
-                   Setup(args.stage, args.grad_accum, reduce_bytes=args.reduce_bytes), hw))
+        model = dataclasses.replace(
+            model, seq=args.seq or model.seq, micro_batch=args.micro_batch or model.micro_batch
+        )
+        print(
+            show(
+                model,
+                Mesh(args.world, args.gpus_per_node, args.shard),
+                Setup(args.stage, args.grad_accum, reduce_bytes=args.reduce_bytes),
+                hw,
+            )
+        )
     else:
-        print("| source | tag | system | GPUs | measured ms | predicted ms | compute | passes | exposed | error |")
+        print(
+            "| source | tag | system | GPUs | measured ms | predicted ms | compute | passes | exposed | error |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in validate(hw):
-            print(f"| {r['source']} | {r['tag']} | {r['impl']} | {r['world']} | {r['measured_ms']:.1f} "
-                  f"| {r['predicted_ms']:.1f} | {r['compute_ms']:.1f} | {r['passes_ms']:.1f} "
-                  f"| {r['exposed_ms']:.1f} | {r['error']:+.1%} |")
+            print(
+                f"| {r['source']} | {r['tag']} | {r['impl']} | {r['world']} | {r['measured_ms']:.1f} "
+                f"| {r['predicted_ms']:.1f} | {r['compute_ms']:.1f} | {r['passes_ms']:.1f} "
+                f"| {r['exposed_ms']:.1f} | {r['error']:+.1%} |"
+            )
 
 
 if __name__ == "__main__":
