@@ -40,7 +40,7 @@ protocol): ``8.4 us + 3.4 us`` per step inside a node ``+ 9.6 us`` per step betw
 ``n-1`` steps (all-reduce ``2(n-1)``; for all-reduce the tree's ``2((n/k - 1) + log2 k)``
 steps when fewer, as NCCL would pick it).
 
-**Step time**: a two-stream timeline per micro-batch. Compute per unit is proportional to its
+**Step time**: a timeline of the compute stream and the communication streams per micro-batch. Compute per unit is proportional to its
 FLOPs (``2 * params`` per token forward for every weight that is not an embedding lookup, plus
 ``4 * d * seq`` per block), backward twice forward (plus a forward with ``remat``); the total of
 one micro-batch is ``FLOPs / achieved_tflops`` (measured on one H200, ``measure``). The
@@ -578,9 +578,8 @@ def step_time(model: ModelShape, mesh: Mesh, setup: Setup, hw: Hardware = Hardwa
         _micro_batch(tl, model, setup, [c for c in calls if c.micro == micro], fwd)
     blocks_fwd = sum(fwd[u] for u in model.blocks)
     compute = setup.grad_accum * (3 * fwd[""] + (3 + setup.remat) * blocks_fwd)
-    serial = [
-        c for c in calls if c.micro == -1
-    ]  # boundary reductions, scalars, after-update gathers
+    # Once per step, not overlapped: boundary reductions, scalars, the after-update gathers.
+    serial = [c for c in calls if c.micro == -1]
     exposed = tl.t - compute + sum(hw.seconds(c, mesh) for c in serial)
     passes = pass_bytes(model, mesh, setup) / (hw.hbm_gbps * 1e9)
     return StepTime(
