@@ -12,7 +12,9 @@ Several processes and any ZeRO stage, from a DeepSpeed-style config:
 
 Checkpoints every ``--save-every`` steps into ``--save-dir``; ``--resume`` continues from the
 latest one exactly (step, weights, optimizer, LR schedule, loss scale, RNG and data position),
-also at another world size.
+also at another world size. Metrics go to ``--run-dir``/metrics.jsonl (and to the monitors the
+config enables: TensorBoard, W&B, CSV, Comet); the last 5% of the text is held out and evaluated
+every ``--eval-every`` steps (``funczero.make_eval_step``: no gradients, sharded at stage 3).
 
 Each process computes with one CPU thread unless ``--threads`` or ``OMP_NUM_THREADS`` says
 otherwise: on a machine whose cores are shared (other jobs, or several ranks on few cores),
@@ -35,7 +37,7 @@ import funczero
 from funczero.cli_args import add_config_arguments
 from funczero.config import Config
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
-from funczero.train.metrics import read_metrics
+from funczero.train.metrics import MetricsLogger
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,6 +82,8 @@ def parse_args() -> argparse.Namespace:
         help="CPU threads per process (default: $OMP_NUM_THREADS if set, else 1)",
     )
     ap.add_argument("--log-every", type=int, default=None, help="default: steps_per_print")
+    ap.add_argument("--run-dir", default="runs/gpt", help="metrics.jsonl and monitor output")
+    ap.add_argument("--eval-every", type=int, default=100, help="held-out evaluation period")
     ap.add_argument("--save-dir", default=None, help="checkpoint directory (off when unset)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--keep-last", type=int, default=3)
@@ -113,7 +117,9 @@ def main() -> None:
         params = config.scheduler.params if config.scheduler else {}
         steps = int(params.get("total_num_steps", 400))
 
-    dataset = CharDataset(Path(args.data).read_text(encoding="utf-8"), args.seq_len)
+    text = Path(args.data).read_text(encoding="utf-8")
+    dataset = CharDataset(text, args.seq_len)
+    dataset.data, held_out = dataset.data[: len(text) * 95 // 100], dataset.data[len(text) * 95 // 100 :]
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = GPT(
         GPTConfig(
@@ -150,7 +156,28 @@ def main() -> None:
             f"{torch.get_num_threads()} thread(s) per process",
             flush=True,
         )
-    train(run, state, loader, config, args, steps, topo.rank)
+    evaluate = held_out_evaluation(run, held_out, args.seq_len, topo.rank, topo.world_size)
+    train(run, state, loader, config, args, steps, topo.rank, evaluate)
+
+
+def held_out_evaluation(
+    run: funczero.Initialized, data: torch.Tensor, seq_len: int, rank: int, world_size: int
+) -> Any:
+    """``evaluate(state) -> mean held-out loss`` over every rank's share of the held-out windows."""
+    windows = (len(data) - 1) // seq_len
+    mine = range(rank, windows, world_size)  # each rank its own windows, 16 at most
+    x = torch.stack([data[i * seq_len : (i + 1) * seq_len] for i in mine][:16])
+    y = torch.stack([data[i * seq_len + 1 : (i + 1) * seq_len + 1] for i in mine][:16])
+    eval_step = funczero.make_eval_step(cross_entropy_loss, run.plan)
+
+    def evaluate(state: Any) -> float:
+        run.plan.module.eval()  # no dropout
+        try:
+            return float(eval_step(state, (x, y))["loss"])  # a host sync: only when evaluating
+        finally:
+            run.plan.module.train()
+
+    return evaluate
 
 
 def train(
@@ -161,6 +188,7 @@ def train(
     args: argparse.Namespace,
     steps: int,
     rank: int,
+    evaluate: Any,
 ) -> None:
     """Steps ``state.step .. steps - 1``; logs step 0, every ``--log-every`` steps and the last."""
     every = args.log_every or config.steps_per_print or 50
@@ -168,30 +196,40 @@ def train(
     start = int(state.step)
     begin = t0 = time.perf_counter()
     last = start
-    for step in range(start, steps):  # ``step`` updates are done before this one
-        state, metrics = run.train_step(state, loader.next_batch())  # across epochs
-        done = step + 1
-        if step % every == 0 or done == steps:
-            # The only host sync: once per --log-every (skipped steps are counted in state).
-            m = read_metrics(
-                metrics, step=step, raise_at_min_scale=config.funczero.raise_at_min_loss_scale
-            )
-            tokens_per_s = tokens_per_step * (done - last) / (time.perf_counter() - t0)
-            if rank == 0:
-                print(log_line(step, m, int(state.skipped), tokens_per_s), flush=True)
-            if not math.isfinite(m["loss"]):
-                raise SystemExit(f"loss is {m['loss']} at step {step}; stopping")
-            t0, last = time.perf_counter(), done
-        if args.save_dir and (done % args.save_every == 0 or done == steps):
-            from funczero import checkpoint
+    logger = MetricsLogger.from_config(
+        config, args.run_dir, tokens_per_sample=args.seq_len, log_every=every, timer=run.timer,
+        echo=False,  # this script prints its own line (0-based step numbers)
+    )
+    with logger:
+        for step in range(start, steps):  # ``step`` updates are done before this one
+            state, metrics = run.train_step(state, loader.next_batch())  # across epochs
+            done = step + 1
+            if step % every == 0 or done == steps:
+                # The only host sync: once per --log-every (skipped steps are counted in state).
+                m = logger.log(done, metrics, force=True)
+                assert m is not None
+                tokens_per_s = tokens_per_step * (done - last) / (time.perf_counter() - t0)
+                if rank == 0:
+                    print(log_line(step, m, int(state.skipped), tokens_per_s), flush=True)
+                if not math.isfinite(m["loss"]):
+                    raise SystemExit(f"loss is {m['loss']} at step {step}; stopping")
+                t0, last = time.perf_counter(), done
+            else:
+                logger.log(done, metrics)  # counts skipped steps on the device, no sync
+            if done % args.eval_every == 0 or done == steps:
+                held_out = evaluate(state)
+                if rank == 0:
+                    print(f"held-out cross-entropy {held_out:.4f} after {done} steps", flush=True)
+            if args.save_dir and (done % args.save_every == 0 or done == steps):
+                from funczero import checkpoint
 
-            checkpoint.save(
-                args.save_dir,
-                state,
-                client_state={"loader": loader.state_dict()},
-                keep_last=args.keep_last,
-                config=config.to_dict(),
-            )
+                checkpoint.save(
+                    args.save_dir,
+                    state,
+                    client_state={"loader": loader.state_dict()},
+                    keep_last=args.keep_last,
+                    config=config.to_dict(),
+                )
     elapsed = time.perf_counter() - begin
     if rank == 0 and steps > start:
         print(
