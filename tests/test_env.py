@@ -97,3 +97,24 @@ def test_shutdown_destroys_only_the_group_init_distributed_created(tmp_path: Pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("checks passed") == 2
+
+
+def _config_warning_worker(rank: int, world: int, out_dir: str) -> None:
+    import warnings
+    from pathlib import Path
+
+    from funczero.config import Config
+    from funczero.parallel.env import init_distributed
+
+    init_distributed()
+    with warnings.catch_warnings(record=True) as caught:
+        Config.load({"train_batch_size": 8 * world, "prescale_gradients": True}, world_size=world)
+    Path(out_dir, f"rank{rank}").write_text(str(len(caught)))
+
+
+def test_config_warnings_show_on_rank_0_only(tmp_path) -> None:
+    from funczero.testing.distributed import run_distributed
+
+    run_distributed(_config_warning_worker, 2, str(tmp_path), timeout=120)
+    assert (tmp_path / "rank0").read_text() == "1"
+    assert (tmp_path / "rank1").read_text() == "0"

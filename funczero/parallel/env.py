@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -99,10 +100,16 @@ def init_distributed(
     Does nothing beyond returning the topology when the world size is 1 or the default group
     already exists. The backend is NCCL when CUDA is available, else gloo. The timeout comes from
     ``timeout_s``, else ``FUNCZERO_DIST_TIMEOUT`` (seconds), else 600 s. A group created here is
-    destroyed at interpreter exit (see :func:`shutdown`).
+    destroyed at interpreter exit (see :func:`shutdown`). On ranks other than 0, config
+    warnings (:class:`funczero.config.ConfigWarning`) are not shown (rank 0 shows them).
     """
     env = os.environ if env is None else env
     topo = detect(env)
+    if topo.rank != 0:
+        # Every rank loads the same config: rank 0's config warnings say it all.
+        from funczero.config.errors import ConfigWarning
+
+        warnings.filterwarnings("ignore", category=ConfigWarning)
     if torch.cuda.is_available():
         torch.cuda.set_device(topo.local_rank % max(torch.cuda.device_count(), 1))
     if topo.world_size == 1 or dist.is_initialized():
