@@ -37,7 +37,7 @@ def _snapshot(plan: ZeroPlan) -> dict[str, Any]:
     modules = dict(plan.module.named_modules())
     return {
         "fields": {k: id(v) for k, v in vars(plan).items()},
-        "specs": dict(plan.specs),
+        "specs": dict(plan.shard_specs),
         "slots": {k: tuple((id(m), a, n) for m, a, n in v) for k, v in plan.slots.items()},
         "module_attrs": {name: sorted(vars(m)) for name, m in modules.items()},
         "module_params": {
@@ -82,7 +82,7 @@ def test_build_plan_makes_one_unit_per_transformer_block(
     for unit in plan.units[1:]:
         expected = tuple(n for n in plan.spec.params if n.startswith(unit.name + "."))
         assert unit.params == expected
-        assert unit.specs == tuple(plan.specs[n] for n in expected)
+        assert unit.specs == tuple(plan.shard_specs[n] for n in expected)
     every = [n for u in plan.units for n in u.params]
     assert sorted(every) == sorted(plan.spec.params), "each parameter in exactly one unit"
     assert [su.unit for su in plan.blocks] == list(plan.units[1:])
@@ -215,7 +215,7 @@ def test_a_weight_tied_across_stage3_units_gets_the_sum_of_both_uses_gradients()
     plan = build_plan(model, stage=3)
     params, buffers = extract_tensors(model, plan.spec)
     release_module_tensors(model)
-    shards = {n: plan.specs[n].shard(p, 0) for n, p in params.items()}
+    shards = {n: plan.shard_specs[n].shard(p, 0) for n, p in params.items()}
     out = forward_backward(
         plan, lambda m, b: m(b).square().sum(), shards, shards, buffers, x, torch.tensor(1.0),
         single_micro_batch=True, order=PrefetchOrder(),

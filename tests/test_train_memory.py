@@ -117,7 +117,7 @@ def _breakdown_worker(rank: int, world: int, out_dir: str) -> None:
             "measured": memory_breakdown(state, plan),
             "at_update": min(at_update),
             "psi": plan.spec.numel(trainable_only=True),
-            "shard": sum(plan.specs[n].shard_numel for n in plan.trainable),
+            "shard": sum(plan.shard_specs[n].shard_numel for n in plan.trainable),
             "counters": sum(x.numel() * x.element_size() for x in counters),
             "other": sum(x.numel() * x.element_size() for x in others),
         }

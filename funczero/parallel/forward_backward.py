@@ -15,7 +15,7 @@ Example:
     >>> import torch
     >>> from funczero.parallel.plan import build_plan
     >>> plan = build_plan(torch.nn.Linear(2, 1), stage=3)
-    >>> params = {n: torch.zeros(plan.specs[n].shard_numel) for n in plan.spec.params}
+    >>> params = {n: torch.zeros(plan.shard_specs[n].shard_numel) for n in plan.spec.params}
     >>> loss_fn = lambda model, x: model(x).sum()
     >>> out = forward_backward(plan, loss_fn, params, params, {}, torch.ones(1, 2), torch.tensor(1.0),
     ...                        single_micro_batch=True, order=PrefetchOrder())

@@ -50,7 +50,7 @@ class ZeroPlan:
             sharded parameters, one unit per wrapped module plus the root unit ``""``.
         persistent: stage 3 only: parameters kept replicated (below
             ``stage3_param_persistence_threshold`` elements), reduced like stage 2.
-        specs: shard layout of every parameter.
+        shard_specs: shard layout of every parameter (``spec`` is the module's structure).
         slots: stage 3: for each wrapped module, the ``(submodule, attribute, canonical)`` uses
             of its sharded parameters.
         grad_units: ``units`` restricted to trainable parameters, empty ones dropped (what
@@ -80,7 +80,7 @@ class ZeroPlan:
     group: Any
     units: tuple[Unit, ...]
     persistent: Unit | None
-    specs: Mapping[str, ShardSpec]
+    shard_specs: Mapping[str, ShardSpec]
     slots: Mapping[str, Slots]
     grad_units: tuple[Unit, ...]
     persistent_grad_unit: Unit | None
@@ -247,7 +247,7 @@ def build_plan(
         group=group,
         units=units,
         persistent=persistent,
-        specs=specs,
+        shard_specs=specs,
         slots=slots,
         grad_units=grad_units,
         persistent_grad_unit=persistent_grad_unit if persistent_grad_unit and persistent_grad_unit.params else None,

@@ -199,7 +199,7 @@ def gather_full(plan: ZeroPlan, tensors: Mapping[str, torch.Tensor], *, sharded:
     """
     out: Tensors = {}
     for n, t in tensors.items():
-        spec = plan.specs[n]
+        spec = plan.shard_specs[n]
         if not sharded:
             out[n] = t.detach().clone()
         elif plan.world_size == 1:

@@ -123,7 +123,7 @@ def gradient_bytes(plan: ZeroPlan, *, grad_accum: int = 1) -> int:
     trainable = plan.trainable
     if not trainable:
         return 0
-    full = sum(plan.specs[n].numel for n in trainable)
+    full = sum(plan.shard_specs[n].numel for n in trainable)
     keeps_chunks = (
         plan.use_all_reduce and plan.world_size > 1 and plan.precision.reduce_dtype == torch.float32
     )

@@ -431,11 +431,11 @@ def _lay_out_params(
     for n in plan.spec.params:
         x = source.take(n).detach().to(device).to(torch.float32)
         if plan.master_sharded and n in trainable:
-            master[n] = plan.specs[n].shard(x, plan.rank)
+            master[n] = plan.shard_specs[n].shard(x, plan.rank)
         elif n in trainable:
             master[n] = x.clone()
         if plan.is_sharded(n):
-            params[n] = master[n] if n in trainable else plan.specs[n].shard(x, plan.rank)
+            params[n] = master[n] if n in trainable else plan.shard_specs[n].shard(x, plan.rank)
         elif n in master and master[n].shape == x.shape and compute == torch.float32:
             params[n] = master[n]
         else:
