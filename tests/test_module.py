@@ -113,7 +113,8 @@ def test_initialize_trains_a_meta_device_model_at_stage_3() -> None:
     with torch.device("meta"):
         model = GPT(CFG)
     torch.manual_seed(7)
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+    config = {"train_micro_batch_size_per_gpu": 2,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}  # fmt: skip
     run = funczero.initialize(model, config, cross_entropy_loss, device="cpu")
     x = torch.randint(0, 40, (2, 8))
