@@ -302,3 +302,14 @@ def test_ckpt_export_writes_a_directory_from_pretrained_opens(tmp_path: Path) ->
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out")
     for name, p in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], p), name
+
+
+def test_inspect_says_when_stage_3_shards_nothing(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "kept", toy_state(stage=3, persistent=("emb", "w", "b", "frozen")))
+    checkpoint.save(tmp_path / "sharded", toy_state(stage=3))
+    kept = CliRunner().invoke(app, ["ckpt", "inspect", str(tmp_path / "kept")])
+    sharded = CliRunner().invoke(app, ["ckpt", "inspect", str(tmp_path / "sharded")])
+    assert kept.exit_code == 0 and sharded.exit_code == 0, kept.output + sharded.output
+    assert "none: all below stage3_param_persistence_threshold" in kept.output
+    assert "4 parameter tensors sharded at rest" in sharded.output
+    assert checkpoint.inspect(tmp_path / "sharded").sharded_params == 4

@@ -47,6 +47,7 @@ class Summary:
     optimizer: str
     param_count: int
     trainable_count: int
+    sharded_params: int
     bytes_by_group: dict[str, int]
     files: list[dict[str, Any]]
     tensors: list[dict[str, Any]]
@@ -113,6 +114,9 @@ def inspect(directory: str | os.PathLike[str], tag: str | None = None) -> Summar
         optimizer=_text(raw.get("optimizer", "")),
         param_count=sum(math.prod(s) for s in shapes.values()),
         trainable_count=sum(math.prod(shapes[n]) for n in trainable),
+        sharded_params=sum(
+            1 for e in index.tensors.values() if e.path.startswith("params/") and e.placement == "shard"
+        ),
         bytes_by_group=groups,
         files=files,
         tensors=tensors,

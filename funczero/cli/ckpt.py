@@ -204,6 +204,9 @@ def inspect_cmd(
         ("precision", s.precision),
         ("optimizer", s.optimizer),
         ("parameters", f"{s.param_count:,} ({s.trainable_count:,} trainable)"),
+        *([("sharded", f"{s.sharded_params} parameter tensors sharded at rest"
+            + ("  (none: all below stage3_param_persistence_threshold)" if not s.sharded_params else ""))]
+          if s.stage == 3 else []),
         ("created", s.created),
         ("versions", ", ".join(f"{k} {v}" for k, v in s.versions.items())),
         ("client state", ", ".join(s.client_state_keys) or "-"),
