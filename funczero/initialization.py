@@ -63,7 +63,7 @@ def initialize(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     seed: int | None = None,
     wrap: Sequence[str] | Callable[[nn.Module], list[str]] | None = None,
-    remat: Remat = False,
+    remat: Remat | None = None,
     init_fn: InitFn | None = None,
     init_from: str | os.PathLike[str] | None = None,
     donate: bool = True,
@@ -90,7 +90,8 @@ def initialize(
         seed: RNG seed for dropout and data order (default ``funczero.seed`` or 0).
         wrap: ZeRO-3 units (module FQNs) or a policy; default: every transformer block.
         remat: activation checkpointing per unit, at any stage: True (every unit), every k-th
-            unit (an int), unit names, or a predicate on a unit's name.
+            unit (an int), unit names, or a predicate on a unit's name. Default: every unit
+            when the config has an ``activation_checkpointing`` block, else none.
         init_fn: for a meta-device model, initialises one module's own tensors (default: the
             model's ``_init_weights(module)``, else each module's ``reset_parameters()``).
         init_from: start from pretrained weights: a Hugging Face ``model.safetensors`` (or its
@@ -119,7 +120,7 @@ def initialize(
         param_persistence_threshold=cfg.zero.stage3_param_persistence_threshold,
         reduce_scatter=cfg.zero.reduce_scatter,
         reduce_bucket_size=cfg.zero.reduce_bucket_size,
-        remat=remat,
+        remat=remat if remat is not None else cfg.activation_checkpointing is not None,
     )
     if plan.policy.params_at_rest == "shard" and not any(plan.is_sharded(n) for n in plan.spec.params):
         warnings.warn(

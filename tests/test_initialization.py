@@ -55,3 +55,18 @@ def test_init_from_starts_a_meta_model_from_pretrained_weights(tmp_path) -> None
     with funczero.bound_module(run.plan, run.state) as bound:
         bound.eval()  # from_pretrained's reference is in eval mode (no dropout)
         torch.testing.assert_close(bound(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_deepspeeds_activation_checkpointing_block_turns_on_remat() -> None:
+    from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+
+    cfg = GPTConfig(vocab_size=16, seq_len=8, d_model=16, n_layers=2, n_heads=2)
+    with_block = {**CONFIG, "activation_checkpointing": {"partition_activations": False}}
+    run = funczero.initialize(GPT(cfg), with_block, cross_entropy_loss, device="cpu")
+    assert run.plan.remat_units == {"blocks.0", "blocks.1"}
+    assert funczero.initialize(GPT(cfg), CONFIG, cross_entropy_loss, device="cpu").plan.remat_units == set()
+    assert funczero.initialize(GPT(cfg), with_block, cross_entropy_loss, remat=False,
+                               device="cpu").plan.remat_units == set()  # fmt: skip
+    with pytest.raises(funczero.config.ConfigError, match="cpu_checkpointing=true is not supported"):
+        funczero.initialize(GPT(cfg), {**CONFIG, "activation_checkpointing": {"cpu_checkpointing": True}},
+                            cross_entropy_loss)  # fmt: skip

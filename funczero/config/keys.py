@@ -188,10 +188,9 @@ TOP: dict[str, Key] = {
         }.items()
     },
     "activation_checkpointing": Key(
-        mapping(), None,
-        "only read by deepspeed.checkpointing calls in model code; use "
-        "torch.utils.checkpoint in the model instead",
-        IGNORED,
+        optional(mapping()), None,
+        "any activation_checkpointing block recomputes every unit's forward in backward "
+        "(funczero.initialize's remat=True, at every ZeRO stage); see activation_checkpointing.*",
     ),
     "aio": Key(mapping(), None, "async I/O settings for NVMe offload; " + _NO_OFFLOAD, IGNORED),
     "checkpoint": Key(
@@ -435,6 +434,32 @@ DATA_TYPES: dict[str, Key] = _ds_block({
     ),
 })
 
+ACTIVATION_CHECKPOINTING: dict[str, Key] = _ds_block({
+    "partition_activations": Key(
+        boolean(), False,
+        "splitting checkpointed activations across model-parallel ranks needs tensor "
+        "parallelism, which funczero does not have",
+        DEFAULT_ONLY,
+    ),
+    "cpu_checkpointing": Key(
+        boolean(), False, "moving checkpointed activations to the CPU is not implemented",
+        DEFAULT_ONLY,
+    ),
+    "contiguous_memory_optimization": Key(
+        boolean(), False, "PyTorch's caching allocator holds the checkpoints", IGNORED,
+    ),
+    "number_checkpoints": Key(
+        optional(integer(ge=1)), None,
+        "Megatron's count of checkpointed layers; funczero checkpoints every unit (choose units "
+        "with initialize(remat=k or names))",
+        IGNORED,
+    ),
+    "synchronize_checkpoint_boundary": Key(
+        boolean(), False, "funczero's step never synchronises with the device", IGNORED,
+    ),
+    "profile": Key(boolean(), False, "use torch.profiler", IGNORED),
+})
+
 FUNCZERO: dict[str, Key] = {
     "seed": Key(
         optional(integer(ge=0)), None,
@@ -533,6 +558,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "zero_optimization.offload_param": OFFLOAD_PARAM,
     "zero_optimization.offload_optimizer": OFFLOAD_OPTIMIZER,
     "data_types": DATA_TYPES,
+    "activation_checkpointing": ACTIVATION_CHECKPOINTING,
     "funczero": FUNCZERO,
     "tensorboard": TENSORBOARD,
     "wandb": WANDB,

@@ -95,6 +95,7 @@ class Config:
     dataloader_drop_last: bool
     funczero: FunczeroConfig
     monitors: MonitorSettings
+    activation_checkpointing: dict[str, Any] | None
     raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -175,6 +176,8 @@ class Config:
         out["zero_optimization"] = dataclasses.asdict(self.zero)
         out.update({name: getattr(self, name) for name in _TOP_SCALARS})
         out["funczero"] = dataclasses.asdict(self.funczero)
+        if self.activation_checkpointing is not None:
+            out["activation_checkpointing"] = dict(self.activation_checkpointing)
         for block in MONITOR_BLOCKS:
             out[block] = dataclasses.asdict(getattr(self.monitors, block))
         return out
@@ -240,6 +243,7 @@ def _resolve(
             **{b: pick(MONITOR_BLOCKS[b], blocks[b]) for b in MONITOR_BLOCKS},
             wall_clock_breakdown=top["wall_clock_breakdown"],
         ),
+        "activation_checkpointing": blocks["activation_checkpointing"],
         "raw": raw,
         **{name: top[name] for name in _TOP_SCALARS},
     }
@@ -261,6 +265,12 @@ def _parse_blocks(
     bf16 = parse_block(top["bf16"], bf16_name, BF16, errors, KEY_HOMES)
     zero = parse_zero(top["zero_optimization"], top["allgather_size"], errors)
     parse_block(top["data_types"], "data_types", DATA_TYPES, errors, KEY_HOMES)
+    remat = None
+    if top["activation_checkpointing"] is not None:
+        remat = parse_block(
+            top["activation_checkpointing"], "activation_checkpointing",
+            SECTIONS["activation_checkpointing"], errors, KEY_HOMES,
+        )  # fmt: skip
     fz = parse_block(top["funczero"], "funczero", FUNCZERO, errors, KEY_HOMES)
     monitors = {b: parse_block(top[b], b, SECTIONS[b], errors, KEY_HOMES) for b in MONITOR_BLOCKS}
     optimizer = None if top["optimizer"] is None else parse_optimizer(top["optimizer"], errors)
@@ -282,4 +292,5 @@ def _parse_blocks(
             f"{fp16['min_loss_scale']:g}; raise initial_scale_power or lower min_loss_scale"
         )
     return {"fp16": fp16, "bf16": bf16, "zero": zero, "funczero": fz,
-            "optimizer": optimizer, "scheduler": scheduler, **monitors}
+            "optimizer": optimizer, "scheduler": scheduler, "activation_checkpointing": remat,
+            **monitors}
