@@ -38,6 +38,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "make_train_step": ("funczero.train.step", "make_train_step"),
     "make_eval_step": ("funczero.train.evaluation", "make_eval_step"),
     "bound_module": ("funczero.train.evaluation", "bound_module"),
+    "full_state_dict": ("funczero.train.evaluation", "full_state_dict"),
     "optim": ("funczero.optim", None),
     "pretrained": ("funczero.pretrained", None),
     "load_pretrained": ("funczero.pretrained", "load_pretrained"),

@@ -73,3 +73,16 @@ def test_calling_the_released_module_names_the_way_back() -> None:
         assert bound(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 16)
     with pytest.raises(RuntimeError, match="make_eval_step"):
         model(torch.zeros(1, 4, dtype=torch.long))  # released again on exit
+
+
+def test_full_state_dict_loads_strictly_into_a_fresh_module_at_stage_3() -> None:
+    from funczero.train.evaluation import full_state_dict
+
+    model, reference, run = _run(3)
+    x = torch.randint(0, 16, (2, 8))
+    state, _ = run.train_step(run.state, (x, x))
+    fresh = GPT(CFG)
+    fresh.load_state_dict(full_state_dict(run.plan, state), strict=True)  # the tied head too
+    assert fresh.head.weight is fresh.wte.weight
+    with bound_module(run.plan, state, dtype=torch.float32) as bound:
+        torch.testing.assert_close(fresh(x), bound(x), rtol=0, atol=0)

@@ -37,7 +37,7 @@ from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.stages import gather_full
 from funczero.train.state import TrainState
 
-__all__ = ["bound_module", "make_eval_step"]
+__all__ = ["bound_module", "full_state_dict", "make_eval_step"]
 
 EvalStep = Callable[[TrainState, Any], dict[str, torch.Tensor]]
 
@@ -70,6 +70,40 @@ def make_eval_step(loss_fn: Callable[[Callable[..., Any], Any], Any], plan: Zero
         return metrics
 
     return eval_step
+
+
+def full_state_dict(
+    plan: ZeroPlan, state: TrainState, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The module's ``state_dict()`` from the state: every parameter under every name it has
+    (tied weights under each alias) and the persistent buffers, full size, on every rank.
+
+    Collective at stage 3 (sharded parameters are all-gathered). ``model.load_state_dict(sd,
+    strict=True)`` accepts it. Parameters come from the fp32 master weights where the state has
+    them (frozen ones from ``params``), cast to ``dtype`` when given.
+
+    Example:
+        >>> import torch, funczero
+        >>> from funczero.parallel.plan import build_plan
+        >>> model = torch.nn.Linear(2, 1)
+        >>> plan = build_plan(model, stage=3)
+        >>> params, buffers = funczero.module.extract_tensors(model, plan.spec)
+        >>> state = funczero.init_state(plan, funczero.optim.sgd(0.1), params, buffers)
+        >>> torch.nn.Linear(2, 1).load_state_dict(full_state_dict(plan, state))
+        <All keys matched successfully>
+    """
+    master = gather_full(plan, state.master, sharded=plan.master_sharded)
+    frozen = {n: state.params[n] for n in plan.spec.params if n not in master}
+    master.update(gather_full(plan, {n: t for n, t in frozen.items() if plan.is_sharded(n)}, sharded=True))
+    master.update({n: t.detach().clone() for n, t in frozen.items() if not plan.is_sharded(n)})
+    out = {alias: master[canonical] for alias, canonical in plan.spec.aliases.items()}
+    non_persistent = {
+        f"{path}.{name}" if path else name
+        for path, mod in plan.module.named_modules()
+        for name in getattr(mod, "_non_persistent_buffers_set", ())
+    }
+    out.update({n: b.detach().clone() for n, b in state.buffers.items() if n not in non_persistent})
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in out.items()}
 
 
 @contextlib.contextmanager
