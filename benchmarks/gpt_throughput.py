@@ -33,7 +33,6 @@ maximum over ranks. funczero lines also report ``host_syncs``: synchronising cal
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -56,7 +55,7 @@ import funczero  # noqa: E402
 from funczero import optim  # noqa: E402
 from funczero.module import extract_tensors, release_module_tensors  # noqa: E402
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
-from funczero.parallel.plan import ZeroPlan, build_plan  # noqa: E402
+from funczero.parallel.plan import build_plan  # noqa: E402
 from funczero.parallel.precision import Precision  # noqa: E402
 from funczero.train.step import init_state, make_train_step  # noqa: E402
 

@@ -20,7 +20,6 @@ the worst of each column and whether every check passed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -38,7 +37,7 @@ from funczero import optim  # noqa: E402
 from funczero.module import extract_tensors, release_module_tensors  # noqa: E402
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss  # noqa: E402
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward  # noqa: E402
-from funczero.parallel.plan import ZeroPlan, build_plan  # noqa: E402
+from funczero.parallel.plan import build_plan  # noqa: E402
 from funczero.parallel.stages import gather_full  # noqa: E402
 from funczero.train.step import init_state, make_train_step  # noqa: E402
 

@@ -10,7 +10,6 @@ within 2e-2, gradients within 5% of the largest.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path

@@ -23,7 +23,7 @@ metrics are 0-d tensors to read when logging.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
