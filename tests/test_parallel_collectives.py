@@ -23,6 +23,7 @@ from funczero.parallel.collectives import (
     reduce_scatter_unit_async,
 )
 from funczero.parallel.sharding import ShardSpec, Unit
+from funczero.testing.distributed import run_distributed
 
 WORLD = 2
 SHAPES = {"w": (3, 3), "b": (5,), "s": (1,)}  # every one needs padding at world 2
@@ -322,3 +323,55 @@ def test_pending_wait_finishes_once_and_returns_the_same_result() -> None:
     pending = all_gather_unit_async(unit, shards, group=None, dtype=torch.float32)
     first = pending.wait()
     assert pending.wait() is first
+
+
+class _SkipsABlockOnRank1(torch.nn.Module):
+    """Rank 1 skips block 1 (a data-dependent branch): the ranks' collectives diverge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if not (i == 1 and torch.distributed.get_rank() == 1):
+                x = block(x)
+        return x
+
+
+def _diverging_worker(rank: int, world: int, out_dir: str) -> None:
+    from pathlib import Path
+
+    import funczero
+    from funczero import optim
+    from funczero.module import extract_tensors, release_module_tensors
+    from funczero.parallel.collectives import CollectiveError
+    from funczero.parallel.plan import build_plan
+
+    torch.manual_seed(0)
+    model = _SkipsABlockOnRank1()
+    plan = build_plan(model, stage=3)
+    params, buffers = extract_tensors(model, plan.spec)
+    release_module_tensors(model)
+    opt = optim.sgd(0.1)
+    state = funczero.init_state(plan, opt, params, buffers)
+    step = funczero.make_train_step(lambda m, b: m(b).pow(2).mean(), opt, plan)
+    try:
+        for _ in range(3):
+            state, metrics = step(state, torch.ones(2, 64))
+            float(metrics["loss"])
+    except CollectiveError as e:
+        Path(out_dir, f"rank{rank}").write_text(str(e))
+        raise
+
+
+def test_ranks_that_diverge_fail_with_an_error_naming_the_collective_and_unit(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FUNCZERO_DIST_TIMEOUT", "10")  # seconds a collective waits
+    with pytest.raises((RuntimeError, TimeoutError)):
+        run_distributed(_diverging_worker, 2, str(tmp_path), timeout=180)
+    messages = [p.read_text() for p in sorted(tmp_path.glob("rank*"))]
+    assert messages, "no rank raised a CollectiveError"
+    assert any(" of unit " in m or "gradient norm and loss" in m for m in messages), messages
+    assert all("same collectives in the same order" in m for m in messages), messages

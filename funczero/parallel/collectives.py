@@ -24,7 +24,9 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 __all__ = [
+    "CollectiveError",
     "Pending",
+    "all_reduce_labelled",
     "all_gather_unit",
     "all_gather_unit_async",
     "all_reduce_mean_",
@@ -35,6 +37,15 @@ __all__ = [
 ]
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names it and the unit it moves.
+
+    The usual cause is ranks that do not run the same program: one rank skipped a unit (a
+    data-dependent branch in ``forward``), ran another number of micro-batches, or saw a batch
+    that changed which modules run. Every rank must issue the same collectives in the same order.
+    """
+
+
 class Pending:
     """A collective issued with ``async_op=True``; ``wait()`` finishes it and returns its result.
 
@@ -43,23 +54,55 @@ class Pending:
     issued the collective: c10d keeps the collective's tensors alive until ``wait()`` instead of
     calling ``record_stream``, so waiting on the allocating stream is what makes their memory safe
     to reuse. Every issued collective must be waited exactly once, or its buffers stay alive.
+
+    ``label`` names the collective and its unit in the :class:`CollectiveError` raised when the
+    wait fails (a timeout: ``FUNCZERO_DIST_TIMEOUT``), so a hang names where each rank waits.
     """
 
-    __slots__ = ("_finish", "_result", "_work")
+    __slots__ = ("_finish", "_label", "_result", "_work")
 
-    def __init__(self, work: Any, finish: Callable[[], Any]) -> None:
+    def __init__(self, work: Any, finish: Callable[[], Any], label: str = "a collective") -> None:
         self._work = work
         self._finish: Callable[[], Any] | None = finish
         self._result: Any = None
+        self._label = label
 
     def wait(self) -> Any:
         if self._work is not None:
-            self._work.wait()
+            try:
+                self._work.wait()
+            except RuntimeError as e:  # DistBackendError and gloo's timeouts are RuntimeErrors
+                raise _failed(self._label, e) from e
             self._work = None
         if self._finish is not None:
             self._result = self._finish()
             self._finish = None
         return self._result
+
+
+def all_reduce_labelled(
+    x: torch.Tensor, label: str, *, group: Any, op: Any = dist.ReduceOp.AVG
+) -> None:
+    """``dist.all_reduce`` in place; a failure is a :class:`CollectiveError` naming ``label``."""
+    try:
+        dist.all_reduce(x, op=op, group=group)
+    except RuntimeError as e:
+        raise _failed(label, e) from e
+
+
+def _label(op: str, unit: Unit) -> str:
+    name = "the root" if unit.name == "" else repr(unit.name)
+    return f"{op} of unit {name} ({len(unit.params)} parameters, {unit.shard_numel} elements per rank)"
+
+
+def _failed(label: str, error: BaseException) -> CollectiveError:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return CollectiveError(
+        f"rank {rank}: {label} did not complete ({type(error).__name__}: {error}). Every rank "
+        "must run the same collectives in the same order: check for a rank that skipped a unit "
+        "(a data-dependent branch in forward), ran another number of micro-batches, or got a "
+        "batch that changes which modules run; FUNCZERO_DIST_TIMEOUT sets how long ranks wait"
+    )
 
 
 def all_reduce_mean_(
@@ -85,7 +128,7 @@ def all_reduce_mean_(
             size += t.numel()
             continue
         flat = torch.cat([b.reshape(-1).to(dtype) for b in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
+        all_reduce_labelled(flat, f"all-reduce of a {flat.numel()}-element bucket", group=group)
         for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
             b.copy_(part.view_as(b))
         if t is not None:
@@ -144,11 +187,11 @@ def reduce_scatter_unit_async(
             shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group, async_op=True
         )
     if shard.dtype == out_dtype and not (use_all_reduce and world > 1):
-        return unit.split_shard(shard), Pending(work, lambda: None)
+        return unit.split_shard(shard), Pending(work, lambda: None, _label("reduce-scatter", unit))
     # The cast (or, after an all-reduce, the copy that lets the [W, S] buffer go: a view would
     # keep W times the shard alive) must wait for the data: hand out the output buffer now.
     out = torch.empty(unit.shard_numel, dtype=out_dtype, device=shard.device)
-    return unit.split_shard(out), Pending(work, lambda: out.copy_(shard))
+    return unit.split_shard(out), Pending(work, lambda: out.copy_(shard), _label("reduce-scatter", unit))
 
 
 def all_reduce_unit_async(
@@ -178,8 +221,8 @@ def all_reduce_unit_async(
         spec.name: part.view(spec.shape) for spec, part in zip(unit.specs, out.split(sizes))
     }
     if out is flat:
-        return views, Pending(work, lambda: None)
-    return views, Pending(work, lambda: out.copy_(flat))
+        return views, Pending(work, lambda: None, _label("all-reduce", unit))
+    return views, Pending(work, lambda: out.copy_(flat), _label("all-reduce", unit))
 
 
 def all_gather_unit(
@@ -211,7 +254,7 @@ def all_gather_unit_async(
         return Pending(None, lambda: unit.unpack_gathered(send))
     gathered = send.new_empty(send.numel() * unit.world_size)
     work = _all_gather_flat(gathered, send, group=group, async_op=True)
-    return Pending(work, lambda: unit.unpack_gathered(gathered))
+    return Pending(work, lambda: unit.unpack_gathered(gathered), _label("all-gather", unit))
 
 
 def all_reduce_sum(x: torch.Tensor, *, group: Any, world_size: int) -> torch.Tensor:

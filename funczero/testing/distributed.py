@@ -60,7 +60,8 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: 
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=120),
+        # FUNCZERO_DIST_TIMEOUT: how long a collective waits (tests of hangs set it short).
+        timeout=datetime.timedelta(seconds=float(os.environ.get("FUNCZERO_DIST_TIMEOUT", "120"))),
     )
     try:
         fn(rank, world_size, *args)

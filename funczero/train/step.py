@@ -33,6 +33,7 @@ from funczero.loss import MicroBatches
 from funczero.monitors.timing import NullTimer
 from funczero.optim.chain import in_place_unsupported_reason
 from funczero.optim.clipping import clip_coefficient
+from funczero.parallel.collectives import all_reduce_labelled
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.stages import sync_buffers
@@ -274,7 +275,10 @@ def _norm_and_loss(
     else:
         totals = torch.stack([sq, loss_sum, count.to(device)])
     if plan.world_size > 1:
-        torch.distributed.all_reduce(totals, group=plan.group)
+        all_reduce_labelled(
+            totals, "all-reduce of the step's gradient norm and loss", group=plan.group,
+            op=torch.distributed.ReduceOp.SUM,
+        )  # fmt: skip
     if count is None:
         grad_scale, mean_loss = scale, totals[1] / plan.world_size
     else:
