@@ -311,6 +311,16 @@ def reshard_cmd(
         )
 
 
+def _report_written(files: list[Path], as_json: bool) -> None:
+    """List the files a command wrote (JSON, or one line each with its size)."""
+    if as_json:
+        _emit_json({"ok": True, "files": [str(f) for f in files]})
+        return
+    con = _console()
+    for f in files:
+        con.print(_safe(f"wrote {f} ({_bytes(f.stat().st_size)})"))
+
+
 @ckpt_app.command("consolidate", cls=CkptCommand)
 def consolidate_cmd(
     directory: DirArg,
@@ -337,12 +347,7 @@ def consolidate_cmd(
         files = consolidate(
             directory, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite
         )
-    if as_json:
-        _emit_json({"ok": True, "files": [str(f) for f in files]})
-    else:
-        con = _console()
-        for f in files:
-            con.print(_safe(f"wrote {f} ({_bytes(f.stat().st_size)})"))
+    _report_written(files, as_json)
 
 
 @ckpt_app.command("export", cls=CkptCommand)
@@ -375,12 +380,7 @@ def export_cmd(
             directory, out, config_json=config_json, dtype=dtype,
             max_shard_size=max_shard_size, tag=tag, overwrite=overwrite,
         )  # fmt: skip
-    if as_json:
-        _emit_json({"ok": True, "files": [str(f) for f in files]})
-    else:
-        con = _console()
-        for f in files:
-            con.print(_safe(f"wrote {f} ({_bytes(f.stat().st_size)})"))
+    _report_written(files, as_json)
 
 
 @ckpt_app.command("diff", cls=CkptCommand)
