@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import funczero
 from funczero.cli_args import add_config_arguments
 from funczero.config import Config
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+from funczero.progress import TrainingProgress
 from funczero.train.metrics import MetricsLogger
 
 HERE = Path(__file__).resolve().parent
@@ -196,11 +198,13 @@ def train(
     start = int(state.step)
     begin = t0 = time.perf_counter()
     last = start
+    # A progress bar on a terminal; in a log file (or under tests) only the lines below.
+    bar = TrainingProgress(steps, start_step=start, mode="rich" if sys.stdout.isatty() else "off")
     logger = MetricsLogger.from_config(
         config, args.run_dir, tokens_per_sample=args.seq_len, log_every=every, timer=run.timer,
-        echo=False,  # this script prints its own line (0-based step numbers)
+        echo=False, progress=bar,  # this script prints its own line (0-based step numbers)
     )
-    with logger:
+    with bar, logger:
         for step in range(start, steps):  # ``step`` updates are done before this one
             state, metrics = run.train_step(state, loader.next_batch())  # across epochs
             done = step + 1
