@@ -55,13 +55,15 @@ class Pending:
     calling ``record_stream``, so waiting on the allocating stream is what makes their memory safe
     to reuse. Every issued collective must be waited exactly once, or its buffers stay alive.
 
-    ``label`` names the collective and its unit in the :class:`CollectiveError` raised when the
-    wait fails (a timeout: ``FUNCZERO_DIST_TIMEOUT``), so a hang names where each rank waits.
+    ``label`` (the collective, and the unit it moves) names it in the :class:`CollectiveError`
+    raised when the wait fails; it is formatted only then, so the hot path builds no strings (a timeout: ``FUNCZERO_DIST_TIMEOUT``), so a hang names where each rank waits.
     """
 
     __slots__ = ("_finish", "_label", "_result", "_work")
 
-    def __init__(self, work: Any, finish: Callable[[], Any], label: str = "a collective") -> None:
+    def __init__(
+        self, work: Any, finish: Callable[[], Any], label: tuple[str, Unit] | None = None
+    ) -> None:
         self._work = work
         self._finish: Callable[[], Any] | None = finish
         self._result: Any = None
@@ -72,7 +74,8 @@ class Pending:
             try:
                 self._work.wait()
             except RuntimeError as e:  # DistBackendError and gloo's timeouts are RuntimeErrors
-                raise _failed(self._label, e) from e
+                what = _label(*self._label) if self._label else "a collective"
+                raise _failed(what, e) from e
             self._work = None
         if self._finish is not None:
             self._result = self._finish()
@@ -128,7 +131,7 @@ def all_reduce_mean_(
             size += t.numel()
             continue
         flat = torch.cat([b.reshape(-1).to(dtype) for b in bucket])
-        all_reduce_labelled(flat, f"all-reduce of a {flat.numel()}-element bucket", group=group)
+        all_reduce_labelled(flat, "all-reduce of a gradient bucket", group=group)
         for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
             b.copy_(part.view_as(b))
         if t is not None:
@@ -187,11 +190,11 @@ def reduce_scatter_unit_async(
             shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group, async_op=True
         )
     if shard.dtype == out_dtype and not (use_all_reduce and world > 1):
-        return unit.split_shard(shard), Pending(work, lambda: None, _label("reduce-scatter", unit))
+        return unit.split_shard(shard), Pending(work, lambda: None, ("reduce-scatter", unit))
     # The cast (or, after an all-reduce, the copy that lets the [W, S] buffer go: a view would
     # keep W times the shard alive) must wait for the data: hand out the output buffer now.
     out = torch.empty(unit.shard_numel, dtype=out_dtype, device=shard.device)
-    return unit.split_shard(out), Pending(work, lambda: out.copy_(shard), _label("reduce-scatter", unit))
+    return unit.split_shard(out), Pending(work, lambda: out.copy_(shard), ("reduce-scatter", unit))
 
 
 def all_reduce_unit_async(
@@ -221,8 +224,8 @@ def all_reduce_unit_async(
         spec.name: part.view(spec.shape) for spec, part in zip(unit.specs, out.split(sizes))
     }
     if out is flat:
-        return views, Pending(work, lambda: None, _label("all-reduce", unit))
-    return views, Pending(work, lambda: out.copy_(flat), _label("all-reduce", unit))
+        return views, Pending(work, lambda: None, ("all-reduce", unit))
+    return views, Pending(work, lambda: out.copy_(flat), ("all-reduce", unit))
 
 
 def all_gather_unit(
@@ -254,7 +257,7 @@ def all_gather_unit_async(
         return Pending(None, lambda: unit.unpack_gathered(send))
     gathered = send.new_empty(send.numel() * unit.world_size)
     work = _all_gather_flat(gathered, send, group=group, async_op=True)
-    return Pending(work, lambda: unit.unpack_gathered(gathered), _label("all-gather", unit))
+    return Pending(work, lambda: unit.unpack_gathered(gathered), ("all-gather", unit))
 
 
 def all_reduce_sum(x: torch.Tensor, *, group: Any, world_size: int) -> torch.Tensor:
