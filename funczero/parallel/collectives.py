@@ -4,6 +4,12 @@ Collective: every rank in ``group`` must call each function here in the same ord
 identically structured inputs. With ``world_size == 1`` (``group is None``) they do no
 communication, so single-process runs need no process group.
 
+Every collective here carries a label (its kind and the unit it moves): one that fails or times
+out (``FUNCZERO_DIST_TIMEOUT``) raises a :class:`CollectiveError` naming it, the unit and the
+step (:func:`step_scope`) on each rank. With the SPMD check on (``FUNCZERO_SPMD_CHECK=1`` or
+:func:`set_spmd_check`), ranks compare each collective before issuing it
+(:mod:`funczero.parallel.divergence`).
+
 Example:
     >>> import torch
     >>> all_reduce_mean_([torch.ones(2)], group=None, world_size=1, dtype=torch.float32)
@@ -17,6 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from funczero.parallel import divergence
+from funczero.parallel.divergence import (
+    CollectiveError,
+    current_step,
+    set_spmd_check,
+    spmd_check_enabled,
+    step_scope,
+)
 from funczero.parallel.sharding import Unit
 
 # torch 2.13 renamed the flat-tensor collectives; keep working on torch >= 2.5.
@@ -32,18 +46,13 @@ __all__ = [
     "all_reduce_mean_",
     "all_reduce_sum",
     "all_reduce_unit_async",
+    "current_step",
     "reduce_scatter_unit",
     "reduce_scatter_unit_async",
+    "set_spmd_check",
+    "spmd_check_enabled",
+    "step_scope",
 ]
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out; the message names it and the unit it moves.
-
-    The usual cause is ranks that do not run the same program: one rank skipped a unit (a
-    data-dependent branch in ``forward``), ran another number of micro-batches, or saw a batch
-    that changed which modules run. Every rank must issue the same collectives in the same order.
-    """
 
 
 class Pending:
@@ -56,7 +65,8 @@ class Pending:
     to reuse. Every issued collective must be waited exactly once, or its buffers stay alive.
 
     ``label`` (the collective, and the unit it moves) names it in the :class:`CollectiveError`
-    raised when the wait fails; it is formatted only then, so the hot path builds no strings (a timeout: ``FUNCZERO_DIST_TIMEOUT``), so a hang names where each rank waits.
+    raised when the wait fails or times out (``FUNCZERO_DIST_TIMEOUT``), so a hang names where
+    each rank waits; it is formatted only then, so the hot path builds no strings.
     """
 
     __slots__ = ("_finish", "_label", "_result", "_work")
@@ -87,6 +97,10 @@ def all_reduce_labelled(
     x: torch.Tensor, label: str, *, group: Any, op: Any = dist.ReduceOp.AVG
 ) -> None:
     """``dist.all_reduce`` in place; a failure is a :class:`CollectiveError` naming ``label``."""
+    if divergence._enabled:
+        divergence.check_same_collective(
+            lambda: f"{label} ({tuple(x.shape)} {x.dtype}, {op})", group=group, device=x.device
+        )
     try:
         dist.all_reduce(x, op=op, group=group)
     except RuntimeError as e:
@@ -98,10 +112,16 @@ def _label(op: str, unit: Unit) -> str:
     return f"{op} of unit {name} ({len(unit.params)} parameters, {unit.shard_numel} elements per rank)"
 
 
+def _check(op: str, unit: Unit, buffer: torch.Tensor, group: Any) -> None:
+    """The SPMD check of a unit's collective (only when it is on: the description is built then)."""
+    divergence.check_same_collective(
+        lambda: f"{_label(op, unit)}, {buffer.dtype}", group=group, device=buffer.device
+    )
+
+
 def _failed(label: str, error: BaseException) -> CollectiveError:
-    rank = dist.get_rank() if dist.is_initialized() else 0
     return CollectiveError(
-        f"rank {rank}: {label} did not complete ({type(error).__name__}: {error}). Every rank "
+        f"{divergence.rank_and_step()}: {label} did not complete ({type(error).__name__}: {error}). Every rank "
         "must run the same collectives in the same order: check for a rank that skipped a unit "
         "(a data-dependent branch in forward), ran another number of micro-batches, or got a "
         "batch that changes which modules run; FUNCZERO_DIST_TIMEOUT sets how long ranks wait"
@@ -182,9 +202,13 @@ def reduce_scatter_unit_async(
     if world == 1:
         shard = chunks[0]
     elif use_all_reduce:
+        if divergence._enabled:
+            _check("reduce-scatter (as an all-reduce)", unit, chunks, group)
         work = dist.all_reduce(chunks, op=dist.ReduceOp.AVG, group=group, async_op=True)
         shard = chunks[rank]
     else:
+        if divergence._enabled:
+            _check("reduce-scatter", unit, chunks, group)
         shard = chunks.new_empty(unit.shard_numel)
         work = _reduce_scatter_flat(
             shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group, async_op=True
@@ -218,6 +242,8 @@ def all_reduce_unit_async(
     torch._foreach_copy_(list(flat.split(sizes)), [grads[n].reshape(-1) for n in unit.params])
     work = None
     if world_size > 1:
+        if divergence._enabled:
+            _check("all-reduce", unit, flat, group)
         work = dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group, async_op=True)
     out = flat if dtype == out_dtype else torch.empty_like(flat, dtype=out_dtype)
     views = {
@@ -255,6 +281,8 @@ def all_gather_unit_async(
     send = unit.pack_shards(shards, dtype)
     if unit.world_size == 1:
         return Pending(None, lambda: unit.unpack_gathered(send))
+    if divergence._enabled:
+        _check("all-gather", unit, send, group)
     gathered = send.new_empty(send.numel() * unit.world_size)
     work = _all_gather_flat(gathered, send, group=group, async_op=True)
     return Pending(work, lambda: unit.unpack_gathered(gathered), ("all-gather", unit))
@@ -265,5 +293,5 @@ def all_reduce_sum(x: torch.Tensor, *, group: Any, world_size: int) -> torch.Ten
     if world_size == 1:
         return x
     y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+    all_reduce_labelled(y, "all-reduce of a sum over shards", group=group, op=dist.ReduceOp.SUM)
     return y
