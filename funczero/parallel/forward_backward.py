@@ -34,6 +34,7 @@ import torch
 from funczero import tree
 from funczero.loss import TokenLoss
 from funczero.module import ModuleBinding
+from funczero.parallel.compile import UnitForwards
 from funczero.parallel.overlap import PrefetchOrder, Prefetcher, ReduceQueue, Regather
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.units import StepContext, materialize_unit, wrap_unit_forward
@@ -41,6 +42,7 @@ from funczero.parallel.units import StepContext, materialize_unit, wrap_unit_for
 __all__ = ["ForwardBackward", "PrefetchOrder", "forward_backward", "forward_only"]
 
 Tensors = dict[str, torch.Tensor]
+_NOT_COMPILED: UnitForwards = {}
 LossFn = Callable[[Callable[..., Any], Any], Any]
 
 
@@ -74,6 +76,7 @@ def forward_backward(
     single_micro_batch: bool,
     order: PrefetchOrder,
     timer: Any = None,
+    compiled: UnitForwards = _NOT_COMPILED,
 ) -> ForwardBackward:
     """Run ``loss_fn`` on one micro-batch and differentiate it.
 
@@ -88,6 +91,8 @@ def forward_backward(
         order: stage 3's prefetch order, learned by each forward for the next.
         timer: marks the ``forward`` and ``backward`` phases (``timer.phase(name)``; see
             :class:`funczero.monitors.timing.PhaseTimer`), or None.
+        compiled: unit FQN -> compiled forward
+            (:func:`~funczero.parallel.compile.compile_unit_forwards`); units not in it run eagerly.
     """
     phase = timer.phase if timer is not None else _no_phase
     trainable = plan.trainable
@@ -104,7 +109,9 @@ def forward_backward(
     try:
         # The binding and the unit forwards span backward too: a recompute (activation
         # checkpointing, ours or the model's own) runs the units again there.
-        with torch.enable_grad(), binding, _unit_forwards(plan, ctx if sharded else None, leaves):
+        with torch.enable_grad(), binding, _unit_forwards(
+            plan, ctx if sharded else None, leaves, compiled=compiled
+        ):
             with phase("forward"):
                 if not reduced:
                     loss, aux = run({**params, **leaves})
@@ -170,6 +177,7 @@ def forward_only(
     batch: Any,
     *,
     order: PrefetchOrder,
+    compiled: UnitForwards = _NOT_COMPILED,
 ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
     """``loss_fn`` on one batch without gradients: ``(loss, aux, token count or None)``.
 
@@ -183,7 +191,9 @@ def forward_only(
     if sharded:
         ctx.prefetch = Prefetcher(order.planned(plan.blocks), ctx.gather_async)
     try:
-        with torch.no_grad(), binding, _unit_forwards(plan, ctx if sharded else None, anchors, remat=False):
+        with torch.no_grad(), binding, _unit_forwards(
+            plan, ctx if sharded else None, anchors, remat=False, compiled=compiled
+        ):
             if ctx.prefetch is not None:
                 ctx.prefetch.start(plan.root_parts)
             tensors: Tensors = {}
@@ -262,20 +272,23 @@ def _unit_forwards(
     anchors: Mapping[str, torch.Tensor],
     *,
     remat: bool = True,
+    compiled: UnitForwards = _NOT_COMPILED,
 ) -> Iterator[None]:
     """For this step only, make unit modules gather their shards when called (``ctx`` given:
-    stage 3) and recompute their forward in backward (``plan.remat_units``, with ``remat``)."""
+    stage 3), recompute their forward in backward (``plan.remat_units``, with ``remat``) and
+    run their ``compiled`` forwards."""
     gathered = {su.unit.name: su for su in plan.blocks} if ctx is not None else {}
     wrapped = []
     try:
         for name in plan.wrapped:
             su = gathered.get(name)
             recompute = remat and name in plan.remat_units
-            if su is None and not recompute:
+            forward = compiled.get(name)
+            if su is None and not recompute and forward is None:
                 continue
             mod = plan.module.get_submodule(name)
             gather = (su, ctx, anchors, plan.slots[name]) if su is not None and ctx is not None else None
-            mod.forward = wrap_unit_forward(mod, gather=gather, remat=recompute)  # type: ignore[method-assign]
+            mod.forward = wrap_unit_forward(mod, gather=gather, remat=recompute, forward=forward)  # type: ignore[method-assign]
             wrapped.append(mod)
         yield
     finally:

@@ -204,6 +204,7 @@ def wrap_unit_forward(
     *,
     gather: tuple[StepUnit, StepContext, Mapping[str, torch.Tensor], Slots] | None,
     remat: bool,
+    forward: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """A unit module's forward for one step: gather its shards on use, and/or recompute it.
 
@@ -216,8 +217,11 @@ def wrap_unit_forward(
             (non-reentrant ``torch.utils.checkpoint``; the RNG state is replayed, so gradients
             are bit-identical). The recompute runs inside the step's module binding, so
             parameters passed to the step are still in place.
+        forward: what computes the unit (its compiled forward,
+            :func:`~funczero.parallel.compile.compile_unit_forwards`); default the module
+            class's own ``forward``.
     """
-    inner = type(module).forward.__get__(module)
+    inner = forward if forward is not None else type(module).forward.__get__(module)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         assert gather is not None

@@ -34,6 +34,7 @@ from funczero.monitors.timing import NullTimer
 from funczero.optim.chain import in_place_unsupported_reason
 from funczero.optim.clipping import clip_coefficient
 from funczero.parallel.collectives import all_reduce_labelled
+from funczero.parallel.compile import CompileOptions, UnitForwards, compile_unit_forwards, resolve_compile
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.stages import sync_buffers
@@ -87,6 +88,7 @@ def make_train_step(
     loss_scale: LossScaleConfig | None = None,
     donate: bool = True,
     timer: Any = None,
+    compile: bool | CompileOptions | None = None,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
@@ -104,6 +106,9 @@ def make_train_step(
         timer: records the ``forward``, ``backward``, ``reduce`` and ``optimizer`` phases of each
             step without a host sync (DeepSpeed's ``wall_clock_breakdown``; a
             :class:`funczero.monitors.timing.PhaseTimer`), or None.
+        compile: compile each unit's forward (regional compilation, one graph per unit type;
+            :mod:`funczero.parallel.compile`): ``True``, a
+            :class:`~funczero.parallel.compile.CompileOptions`, or None/False for eager.
 
     Returns:
         The step function. Metrics are 0-d tensors: ``loss`` (mean over the global batch),
@@ -142,6 +147,7 @@ def make_train_step(
     # skip it (a read and a write of every gradient).
     unit_coef = not ls_cfg.dynamic and ls_cfg.init_scale == 1.0 and gradient_clipping == 0
     order = PrefetchOrder()  # stage 3 learns the units' order from each forward, for the next
+    compiled = compile_unit_forwards(plan.module, plan.wrapped, resolve_compile(compile))
     timer = timer if timer is not None else NullTimer()
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -154,7 +160,7 @@ def make_train_step(
         with rng_scope(state.rng, state.step.device) as rng:
             loss_sum, count, aux, acc, buffers = _accumulate(
                 plan, loss_fn, state, batch, scale / grad_accum, grad_accum,
-                own_accumulator=own_accumulator, order=order, timer=timer,
+                own_accumulator=own_accumulator, order=order, timer=timer, compiled=compiled,
             )  # fmt: skip
         grads = acc
         if not reduced:
@@ -212,6 +218,7 @@ def _accumulate(
     own_accumulator: bool,
     order: PrefetchOrder,
     timer: Any,
+    compiled: UnitForwards,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Forward and backward of every micro-batch.
 
@@ -225,7 +232,7 @@ def _accumulate(
     for i, micro in enumerate(split_micro_batches(batch, grad_accum)):
         fb = forward_backward(
             plan, loss_fn, state.params, state.master, buffers, micro, multiplier,
-            single_micro_batch=grad_accum == 1, order=order, timer=timer,
+            single_micro_batch=grad_accum == 1, order=order, timer=timer, compiled=compiled,
         )  # fmt: skip
         aux, grads, buffers = fb.aux, fb.grads, fb.buffers
         loss_sum = loss_sum + fb.loss.float()
