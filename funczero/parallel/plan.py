@@ -26,6 +26,7 @@ from torch import nn
 
 from funczero.module import ModuleSpec, Slots, module_spec, tensor_slots
 from funczero.parallel.collectives import all_reduce_sum
+from funczero.parallel.hybrid import HybridLayout, check_shard_size, hybrid_layout
 from funczero.parallel.precision import Precision
 from funczero.parallel.sharding import ShardSpec, Unit
 from funczero.parallel.stages import STAGES, Stage
@@ -45,7 +46,9 @@ class ZeroPlan:
         spec: parameter and buffer names, shapes, ties and frozen flags.
         policy: the ZeRO stage's row (:class:`~funczero.parallel.stages.Stage`).
         precision: compute / master / reduce dtypes.
-        rank, world_size, group: data-parallel position and process group (None when world 1).
+        rank, world_size, group: position in, and size and process group of, the ranks that
+            shards are cut over (None when 1): all data-parallel ranks, or with hybrid
+            sharding this rank's shard group.
         units: communication units. Stages 0-2: every parameter in its owning unit. Stage 3: the
             sharded parameters, one unit per wrapped module plus the root unit ``""``.
         persistent: stage 3 only: parameters kept replicated (below
@@ -69,6 +72,8 @@ class ZeroPlan:
             (for binding the step's tensors to it).
         buffer_sync: how buffers (BatchNorm statistics) agree across ranks after a step:
             ``"mean"`` (all-reduce average of floating buffers) or ``"none"``.
+        hybrid: hybrid sharding (:mod:`funczero.parallel.hybrid`): the ``replicate x shard``
+            mesh; None for flat ZeRO (shards over all data-parallel ranks).
     """
 
     module: nn.Module
@@ -94,6 +99,7 @@ class ZeroPlan:
     use_all_reduce: bool = False
     bucket_numel: int = 500_000_000
     buffer_sync: str = "mean"
+    hybrid: HybridLayout | None = None
 
     @property
     def stage(self) -> int:
@@ -115,8 +121,33 @@ class ZeroPlan:
         """Whether master weights, gradients and optimizer state are shards (stages 1-3)."""
         return self.policy.master_sharded
 
+    @property
+    def data_parallel_size(self) -> int:
+        """All data-parallel ranks (each trains on its own data): ``world_size`` times the replicas."""
+        return self.hybrid.world_size if self.hybrid is not None else self.world_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank among all data-parallel ranks."""
+        return self.hybrid.rank if self.hybrid is not None else self.rank
+
+    @property
+    def data_parallel_group(self) -> Any:
+        """The group of all data-parallel ranks (scalars and buffers are reduced over it)."""
+        return self.hybrid.world_group if self.hybrid is not None else self.group
+
+    @property
+    def grad_copies(self) -> int:
+        """How many data-parallel ranks hold each element of the reduced gradients."""
+        if not self.master_sharded:
+            return self.data_parallel_size
+        return self.hybrid.replicate_size if self.hybrid is not None else 1
+
     def reduce_fn(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum partial reductions over shards (identity when nothing is sharded)."""
+        """Sum partial reductions over shards (identity when nothing is sharded).
+
+        Every shard group holds all shards, so the sum over it is the whole (hybrid too).
+        """
         if not self.master_sharded:
             return x
         return all_reduce_sum(x, group=self.group, world_size=self.world_size)
@@ -155,6 +186,8 @@ def build_plan(
     reduce_bucket_size: int = 500_000_000,
     remat: Remat = False,
     buffer_sync: str = "mean",
+    mesh: Any = None,
+    shard_group_size: int | None = None,
 ) -> ZeroPlan:
     """Plan ZeRO ``stage`` for ``module`` on the current process group.
 
@@ -173,6 +206,12 @@ def build_plan(
             unit's name. A recomputed unit keeps only its inputs for backward and runs its
             forward again there; gradients are bit-identical.
         buffer_sync: ``"mean"`` or ``"none"``.
+        mesh: hybrid sharding (stages 1-3) on a 2-D ``DeviceMesh`` named ``("replicate",
+            "shard")`` over all ranks: shards are cut over the ``shard`` dimension and
+            replicated over ``replicate`` (FSDP2's HSDP; :mod:`funczero.parallel.hybrid`).
+        shard_group_size: hybrid sharding with shard groups of this many consecutive ranks
+            (DeepSpeed's ``mics_shard_size``); the world size is a multiple of it. Equal to the
+            world size, or with ``mesh`` / ``shard_group_size`` None: flat ZeRO.
     """
     if stage not in STAGES:
         raise ValueError(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
@@ -180,6 +219,9 @@ def build_plan(
     if buffer_sync not in ("mean", "none"):
         raise ValueError(f"buffer_sync={buffer_sync!r} must be 'mean' or 'none'")
     precision = Precision.from_name(precision) if isinstance(precision, str) else precision
+    hybrid = _hybrid(stage, mesh, shard_group_size, (world_size, rank, group))
+    if hybrid is not None:
+        world_size, rank, group = hybrid.shard_size, hybrid.shard_rank, hybrid.shard_group
     if world_size is None:
         world_size = dist.get_world_size(group) if dist.is_initialized() else 1
     if rank is None:
@@ -236,6 +278,7 @@ def build_plan(
         use_all_reduce=not reduce_scatter,
         group=group,
         rank=rank,
+        hybrid=hybrid,
     )  # fmt: skip
     return ZeroPlan(
         module=module,
@@ -261,7 +304,38 @@ def build_plan(
         use_all_reduce=not reduce_scatter,
         bucket_numel=int(reduce_bucket_size),
         buffer_sync=buffer_sync,
+        hybrid=hybrid,
     )
+
+
+def _hybrid(
+    stage: int, mesh: Any, shard_group_size: int | None, flat: tuple[Any, Any, Any]
+) -> HybridLayout | None:
+    """The hybrid layout ``mesh`` / ``shard_group_size`` ask for; None for flat ZeRO."""
+    if mesh is None and shard_group_size is None:
+        return None
+    if mesh is not None and shard_group_size is not None:
+        raise ValueError(
+            f"build_plan: pass mesh= or shard_group_size={shard_group_size}, not both "
+            "(the mesh already says the shard group size)"
+        )
+    if any(x is not None for x in flat):
+        raise ValueError(
+            "build_plan: world_size/rank/group describe flat ZeRO; with mesh= or "
+            "shard_group_size= they come from the mesh (pass neither)"
+        )
+    if stage == 0:
+        what = f"shard_group_size={shard_group_size}" if mesh is None else "mesh="
+        raise ValueError(
+            f"build_plan: {what} asks for hybrid sharding, but stage 0 shards nothing (it "
+            "all-reduces gradients over every rank); use stage 1, 2 or 3, or drop it"
+        )
+    if mesh is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if check_shard_size(shard_group_size, world_size=world) == world:
+            return None  # one shard group over every rank: flat ZeRO
+    layout = hybrid_layout(mesh=mesh, shard_group_size=shard_group_size)
+    return layout if layout.replicate_size > 1 else None
 
 
 def _check_wrap(unit_names: Sequence[str], known: Mapping[str, nn.Module]) -> None:

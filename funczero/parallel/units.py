@@ -44,6 +44,7 @@ from funczero.parallel.collectives import (
     all_reduce_unit_async,
     reduce_scatter_unit_async,
 )
+from funczero.parallel.hybrid import HybridLayout, reduce_scatter_unit_hybrid_async
 from funczero.parallel.overlap import Prefetcher, ReduceQueue, Regather
 from funczero.parallel.sharding import Unit
 
@@ -71,7 +72,9 @@ class StepUnit:
         use_all_reduce: reduce-scatter as all-reduce plus slice (``reduce_scatter: false``).
         wait_now: wait for the reduction at once (an anchor shared with another unit, whose
             gradients autograd adds on the compute stream).
-        group, rank: the data-parallel group and this rank.
+        group, rank: the group shards are cut over (all data-parallel ranks, or the shard
+            group) and this rank in it.
+        hybrid: hybrid sharding's mesh: reduced shards are then averaged across replicas.
     """
 
     unit: Unit
@@ -85,6 +88,7 @@ class StepUnit:
     wait_now: bool = False
     group: Any = None
     rank: int = 0
+    hybrid: HybridLayout | None = None
 
     @classmethod
     def of(cls, unit: Unit, trainable: tuple[str, ...], **facts: Any) -> StepUnit:
@@ -132,7 +136,11 @@ class StepContext:
         With a queue the values arrive asynchronously (see :class:`ReduceQueue`).
         """
         gu = su.grad_unit
-        if su.reduction == "all_reduce":
+        if su.hybrid is not None:
+            out, pending = reduce_scatter_unit_hybrid_async(
+                gu, grads, layout=su.hybrid, dtype=su.reduce_dtype, use_all_reduce=su.use_all_reduce
+            )
+        elif su.reduction == "all_reduce":
             out, pending = all_reduce_unit_async(
                 gu, grads, group=su.group, world_size=gu.world_size, dtype=su.reduce_dtype
             )
