@@ -275,21 +275,23 @@ def _norm_and_loss(
         if glist
         else torch.zeros((), device=device)
     )
-    if not plan.master_sharded:
-        sq = sq / plan.world_size  # replicated gradients: every rank holds the whole norm
+    # Replicated gradients (stage 0; hybrid sharding's replicas) are held by several ranks:
+    # count each element once in the sum over all ranks.
+    sq = sq / plan.grad_copies
+    world = plan.data_parallel_size
     if count is None:
         totals = torch.stack([sq, loss_sum / grad_accum])
     else:
         totals = torch.stack([sq, loss_sum, count.to(device)])
-    if plan.world_size > 1:
+    if world > 1:
         all_reduce_labelled(
-            totals, "all-reduce of the step's gradient norm and loss", group=plan.group,
-            op=torch.distributed.ReduceOp.SUM,
+            totals, "all-reduce of the step's gradient norm and loss",
+            group=plan.data_parallel_group, op=torch.distributed.ReduceOp.SUM,
         )  # fmt: skip
     if count is None:
-        grad_scale, mean_loss = scale, totals[1] / plan.world_size
+        grad_scale, mean_loss = scale, totals[1] / world
     else:
-        grad_scale = scale * totals[2] / (plan.world_size * grad_accum)
+        grad_scale = scale * totals[2] / (world * grad_accum)
         mean_loss = totals[1] / totals[2]
     found_inf = ~torch.isfinite(totals[0])
     if count is not None:
