@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from funczero.parallel.collectives import all_gather_unit_async, all_reduce_mean_, reduce_scatter_unit
+from funczero.parallel.hybrid import reduce_scatter_unit_hybrid_async
 from funczero.parallel.sharding import Unit
 
 if TYPE_CHECKING:
@@ -72,9 +73,21 @@ def all_reduce_grads(plan: ZeroPlan, grads: Tensors) -> Tensors:
 
 
 def reduce_scatter_grads(plan: ZeroPlan, grads: Tensors) -> Tensors:
-    """Average full gradients over ranks into this rank's fp32 shards, one unit at a time."""
+    """Average full gradients over ranks into this rank's fp32 shards, one unit at a time.
+
+    Hybrid sharding reduce-scatters in the shard group, then averages each shard across the
+    replicas (:func:`~funczero.parallel.hybrid.reduce_scatter_unit_hybrid_async`).
+    """
     out: Tensors = {}
     for gu in plan.grad_units:
+        if plan.hybrid is not None:
+            shards, pending = reduce_scatter_unit_hybrid_async(
+                gu, grads, layout=plan.hybrid, dtype=plan.precision.reduce_dtype,
+                use_all_reduce=plan.use_all_reduce,
+            )  # fmt: skip
+            pending.wait()
+            out.update(shards)
+            continue
         out.update(
             reduce_scatter_unit(
                 gu, grads, group=plan.group, rank=plan.rank, dtype=plan.precision.reduce_dtype,
@@ -184,17 +197,19 @@ STAGES: Mapping[int, Stage] = {
 
 
 def sync_buffers(plan: ZeroPlan, buffers: Tensors) -> Tensors:
-    """Average floating buffers across ranks (``buffer_sync="mean"``), in place."""
+    """Average floating buffers across all data-parallel ranks (``buffer_sync="mean"``), in place."""
     floats = [b for b in buffers.values() if b.is_floating_point()]
-    if plan.buffer_sync == "mean" and plan.world_size > 1 and floats:
-        all_reduce_mean_(floats, group=plan.group, world_size=plan.world_size, dtype=torch.float32)
+    world = plan.data_parallel_size
+    if plan.buffer_sync == "mean" and world > 1 and floats:
+        all_reduce_mean_(floats, group=plan.data_parallel_group, world_size=world, dtype=torch.float32)
     return buffers
 
 
 def gather_full(plan: ZeroPlan, tensors: Mapping[str, torch.Tensor], *, sharded: bool) -> Tensors:
     """Return full copies of ``tensors`` (parameter-keyed), all-gathering them if ``sharded``.
 
-    Collective when ``sharded`` and ``world_size > 1``: every rank must call it. Meant for
+    Collective when ``sharded`` and ``world_size > 1``: every rank must call it (with hybrid
+    sharding it gathers inside the shard group, which holds every shard). Meant for
     evaluation, export and tests, not the hot path.
     """
     out: Tensors = {}

@@ -62,9 +62,10 @@ def make_eval_step(loss_fn: Callable[[Callable[..., Any], Any], Any], plan: Zero
         )
         weight = count if count is not None else torch.ones((), device=loss.device)
         totals = torch.stack([loss.float(), weight.float()])
-        if plan.world_size > 1:
-            torch.distributed.all_reduce(totals, group=plan.group)
-        metrics = {"loss": totals[0] / (totals[1] if count is not None else plan.world_size)}
+        world = plan.data_parallel_size  # every rank evaluates its own batch (hybrid too)
+        if world > 1:
+            torch.distributed.all_reduce(totals, group=plan.data_parallel_group)
+        metrics = {"loss": totals[0] / (totals[1] if count is not None else world)}
         if aux is not None:
             metrics["aux"] = aux
         return metrics
