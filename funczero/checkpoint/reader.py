@@ -2,9 +2,10 @@
 
 :class:`ShardReader` is what every consumer uses (load, reshard, consolidate, diff): it opens
 shard files lazily, refuses files of another checkpoint (and, from format version 2, chunks
-whose file records another shape or range than the index), reads byte ranges straight into
-destination tensors, and checks the SHA-256 of every chunk it reads whole. ``per_rank``
-tensors read as a range are rank 0's copy.
+whose file records another shape or range than the index), reads byte ranges in blocks straight
+into destination tensors, and checks the SHA-256 of every chunk it reads whole, hashing on
+helper threads while it reads (:mod:`funczero.checkpoint.hashing`). ``per_rank`` tensors read
+as a range are rank 0's copy.
 
 Example:
     >>> import tempfile
@@ -36,17 +37,49 @@ from funczero.checkpoint.chunks import (
 )
 from funczero.checkpoint.entry import Chunk, TensorEntry
 from funczero.checkpoint.errors import CorruptCheckpointError, StateMismatchError
+from funczero.checkpoint.hashing import ChunkHash, lanes
 from funczero.checkpoint.index import Index
 from funczero.checkpoint.safe_io import safe_child
-from funczero.checkpoint.tensorfile import TensorFile, _as_bytes, _hasher
+from funczero.checkpoint.tensorfile import TensorFile, _as_bytes
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; only for annotations
 
-__all__ = ["BLOCK_ELEMS", "ShardReader", "derive_rng"]
+__all__ = ["BLOCK_ELEMS", "LOAD_BLOCK_BYTES", "ShardReader", "derive_rng"]
 
 BLOCK_ELEMS = 1 << 20
 """Elements per streamed block (4 MiB of fp32): bounds the memory of streaming tools."""
+LOAD_BLOCK_BYTES = 16 << 20
+"""Bytes per block of :meth:`ShardReader.read_range`: the unit of hashing while reading, and
+the size of a staging buffer (destinations on a GPU, or of another dtype)."""
+
+
+class _Staging:
+    """Two staging buffers used in turn; one is reused only once its bytes are hashed."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._busy: list[concurrent.futures.Future[object] | None] = [None, None]
+        self._next = 0
+        self._current = 0
+
+    def take(self, dtype: torch.dtype, numel: int, *, pinned: bool) -> torch.Tensor:
+        """A buffer of ``numel`` elements of ``dtype`` (at most :data:`LOAD_BLOCK_BYTES`)."""
+        i = self._next
+        self._next = 1 - i
+        if self._busy[i] is not None:
+            concurrent.futures.wait([self._busy[i]])  # type: ignore[list-item]
+            self._busy[i] = None
+        buf = self._buffers[i]
+        if buf is None or (pinned and not buf.is_pinned()):
+            buf = torch.empty(LOAD_BLOCK_BYTES, dtype=torch.uint8, pin_memory=pinned)
+            self._buffers[i] = buf
+        self._current = i
+        return buf[: numel * dtype.itemsize].view(dtype)
+
+    def hold(self, done: concurrent.futures.Future[object]) -> None:
+        """Keep the buffer last taken until ``done`` (its bytes are being hashed)."""
+        self._busy[self._current] = done
 
 
 class ShardReader:
@@ -65,6 +98,8 @@ class ShardReader:
         self._files: dict[str, TensorFile] = {}
         self._records: dict[str, dict[str, Record]] = {}
         self._pending: list[tuple[concurrent.futures.Future[str], TensorEntry, Chunk]] = []
+        self._streams: list[ChunkHash] = []
+        self._staging = _Staging()
         self.bytes_read = 0
 
     def file(self, name: str) -> TensorFile:
@@ -111,31 +146,61 @@ class ShardReader:
                 ) from e
 
     def read_range(self, entry: TensorEntry, a: int, b: int, dst: torch.Tensor) -> None:
-        """Fill the contiguous 1-D CPU tensor ``dst`` with elements ``[a, b)`` of ``entry``.
+        """Fill the 1-D tensor ``dst`` with elements ``[a, b)`` of ``entry``, in blocks.
 
-        ``dst`` may have another dtype than the saved one (values are cast). Checksums of
-        chunks read whole are computed on a helper thread while the next ranges are read;
+        ``dst`` may have another dtype than the saved one (values are cast) and live on any
+        device. Contiguous CPU destinations of the saved dtype are read into directly; others
+        go through a staging buffer of :data:`LOAD_BLOCK_BYTES` (two in flight), so a read
+        never needs more memory than that on top of ``dst``. Chunks read whole are hashed on
+        helper threads (:mod:`~funczero.checkpoint.hashing`) while the next blocks are read;
         :meth:`finish` (called on leaving the ``with`` block) waits for them and raises on a
         mismatch.
         """
         entry = self.index.resolve(entry)
         saved = entry.dtype
+        direct = dst.device.type == "cpu" and dst.dtype == saved and dst.is_contiguous()
+        step = max(1, LOAD_BLOCK_BYTES // saved.itemsize)
         chunks = _range_chunks(entry)
         for i, lo, hi in overlaps([(c.start, c.stop) for c in chunks], a, b):
             c = chunks[i]
             f = self._chunk_file(entry, c)
-            part = dst[lo - a : hi - a]
-            if part.dtype == saved:
-                f.read_into(c.key, part, lo - c.start, hi - c.start)
-                raw = part
-            else:
-                raw = f.read(c.key, lo - c.start, hi - c.start)
-                part.copy_(raw)
-            self.bytes_read += raw.numel() * saved.itemsize
-            if self.verify and lo == c.start and hi == c.stop:
-                data = _as_bytes(raw)
-                digest = _hasher().submit(lambda d=data: hashlib.sha256(d).hexdigest())
-                self._pending.append((digest, entry, c))
+            whole = self.verify and lo == c.start and hi == c.stop
+            stream = lanes().start() if whole else None
+            if stream is not None:
+                self._streams.append(stream)
+            for s in range(lo, hi, step):
+                t = min(hi, s + step)
+                part = dst[s - a : t - a]
+                if direct:
+                    f.read_into(c.key, part, s - c.start, t - c.start)
+                    raw = part
+                else:
+                    raw = self._staging.take(saved, t - s, pinned=dst.device.type == "cuda")
+                    f.read_into(c.key, raw, s - c.start, t - c.start)
+                    part.copy_(raw)
+                self.bytes_read += raw.numel() * saved.itemsize
+                if stream is not None:
+                    done = stream.update(_as_bytes(raw))
+                    if not direct:
+                        self._staging.hold(done)
+            if stream is not None:
+                self._pending.append((stream.digest(), entry, c))
+
+    def check_range(self, entry: TensorEntry, a: int, b: int) -> None:
+        """Open and check the files of the chunks holding elements ``[a, b)``, reading no data.
+
+        Raises what reading them would for a missing, truncated or foreign file, or a chunk
+        the file holds otherwise than the index says, so a caller can refuse before it
+        writes anything.
+        """
+        entry = self.index.resolve(entry)
+        chunks = _range_chunks(entry)
+        for i, _, _ in overlaps([(c.start, c.stop) for c in chunks], a, b):
+            self._chunk_file(entry, chunks[i])
+
+    def check_rank(self, entry: TensorEntry, rank: int) -> None:
+        """:meth:`check_range` for rank ``rank``'s copy of a ``per_rank`` tensor."""
+        self._chunk_file(entry, entry.chunks[rank])
 
     def iter_range(
         self, entry: TensorEntry, a: int, b: int, block_elems: int = BLOCK_ELEMS
@@ -204,13 +269,16 @@ class ShardReader:
     def finish(self) -> None:
         """Wait for the pending checksums of :meth:`read_range`; raise on the first mismatch."""
         pending, self._pending = self._pending, []
+        self._streams.clear()
         bad = [(e, c) for digest, e, c in pending if digest.result() != c.sha256]
         if bad:
             raise self._checksum_error(*bad[0])
 
     def close(self) -> None:
-        for digest, _, _ in self._pending:
-            digest.result()  # never leave the helper thread reading freed memory
+        for stream in self._streams:  # never leave a helper thread reading freed memory
+            if stream.last is not None:
+                concurrent.futures.wait([stream.last])
+        self._streams.clear()
         self._pending.clear()
         for f in self._files.values():
             f.close()
