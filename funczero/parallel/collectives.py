@@ -40,9 +40,9 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 __all__ = [
     "CollectiveError",
     "Pending",
-    "all_reduce_labelled",
     "all_gather_unit",
     "all_gather_unit_async",
+    "all_reduce_labelled",
     "all_reduce_mean_",
     "all_reduce_sum",
     "all_reduce_unit_async",
@@ -85,7 +85,7 @@ class Pending:
                 self._work.wait()
             except RuntimeError as e:  # DistBackendError and gloo's timeouts are RuntimeErrors
                 what = _label(*self._label) if self._label else "a collective"
-                raise _failed(what, e) from e
+                raise divergence.collective_failed(what, e) from e
             self._work = None
         if self._finish is not None:
             self._result = self._finish()
@@ -104,27 +104,20 @@ def all_reduce_labelled(
     try:
         dist.all_reduce(x, op=op, group=group)
     except RuntimeError as e:
-        raise _failed(label, e) from e
+        raise divergence.collective_failed(label, e) from e
 
 
 def _label(op: str, unit: Unit) -> str:
     name = "the root" if unit.name == "" else repr(unit.name)
-    return f"{op} of unit {name} ({len(unit.params)} parameters, {unit.shard_numel} elements per rank)"
+    return (
+        f"{op} of unit {name} ({len(unit.params)} parameters, {unit.shard_numel} elements per rank)"
+    )
 
 
 def _check(op: str, unit: Unit, buffer: torch.Tensor, group: Any) -> None:
     """The SPMD check of a unit's collective (only when it is on: the description is built then)."""
     divergence.check_same_collective(
         lambda: f"{_label(op, unit)}, {buffer.dtype}", group=group, device=buffer.device
-    )
-
-
-def _failed(label: str, error: BaseException) -> CollectiveError:
-    return CollectiveError(
-        f"{divergence.rank_and_step()}: {label} did not complete ({type(error).__name__}: {error}). Every rank "
-        "must run the same collectives in the same order: check for a rank that skipped a unit "
-        "(a data-dependent branch in forward), ran another number of micro-batches, or got a "
-        "batch that changes which modules run; FUNCZERO_DIST_TIMEOUT sets how long ranks wait"
     )
 
 
@@ -246,9 +239,7 @@ def all_reduce_unit_async(
             _check("all-reduce", unit, flat, group)
         work = dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group, async_op=True)
     out = flat if dtype == out_dtype else torch.empty_like(flat, dtype=out_dtype)
-    views = {
-        spec.name: part.view(spec.shape) for spec, part in zip(unit.specs, out.split(sizes))
-    }
+    views = {spec.name: part.view(spec.shape) for spec, part in zip(unit.specs, out.split(sizes))}
     if out is flat:
         return views, Pending(work, lambda: None, ("all-reduce", unit))
     return views, Pending(work, lambda: out.copy_(flat), ("all-reduce", unit))

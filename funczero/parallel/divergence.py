@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "CollectiveError",
     "SPMD_CHECK_ENV",
+    "CollectiveError",
     "check_same_collective",
+    "collective_failed",
     "current_step",
     "rank_and_step",
     "set_spmd_check",
@@ -102,7 +103,9 @@ def step_scope(step: int) -> Iterator[None]:
         3
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise TypeError(f"step_scope(step={step!r}): the step must be an int >= 0 counted on the host")
+        raise TypeError(
+            f"step_scope(step={step!r}): the step must be an int >= 0 counted on the host"
+        )
     global _step
     outer = _step
     _step, saved = step, dict(_issued)
@@ -144,6 +147,16 @@ def rank_and_step() -> str:
     return f"rank {rank}" if _step is None else f"rank {rank}, step {_step}"
 
 
+def collective_failed(label: str, error: BaseException) -> CollectiveError:
+    """The error for collective ``label`` that raised ``error`` (failed or timed out)."""
+    return CollectiveError(
+        f"{rank_and_step()}: {label} did not complete ({type(error).__name__}: {error}). Every rank "
+        "must run the same collectives in the same order: check for a rank that skipped a unit "
+        "(a data-dependent branch in forward), ran another number of micro-batches, or got a "
+        "batch that changes which modules run; FUNCZERO_DIST_TIMEOUT sets how long ranks wait"
+    )
+
+
 def check_same_collective(describe: Callable[[], str], *, group: Any, device: torch.device) -> None:
     """Raise :class:`CollectiveError` on every rank of ``group`` unless all are about to issue
     the same collective. Collective; call only when :func:`spmd_check_enabled`.
@@ -161,9 +174,14 @@ def check_same_collective(describe: Callable[[], str], *, group: Any, device: to
     digest = hashlib.blake2b(what.encode(), digest_size=8).digest()
     step = -1 if _step is None else _step
     mine = torch.tensor(
-        [step, position, int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device
+        [step, position, int.from_bytes(digest, "little", signed=True)],
+        dtype=torch.int64,
+        device=device,
     )
-    rows = _all_gather(mine, group)
+    try:
+        rows = _all_gather(mine, group)
+    except RuntimeError as e:  # a rank that never gets here (it raised, or hangs elsewhere)
+        raise collective_failed(f"the {SPMD_CHECK_ENV} check before the {what}", e) from e
     if all(r == rows[0] for r in rows):
         return
     # Every rank saw the same rows, so every rank takes this branch: exchanging the
