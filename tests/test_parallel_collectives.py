@@ -7,6 +7,7 @@ so fp32 results are compared exactly; bf16 reductions within bf16 rounding.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -345,7 +346,7 @@ def _diverging_worker(rank: int, world: int, out_dir: str) -> None:
     import funczero
     from funczero import optim
     from funczero.module import extract_tensors, release_module_tensors
-    from funczero.parallel.collectives import CollectiveError
+    from funczero.parallel.collectives import CollectiveError, step_scope
     from funczero.parallel.plan import build_plan
 
     torch.manual_seed(0)
@@ -357,9 +358,10 @@ def _diverging_worker(rank: int, world: int, out_dir: str) -> None:
     state = funczero.init_state(plan, opt, params, buffers)
     step = funczero.make_train_step(lambda m, b: m(b).pow(2).mean(), opt, plan)
     try:
-        for _ in range(3):
-            state, metrics = step(state, torch.ones(2, 64))
-            float(metrics["loss"])
+        for i in range(3):
+            with step_scope(i):  # what train_step does: errors name the step
+                state, metrics = step(state, torch.ones(2, 64))
+                float(metrics["loss"])
     except CollectiveError as e:
         Path(out_dir, f"rank{rank}").write_text(str(e))
         raise
@@ -375,3 +377,4 @@ def test_ranks_that_diverge_fail_with_an_error_naming_the_collective_and_unit(
     assert messages, "no rank raised a CollectiveError"
     assert any(" of unit " in m or "gradient norm and loss" in m for m in messages), messages
     assert all("same collectives in the same order" in m for m in messages), messages
+    assert all(re.match(r"rank \d, step [0-2]: ", m) for m in messages), messages

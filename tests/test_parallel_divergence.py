@@ -161,10 +161,14 @@ def test_the_spmd_check_compares_every_collective_of_a_step(
     assert _text(reports[1]["checked"]) == checked, "both ranks compared the same collectives"
 
 
-@pytest.mark.parametrize("case", ["skip", "shape"])
+@pytest.mark.parametrize(
+    ("case", "runs_it", "unit"),
+    [("skip", 0, "blocks.1"), ("shape", 1, "long_context.0")],
+)
 def test_diverging_ranks_raise_at_once_on_every_rank_naming_each_ranks_collective(
-    reports: list[dict[str, torch.Tensor]], case: str
+    reports: list[dict[str, torch.Tensor]], case: str, runs_it: int, unit: str
 ) -> None:
+    """``unit`` runs on rank ``runs_it`` only: the first divergent collective moves it there."""
     messages = [_text(rep[case]) for rep in reports]
     for rank, message in enumerate(messages):
         assert message.startswith(f"rank {rank}, step 0: "), message
@@ -176,28 +180,26 @@ def test_diverging_ranks_raise_at_once_on_every_rank_naming_each_ranks_collectiv
         (_, _, n0, what0), (_, _, n1, what1) = lines
         assert n0 == n1, "the first divergent collective is at the same position on both ranks"
         assert what0 != what1 and " of unit '" in what0 + what1, message
+        assert f"of unit '{unit}'" in (what0, what1)[runs_it], message
     # Both ranks name the same divergence.
-    assert [m.split("\n", 1)[1] for m in messages][0].replace(" (this rank)", "") == [
-        m.split("\n", 1)[1] for m in messages
-    ][1].replace(" (this rank)", "")
+    bodies = [m.split("\n", 1)[1].replace(" (this rank)", "") for m in messages]
+    assert bodies[0] == bodies[1], messages
 
 
 def test_step_scope_nests_and_restores_the_outer_step_even_on_error() -> None:
     assert current_step() is None
-    with pytest.raises(KeyError):
-        with step_scope(3):
-            with step_scope(4):
-                assert current_step() == 4
-            assert current_step() == 3
-            raise KeyError("boom")
+    with pytest.raises(KeyError), step_scope(3):
+        with step_scope(4):
+            assert current_step() == 4
+        assert current_step() == 3
+        raise KeyError("boom")
     assert current_step() is None
 
 
 @pytest.mark.parametrize("bad", [-1, 1.0, True, "3"])
 def test_step_scope_rejects_what_is_not_a_host_step_number(bad: Any) -> None:
-    with pytest.raises(TypeError, match="int >= 0"):
-        with step_scope(bad):
-            pass
+    with pytest.raises(TypeError, match="int >= 0"), step_scope(bad):
+        pass
 
 
 def test_set_spmd_check_returns_the_previous_setting_and_rejects_non_bools() -> None:
