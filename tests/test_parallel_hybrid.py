@@ -1,0 +1,200 @@
+"""Hybrid sharding (replicate x shard) on 4 and 8 gloo ranks follows stage 0 on one process.
+
+Tolerances are those of tests/test_parallel_stages.py (fp32): master weights after SGD steps
+1e-6 absolute, AdamW losses and gradient norms (with clipping) 1e-5. Every rank's full master
+weights are compared, so replicas that drift apart fail too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from funczero import optim
+from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+from funczero.module import extract_tensors, release_module_tensors
+from funczero.parallel.hybrid import HybridLayout, check_shard_size, hybrid_layout
+from funczero.parallel.plan import build_plan
+from funczero.parallel.stages import gather_full
+from funczero.train.evaluation import make_eval_step
+from funczero.train.step import init_state, make_train_step
+
+# Sizes that need padding at shard groups of 2 and 4 (vocab 61, d_model 30).
+CFG = GPTConfig(vocab_size=61, seq_len=8, d_model=30, n_layers=2, n_heads=3)
+GLOBAL_BATCH = 16
+STEPS = 2
+
+
+def _model(batch_norm: bool = False) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(CFG, batch_norm=batch_norm))
+    model.wpe.weight.requires_grad_(False)  # a frozen parameter
+    return model
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    shape = (GLOBAL_BATCH, CFG.seq_len)
+    return [
+        (torch.randint(0, 61, shape, generator=g), torch.randint(0, 61, shape, generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def _local(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    per = GLOBAL_BATCH // world
+    return tuple(t[rank * per : (rank + 1) * per] for t in batch)
+
+
+def _trajectory(
+    stage: int, rank: int, world: int, *, batch_norm: bool = False, **hybrid: Any
+) -> dict[str, torch.Tensor]:
+    """SGD with momentum and clipping over 2 micro-batches: losses, norms, weights, eval loss."""
+    out: dict[str, torch.Tensor] = {}
+    data = _batches()
+    opt = optim.sgd(0.1, momentum=0.9)
+    model = _model(batch_norm)
+    plan = build_plan(model, stage=stage, param_persistence_threshold=40, **hybrid)
+    params, buffers = extract_tensors(model, plan.spec)
+    release_module_tensors(model)
+    state = init_state(plan, opt, params, buffers)
+    step = make_train_step(cross_entropy_loss, opt, plan, grad_accum=2, gradient_clipping=0.5)
+    losses, norms = [], []
+    for batch in data:
+        state, metrics = step(state, _local(batch, rank, world))
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
+    out["losses"] = torch.stack(losses)
+    out["norms"] = torch.stack(norms)
+    for n, p in gather_full(plan, state.master, sharded=plan.master_sharded).items():
+        out[f"master/{n}"] = p
+    for n, b in state.buffers.items():
+        out[f"buffer/{n}"] = b.float()
+    out["eval"] = make_eval_step(cross_entropy_loss, plan)(state, _local(data[0], rank, world))["loss"]
+    return out
+
+
+def _hybrid_worker(rank: int, world: int, shapes: list[int], via_mesh: bool) -> dict[str, torch.Tensor]:
+    """Stages 1-3 for every shard size; BatchNorm buffers against flat stage 0 at this world."""
+    report = {f"flat/bn/{k}": v for k, v in _trajectory(0, rank, world, batch_norm=True).items()}
+    for shard in shapes:
+        if via_mesh:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+            kwargs: dict[str, Any] = {"mesh": mesh}
+        else:
+            kwargs = {"shard_group_size": shard}
+        prefix = f"{world // shard}x{shard}"
+        for stage in (1, 2, 3):
+            for k, v in _trajectory(stage, rank, world, **kwargs).items():
+                report[f"{prefix}/s{stage}/{k}"] = v
+        for k, v in _trajectory(3, rank, world, batch_norm=True, **kwargs).items():
+            report[f"{prefix}/bn/{k}"] = v
+    return report
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, torch.Tensor]:
+    return _trajectory(0, 0, 1)
+
+
+def _assert_follows(
+    reports: list[dict[str, torch.Tensor]], want: dict[str, torch.Tensor], shape: str
+) -> None:
+    for rank, got in enumerate(reports):
+        for stage in (1, 2, 3):
+            prefix = f"{shape}/s{stage}/"
+            for key, ref in want.items():
+                tol = 1e-6 if key.startswith("master/") else 1e-5
+                where = f"{prefix} rank {rank} {key}"
+                torch.testing.assert_close(got[prefix + key], ref, atol=tol, rtol=0, msg=where)
+        # Batch statistics depend on each rank's batch: they must equal flat stage 0 here.
+        bn = {k[8:]: v for k, v in got.items() if k.startswith("flat/bn/")}
+        assert any(k.startswith("buffer/") for k in bn)
+        for key, ref in bn.items():
+            where = f"{shape} rank {rank} BatchNorm {key}"
+            tol = 1e-6 if key.startswith(("master/", "buffer/")) else 1e-5
+            torch.testing.assert_close(got[f"{shape}/bn/{key}"], ref, atol=tol, rtol=0, msg=where)
+
+
+def test_4_ranks_as_2x2_follow_stage0_on_one_process(
+    gloo_world: Callable[..., list[dict[str, torch.Tensor]]], single_process: dict[str, torch.Tensor]
+) -> None:
+    reports = gloo_world(_hybrid_worker, 4, [2], False, timeout=240.0)
+    _assert_follows(reports, single_process, "2x2")
+
+
+def test_8_ranks_as_2x4_and_4x2_meshes_follow_stage0_on_one_process(
+    gloo_world: Callable[..., list[dict[str, torch.Tensor]]], single_process: dict[str, torch.Tensor]
+) -> None:
+    reports = gloo_world(_hybrid_worker, 8, [4, 2], True, timeout=420.0)
+    for shape in ("2x4", "4x2"):
+        _assert_follows(reports, single_process, shape)
+
+
+def test_layout_positions_are_replica_major() -> None:
+    layout = HybridLayout(shard_size=2, replicate_size=3, shard_rank=1, replicate_rank=2)
+    assert (layout.world_size, layout.rank) == (6, 5)
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [(3, "does not divide the world size 8"), (16, "does not divide the world size 8"),
+     (0, "must be a positive int"), (2.0, "must be a positive int"), (True, "must be a positive int")],
+)
+def test_bad_shard_sizes_name_the_value_and_the_divisors(size: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        check_shard_size(size, world_size=8)
+    assert "1, 2, 4, 8" in str(err.value) or "[1, 2, 4, 8]" in str(err.value)
+
+
+def test_hybrid_at_stage_0_is_refused() -> None:
+    with pytest.raises(ValueError, match="stage 0 shards nothing"):
+        build_plan(torch.nn.Linear(2, 2), stage=0, shard_group_size=1)
+
+
+def test_shard_size_of_the_whole_world_is_flat_zero() -> None:
+    plan = build_plan(torch.nn.Linear(2, 2), stage=3, shard_group_size=1)
+    assert plan.hybrid is None and plan.data_parallel_size == 1
+
+
+def test_hybrid_without_a_process_group_says_to_initialise_it() -> None:
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        hybrid_layout(shard_group_size=1)
+
+
+def test_mesh_and_flat_arguments_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        build_plan(torch.nn.Linear(2, 2), stage=1, mesh=object(), shard_group_size=1)
+    with pytest.raises(ValueError, match="come from the mesh"):
+        build_plan(torch.nn.Linear(2, 2), stage=1, shard_group_size=1, world_size=1)
+
+
+def _bad_mesh_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    flat = init_device_mesh("cpu", (world,))
+    named = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    for mesh, message in ((flat, "needs a 2-D DeviceMesh"), (named, "name them")):
+        with pytest.raises(ValueError, match=message):
+            build_plan(torch.nn.Linear(2, 2), stage=2, mesh=mesh)
+    with pytest.raises(ValueError, match="shard group size 3 does not divide the world size 4"):
+        build_plan(torch.nn.Linear(2, 2), stage=2, shard_group_size=3)
+    plan = build_plan(torch.nn.Linear(2, 2), stage=2, shard_group_size=2)
+    assert plan.hybrid is not None
+    assert (plan.world_size, plan.rank) == (2, rank % 2)
+    assert (plan.data_parallel_size, plan.data_parallel_rank, plan.grad_copies) == (4, rank, 2)
+    assert dist.get_world_size(plan.group) == 2
+    assert dist.get_world_size(plan.hybrid.replicate_group) == 2
+    return {}
+
+
+def test_bad_meshes_give_clear_errors(gloo_world: Callable[..., list[dict[str, torch.Tensor]]]) -> None:
+    gloo_world(_bad_mesh_worker, 4, timeout=120.0)
+
