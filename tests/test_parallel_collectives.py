@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from funczero.parallel.collectives import (
+    all_gather_labelled,
     all_gather_unit,
     all_gather_unit_async,
     all_reduce_mean_,
@@ -148,6 +149,11 @@ def _collectives_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
             out[f"ag/{tag}/{n}"] = full[n]
             out[f"ag/{tag}/async/{n}"] = later[n]
 
+    # all_gather_labelled: every rank's tensor, in rank order.
+    parts = [torch.empty(3) for _ in range(world)]
+    all_gather_labelled(parts, torch.full((3,), rank + 0.5), "all-gather of a probe", group=None)
+    out["agl"] = torch.stack(parts)
+
     # all_reduce_sum: a new tensor, the input untouched.
     x = torch.tensor([rank + 1.0, 2.0 * rank, -3.0])
     y = all_reduce_sum(x, group=None, world_size=world)
@@ -277,6 +283,13 @@ def test_all_gather_unit_rebuilds_the_global_parameters_in_the_compute_dtype(
             for key in (f"ag/{tag}/{n}", f"ag/{tag}/async/{n}"):
                 assert rep[key].dtype == DTYPES[tag]
                 exact(rep[key], params[n].to(DTYPES[tag]))
+
+
+def test_all_gather_labelled_gathers_every_ranks_tensor_in_rank_order(
+    reports: list[dict[str, torch.Tensor]],
+) -> None:
+    for rep in reports:
+        exact(rep["agl"], torch.tensor([[0.5] * 3, [1.5] * 3]))
 
 
 def test_all_reduce_sum_returns_the_sum_and_leaves_its_input_alone(

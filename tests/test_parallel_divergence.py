@@ -122,6 +122,13 @@ def _spmd_world(rank: int, world: int) -> dict[str, torch.Tensor]:
     )
     # Rank 1's batch is longer along dim 1, which makes its model run one more unit.
     out["shape"] = _message_of(lambda: _train(rank, 3, _batches(rank, (2, 4 + 4 * rank, WIDTH))))
+    # Rank 1 reduces a tensor of another shape (say, a metric of its batch) in a labelled
+    # collective: without the check gloo would fail or hang; with it both ranks name the shapes.
+    from funczero.parallel.collectives import all_reduce_labelled
+
+    out["labelled"] = _message_of(
+        lambda: all_reduce_labelled(torch.ones(2 + rank), "all-reduce of a probe", group=None)
+    )
     return out
 
 
@@ -250,3 +257,17 @@ def test_the_check_is_off_unless_the_env_switch_turns_it_on(
     monkeypatch.setenv("FUNCZERO_SPMD_CHECK", "1")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "True"  # fmt: skip
+
+
+def test_a_labelled_collective_of_another_shape_on_one_rank_names_both_shapes(
+    reports: list[dict[str, torch.Tensor]],
+) -> None:
+    for rank, rep in enumerate(reports):
+        message = _text(rep["labelled"])
+        assert message.startswith(f"rank {rank}: the ranks are about to issue different"), message
+        assert re.search(
+            r"group rank 0.*: collective \d+: all-reduce of a probe \(\(2,\) torch.float32", message
+        ), message
+        assert re.search(
+            r"group rank 1.*: collective \d+: all-reduce of a probe \(\(3,\) torch.float32", message
+        ), message

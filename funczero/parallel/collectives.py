@@ -40,6 +40,7 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 __all__ = [
     "CollectiveError",
     "Pending",
+    "all_gather_labelled",
     "all_gather_unit",
     "all_gather_unit_async",
     "all_reduce_labelled",
@@ -103,6 +104,24 @@ def all_reduce_labelled(
         )
     try:
         dist.all_reduce(x, op=op, group=group)
+    except RuntimeError as e:
+        raise divergence.collective_failed(label, e) from e
+
+
+def all_gather_labelled(
+    parts: list[torch.Tensor], x: torch.Tensor, label: str, *, group: Any
+) -> None:
+    """``dist.all_gather(parts, x)``; a failure is a :class:`CollectiveError` naming ``label``.
+
+    For gathers outside the step (evaluation, export), so they too name themselves and take
+    part in the SPMD check.
+    """
+    if divergence._enabled:
+        divergence.check_same_collective(
+            lambda: f"{label} ({tuple(x.shape)} {x.dtype})", group=group, device=x.device
+        )
+    try:
+        dist.all_gather(parts, x, group=group)
     except RuntimeError as e:
         raise divergence.collective_failed(label, e) from e
 
