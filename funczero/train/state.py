@@ -18,6 +18,10 @@ stage      ``params``                   ``master`` (fp32, trainable)    ``opt_st
 
 At stage 3, parameters below ``stage3_param_persistence_threshold`` stay full like stage 2.
 
+With optimizer offload (:mod:`funczero.train.offload`), ``master`` and ``opt_state`` leaves live
+on the host with the same placement, and stage 3's sharded ``params`` are compute-dtype shards
+of their own on the device (no longer the master shards).
+
 Donation: with ``donate=True`` (the default of :func:`funczero.make_train_step`) a step reuses
 the old state's buffers in place, as JAX's ``donate_argnums``. The old state is then marked
 donated and any use of it raises :class:`DonatedStateError`.
@@ -37,6 +41,7 @@ from funczero.module import InitFn, materialize
 from funczero.parallel.sharding import ShardSpec
 from funczero.parallel.stages import STAGES
 from funczero.train.loss_scale import LossScaleConfig, init_loss_scale
+from funczero.train.offload import OptimizerOffload, check_offload_stage
 from funczero.train.rng import init_rng
 
 if TYPE_CHECKING:
@@ -112,6 +117,8 @@ class StateLayout:
             in ``params``; consolidated checkpoints write every alias).
         leaves: ``(path, LeafLayout)`` of every tensor leaf, fields in name order (look leaves
             up by path: :meth:`leaf`, :meth:`leaf_map`).
+        offload: where master weights and optimizer state live: ``"none"`` (with the
+            parameters) or ``"cpu"`` (ZeRO-Offload, :mod:`funczero.train.offload`).
     """
 
     stage: int
@@ -122,6 +129,7 @@ class StateLayout:
     trainable: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = ()
     leaves: tuple[tuple[str, LeafLayout], ...] = ()
+    offload: str = "none"
 
     def leaf(self, path: str) -> LeafLayout:
         """The recorded layout of leaf ``path`` (e.g. ``opt_state/0/mu/w``).
@@ -278,13 +286,15 @@ class TrainState:
         trainable: tuple[str, ...],
         sharded_params: Iterable[str],
         aliases: tuple[tuple[str, str], ...] = (),
+        offload: str = "none",
         **fields: Any,
     ) -> TrainState:
         """Build a state from its tensor fields, recording every leaf's :class:`LeafLayout`.
 
         ``fields`` are the tensor fields (``step``, ``params``, ``master``, ``opt_state``,
         ``loss_scale``, ``buffers``, ``rng``, ``skipped``); the rest describes the layout.
-        Where master weights and optimizer state are shards follows the stage's policy.
+        Where master weights and optimizer state are shards follows the stage's policy;
+        ``offload`` records where they live (:attr:`StateLayout.offload`).
         """
         shapes = {n: tuple(s) for n, s in shapes.items()}
         layout = StateLayout(
@@ -303,6 +313,7 @@ class TrainState:
                 master_sharded=STAGES[stage].master_sharded,
                 world_size=world_size,
             ),
+            offload=offload,
         )
         return cls(**fields, layout=layout)
 
@@ -335,6 +346,7 @@ def init_state(
     seed: int = 0,
     loss_scale: LossScaleConfig | None = None,
     device: torch.device | str | None = None,
+    offload: OptimizerOffload | None = None,
 ) -> TrainState:
     """Build this rank's initial :class:`TrainState`.
 
@@ -353,6 +365,8 @@ def init_state(
         seed: seed of the state's RNG (rank ``r`` uses ``seed + r``).
         loss_scale: fp16 loss-scaler settings (default: no scaling).
         device: where the state lives (default: the parameters' device; CPU when created).
+        offload: keep the master weights and optimizer state on the host (ZeRO-Offload,
+            stages 1-3; :mod:`funczero.train.offload`); give the step the same setting.
 
     Example:
         >>> import torch
@@ -374,7 +388,9 @@ def init_state(
         device = torch.device(device)
     else:
         device = next((t.device for t in (full_params or {}).values()), torch.device("cpu"))
-    params, master = _lay_out_params(plan, source, device)
+    if offload is not None:
+        check_offload_stage(plan.stage)
+    params, master = _lay_out_params(plan, source, device, offload.host if offload is not None else None)
     if full_params is None:
         buffers = {n: source.take(n) for n in plan.spec.buffers}
     return TrainState.create(
@@ -386,6 +402,7 @@ def init_state(
         trainable=plan.trainable,
         sharded_params=[n for n in plan.spec.params if plan.is_sharded(n)],
         aliases=tuple((a, c) for a, c in plan.spec.aliases.items() if a != c),
+        offload=offload.device if offload is not None else "none",
         step=torch.zeros((), dtype=torch.int64, device=device),
         params=params,
         master=master,
@@ -415,14 +432,14 @@ class _Source:
 
 
 def _lay_out_params(
-    plan: ZeroPlan, source: _Source, device: torch.device
+    plan: ZeroPlan, source: _Source, device: torch.device, host: torch.device | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Full fp32 parameters as this rank's ``(params, master)`` for the plan's stage.
 
     ``params`` are what the model runs on (compute dtype; full, or fp32 shards at stage 3);
     ``master`` are the fp32 weights the optimizer updates (trainable only; shards from stage 1).
     Where the two would be equal, they are the same tensor. One full parameter at a time is on
-    ``device``.
+    ``device``. With a ``host`` (offload) master weights live there, always apart from ``params``.
     """
     compute = plan.precision.compute_dtype
     params: dict[str, torch.Tensor] = {}
@@ -434,9 +451,17 @@ def _lay_out_params(
             master[n] = plan.shard_specs[n].shard(x, plan.rank)
         elif n in trainable:
             master[n] = x.clone()
+        if host is not None and n in master:
+            on_device = master[n]
+            master[n] = on_device.to(host, copy=True)
+            if plan.is_sharded(n):  # a compute-dtype shard of its own, on the device
+                params[n] = on_device.to(compute, copy=True)
+            del on_device
+        if n in params:
+            continue
         if plan.is_sharded(n):
             params[n] = master[n] if n in trainable else plan.shard_specs[n].shard(x, plan.rank)
-        elif n in master and master[n].shape == x.shape and compute == torch.float32:
+        elif host is None and n in master and master[n].shape == x.shape and compute == torch.float32:
             params[n] = master[n]
         else:
             params[n] = x.to(compute).clone()

@@ -39,6 +39,7 @@ from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
 from funczero.parallel.plan import ZeroPlan
 from funczero.parallel.stages import sync_buffers
 from funczero.train.loss_scale import LossScaleConfig, at_min_scale, update_loss_scale
+from funczero.train.offload import OffloadedUpdate, OptimizerOffload
 from funczero.train.rng import rng_scope
 from funczero.train.state import DonatedStateError, TrainState, init_state
 
@@ -89,6 +90,7 @@ def make_train_step(
     donate: bool = True,
     timer: Any = None,
     compile: bool | CompileOptions | None = None,
+    offload: OptimizerOffload | None = None,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
@@ -109,6 +111,8 @@ def make_train_step(
         compile: compile each unit's forward (regional compilation, one graph per unit type;
             :mod:`funczero.parallel.compile`): ``True``, a
             :class:`~funczero.parallel.compile.CompileOptions`, or None/False for eager.
+        offload: run the optimizer on the host (ZeRO-Offload, stages 1-3; see
+            :mod:`funczero.train.offload`); the state must be built with the same setting.
 
     Returns:
         The step function. Metrics are 0-d tensors: ``loss`` (mean over the global batch),
@@ -136,7 +140,9 @@ def make_train_step(
     if gradient_clipping < 0:
         raise ValueError(f"gradient_clipping={gradient_clipping} must be >= 0 (0 disables)")
     ls_cfg = loss_scale or LossScaleConfig.disabled()
-    update = _make_update(optimizer, plan, donate=donate)
+    update: _Update | OffloadedUpdate = _make_update(optimizer, plan, donate=donate)
+    if offload is not None:
+        update = OffloadedUpdate(update, plan, offload)
     policy = plan.policy
     single = grad_accum == 1
     reduced = policy.reduces_in_backward(single_micro_batch=single, world_size=plan.world_size)
@@ -157,9 +163,12 @@ def make_train_step(
                 "pass the state returned by the previous call"
             )
         scale = state.loss_scale.scale
+        # Offloaded master weights are on the host: the unit boundaries differentiate device
+        # stand-ins of their shapes instead.
+        anchors = update.anchors(state, state.step.device)
         with rng_scope(state.rng, state.step.device) as rng:
             loss_sum, count, aux, acc, buffers = _accumulate(
-                plan, loss_fn, state, batch, scale / grad_accum, grad_accum,
+                plan, loss_fn, state, anchors, batch, scale / grad_accum, grad_accum,
                 own_accumulator=own_accumulator, order=order, timer=timer, compiled=compiled,
             )  # fmt: skip
         grads = acc
@@ -181,7 +190,7 @@ def make_train_step(
         # The gradients are spent: free them before the parameters are rebuilt, which allocates
         # new compute-dtype parameters at stages 1-2 (the two need not coexist).
         del grads, glist, acc
-        new_params = policy.rebuild_params(plan, params, master, in_place=update.in_place)
+        new_params = update.rebuild_params(params, master)
         timer.stop("optimizer")
         timer.end_step()
         skipped = found_inf.to(torch.int64)
@@ -211,6 +220,7 @@ def _accumulate(
     plan: ZeroPlan,
     loss_fn: Callable[[Callable[..., Any], Any], Any],
     state: TrainState,
+    anchors: dict[str, torch.Tensor],
     batch: Any,
     multiplier: torch.Tensor,
     grad_accum: int,
@@ -220,7 +230,8 @@ def _accumulate(
     timer: Any,
     compiled: UnitForwards,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Forward and backward of every micro-batch.
+    """Forward and backward of every micro-batch; gradients reduced in backward land in
+    tensors shaped like ``anchors`` (the master weights, or their device stand-ins).
 
     Returns ``(loss sum, token count or None, aux, summed grads, buffers)``.
     """
@@ -231,7 +242,7 @@ def _accumulate(
     aux = None
     for i, micro in enumerate(split_micro_batches(batch, grad_accum)):
         fb = forward_backward(
-            plan, loss_fn, state.params, state.master, buffers, micro, multiplier,
+            plan, loss_fn, state.params, anchors, buffers, micro, multiplier,
             single_micro_batch=grad_accum == 1, order=order, timer=timer, compiled=compiled,
         )  # fmt: skip
         aux, grads, buffers = fb.aux, fb.grads, fb.buffers
@@ -309,26 +320,43 @@ class _Update:
         self.lr_of = getattr(optimizer, "learning_rate", None)
 
     def __call__(
-        self, state: TrainState, grads: dict[str, torch.Tensor], found_inf: torch.Tensor
+        self, state: TrainState, grads: dict[str, torch.Tensor], found_inf: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
-        """``(lr, params, master, opt_state)`` after the update; nothing changes if ``found_inf``."""
+        """``(lr, params, master, opt_state)`` after the update; nothing changes if ``found_inf``
+        (None: the step is known to be finite)."""
         opt, plan = self.optimizer, self.plan
-        lr = self.lr_of(state.opt_state) if self.lr_of is not None else torch.zeros((), device=found_inf.device)
         master, params = state.master, state.params
+        lr = self.lr_of(state.opt_state) if self.lr_of is not None else None
+        if not isinstance(lr, torch.Tensor):
+            device = found_inf.device if found_inf is not None else state.step.device
+            lr = torch.as_tensor(0.0 if lr is None else lr, dtype=torch.float32, device=device)
         train_master = {n: master[n] for n in plan.trainable}
         if self.in_place:
             opt_state = opt.update_(
                 grads, state.opt_state, train_master,
-                found_inf=found_inf.float(), reduce_fn=plan.reduce_fn,
+                found_inf=None if found_inf is None else found_inf.float(), reduce_fn=plan.reduce_fn,
             )  # fmt: skip
             return lr, params, dict(master), opt_state
         updates, opt_state = opt.update(grads, state.opt_state, train_master, reduce_fn=plan.reduce_fn)
         stepped = {n: (train_master[n] + updates[n].to(train_master[n].dtype)) for n in plan.trainable}
-        new_master = {**master, **_where_tree(found_inf, train_master, stepped)}
-        opt_state = _where_tree(found_inf, state.opt_state, opt_state)
+        if found_inf is not None:
+            stepped = _where_tree(found_inf, train_master, stepped)
+            opt_state = _where_tree(found_inf, state.opt_state, opt_state)
+        new_master = {**master, **stepped}
         # keep the params/master aliasing of init_state (stage 0 fp32)
         params = {n: new_master[n] if p is master.get(n) else p for n, p in params.items()}
         return lr, params, new_master, opt_state
+
+    def anchors(self, state: TrainState, device: torch.device) -> dict[str, torch.Tensor]:
+        """What the unit boundaries reduce gradients into: the master weights themselves."""
+        del device
+        return state.master
+
+    def rebuild_params(
+        self, params: dict[str, torch.Tensor], master: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The compute parameters from the updated master weights (the stage's ``rebuild_params``)."""
+        return self.plan.policy.rebuild_params(self.plan, params, master, in_place=self.in_place)
 
 
 def _make_update(optimizer: Any, plan: ZeroPlan, *, donate: bool) -> _Update:
