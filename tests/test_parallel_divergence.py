@@ -18,6 +18,7 @@ import torch
 from funczero.parallel import divergence
 from funczero.parallel.divergence import (
     CollectiveError,
+    StepCounter,
     current_step,
     set_spmd_check,
     spmd_check_enabled,
@@ -200,6 +201,20 @@ def test_step_scope_nests_and_restores_the_outer_step_even_on_error() -> None:
             assert current_step() == 4
         assert current_step() == 3
         raise KeyError("boom")
+    assert current_step() is None
+
+
+def test_step_counter_numbers_calls_from_one_and_yields_to_a_scope_the_caller_opened() -> None:
+    steps = StepCounter()
+    seen = []
+    for _ in range(2):
+        with steps.scope():
+            seen.append(current_step())
+    with step_scope(1000), steps.scope():
+        seen.append(current_step())
+    with steps.scope():
+        seen.append(current_step())
+    assert seen == [1, 2, 1000, 4]
     assert current_step() is None
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from funczero.parallel import divergence
 from funczero.parallel.divergence import (
     CollectiveError,
+    StepCounter,
     current_step,
     set_spmd_check,
     spmd_check_enabled,
@@ -40,6 +41,7 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 __all__ = [
     "CollectiveError",
     "Pending",
+    "StepCounter",
     "all_gather_labelled",
     "all_gather_unit",
     "all_gather_unit_async",

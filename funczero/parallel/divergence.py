@@ -44,6 +44,7 @@ import torch.distributed as dist
 __all__ = [
     "SPMD_CHECK_ENV",
     "CollectiveError",
+    "StepCounter",
     "check_same_collective",
     "collective_failed",
     "current_step",
@@ -116,6 +117,32 @@ def step_scope(step: int) -> Iterator[None]:
         _step = outer
         _issued.clear()
         _issued.update(saved)
+
+
+class StepCounter:
+    """Numbers the calls of a step function on the host and runs each in :func:`step_scope`.
+
+    Costs no device sync (it never reads the state's step tensor). The first call is step 1; a
+    scope the caller already opened wins, so a loop that knows the run's true step (after a
+    resume) can wrap its call in ``step_scope(global_step)``.
+
+    Example:
+        >>> steps = StepCounter()
+        >>> with steps.scope():
+        ...     current_step()
+        1
+        >>> with step_scope(1001), steps.scope():
+        ...     current_step()
+        1001
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def scope(self) -> contextlib.AbstractContextManager[None]:
+        """The scope of the next call."""
+        self.calls += 1
+        return contextlib.nullcontext() if _step is not None else step_scope(self.calls)
 
 
 def current_step() -> int | None:
