@@ -60,9 +60,32 @@ from funczero.parallel.precision import Precision  # noqa: E402
 from funczero.train.step import init_state, make_train_step  # noqa: E402
 
 PEAK_TFLOPS = 989.0
+BASE_SYSTEMS = ("funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "eager", "ddp", "fsdp2", "ds1", "ds2", "ds3")
 ALL_SYSTEMS = ("funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "ddp", "fsdp2", "ds1", "ds2", "ds3")
-REMAT_SYSTEMS = tuple(f"funczero-z{s}-remat" for s in range(4))  # activation checkpointing per block
+# Variants: "-remat" (activation checkpointing per block), "-c" (each block torch.compile'd; for
+# funczero through make_train_step(compile=True)); e.g. "funczero-z3-remat-c", "fsdp2-c", "eager-c".
+COMPILABLE = ("funczero-z0", "funczero-z1", "funczero-z2", "funczero-z3", "eager", "ddp", "fsdp2")
 ALIASES = {f"z{s}": f"funczero-z{s}" for s in range(4)} | {f"fz{s}": f"funczero-z{s}" for s in range(4)}
+
+
+def split_system(name: str) -> tuple[str, bool, bool]:
+    """``(base, remat, compiled)`` of a system name such as ``funczero-z3-remat-c``."""
+    compiled = name.endswith("-c")
+    base = name[:-2] if compiled else name
+    remat = base.endswith("-remat")
+    base = base[: -len("-remat")] if remat else base
+    return base, remat, compiled
+
+
+def _check_system(name: str) -> str | None:
+    base, remat, compiled = split_system(name)
+    if base not in BASE_SYSTEMS:
+        return f"unknown system {name!r}"
+    if remat and not base.startswith("funczero"):
+        return f"{name!r}: -remat is for funczero systems"
+    if compiled and base not in COMPILABLE:
+        return f"{name!r}: -c is for {COMPILABLE}"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--nprocs", type=int, default=None, help="processes (default: visible GPUs; 2 on cpu)")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma list; ds* skipped without deepspeed")
+    ap.add_argument("--model", choices=("gpt", "hf-llama"), default="gpt",
+                    help="funczero's GPT, or a transformers LlamaForCausalLM (TinyLlama-1.1B shape)")  # fmt: skip
+    ap.add_argument("--isolate", action="store_true",
+                    help="run each system in a fresh set of processes (peak memory not inflated by "
+                    "what earlier systems left behind)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="a tiny model and 1+2 steps (smoke test)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--d-model", type=int, default=2048)
@@ -89,14 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="after timing, run one step with sync debug mode 'error' and print where "
                     "a host sync happens (leaves that system's state broken: run it on its own)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.model == "hf-llama" and not args.tiny:
+        # TinyLlama-1.1B: hidden 2048, 22 layers, 32 heads (4 KV heads), MLP 5632, vocab 32000.
+        args.d_model, args.layers, args.heads = 2048, 22, 32
     if args.tiny:
         args.vocab, args.d_model, args.layers, args.heads, args.seq, args.mbs = 256, 64, 2, 4, 32, 2
         args.warmup, args.steps = 1, 2
     args.systems = [ALIASES.get(s.strip(), s.strip()) for s in args.systems.split(",") if s.strip()]
     args.profile = {ALIASES.get(s.strip(), s.strip()) for s in args.profile.split(",") if s.strip()}
-    unknown = set(args.systems) - set(ALL_SYSTEMS) - set(REMAT_SYSTEMS)
-    if unknown:
-        ap.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS + REMAT_SYSTEMS}")
+    errors = [e for e in map(_check_system, args.systems) if e]
+    if errors:
+        ap.error("; ".join(errors) + f"; base systems: {BASE_SYSTEMS}, variants -remat, -c")
     if args.nprocs is None:
         args.nprocs = torch.cuda.device_count() if args.device == "cuda" else 2
     return args
@@ -109,15 +140,57 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     )  # fmt: skip
 
 
+def llama_config(args: argparse.Namespace) -> Any:
+    from transformers import LlamaConfig  # noqa: PLC0415  (optional: --model hf-llama)
+
+    return LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 8),
+        intermediate_size=args.d_model * 11 // 4, max_position_embeddings=max(2048, args.seq),
+        tie_word_embeddings=False, attn_implementation="sdpa",
+    )  # fmt: skip
+
+
+def num_params(args: argparse.Namespace) -> int:
+    return sum(p.numel() for p in build_model(args, torch.device("meta")).parameters())
+
+
 def make_batch(args: argparse.Namespace, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + rank)
     tokens = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=g)
     return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
+def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)  # identical initial weights on every rank
-    return GPT(model_config(args), device=device)
+    if args.model == "gpt":
+        return GPT(model_config(args), device=device)
+    from transformers import LlamaForCausalLM  # noqa: PLC0415
+
+    with torch.device(device):
+        return LlamaForCausalLM(llama_config(args))
+
+
+def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (FSDP2 shards and regional compilation compile each)."""
+    return list(model.blocks) if isinstance(model, GPT) else list(model.model.layers)
+
+
+def logits_of(model: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def loss_fn(model: Callable[..., Any], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (both models; HF returns ``.logits``)."""
+    x, y = batch
+    return F.cross_entropy(logits_of(model, x).float().flatten(0, 1), y.flatten())
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation of a plain PyTorch model: each block ``torch.compile``d in place."""
+    for block in blocks_of(model):
+        block.compile()
 
 
 # --------------------------------------------------------------------------- systems
@@ -125,7 +198,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
 
 
 def setup_funczero(
-    stage: int, args: argparse.Namespace, device: torch.device, remat: bool = False
+    stage: int, args: argparse.Namespace, device: torch.device, remat: bool = False, compiled: bool = False
 ) -> Callable[[], Any]:
     model = build_model(args, device)
     precision = Precision.from_name("bf16", reduce_dtype=args.reduce_dtype)
@@ -137,7 +210,7 @@ def setup_funczero(
     opt = optim.adamw(args.lr, weight_decay=0.01)
     holder = {"state": init_state(plan, opt, params, buffers, device=device)}
     del params
-    step_fn = make_train_step(cross_entropy_loss, opt, plan)
+    step_fn = make_train_step(loss_fn, opt, plan, compile=compiled)
     batch = make_batch(args, plan.rank, device)
 
     def step() -> torch.Tensor:
@@ -148,39 +221,51 @@ def setup_funczero(
     return step
 
 
-def setup_ddp(args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def _torch_adamw(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    # fused=True: the fastest torch.optim AdamW on GPU (one kernel for all parameters).
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=fused)
 
-    model = DDP(build_model(args, device), device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+def setup_eager(args: argparse.Namespace, device: torch.device, compiled: bool, ddp: bool) -> Callable[[], Any]:
+    """Plain PyTorch (``ddp``: under DistributedDataParallel): fp32 weights, autocast bf16."""
+    from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+
+    model = build_model(args, device)
+    if compiled:
+        compile_blocks(model)
+    opt = _torch_adamw(model, args, device)
+    run = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     x, y = make_batch(args, dist.get_rank(), device)
 
     def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(x)
+            logits = logits_of(run, x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    step.holder = {"model": model, "opt": opt}  # type: ignore[attr-defined]
+    step.holder = {"model": run, "opt": opt}  # type: ignore[attr-defined]
     return step
 
 
-def setup_fsdp2(args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
+def setup_fsdp2(args: argparse.Namespace, device: torch.device, compiled: bool) -> Callable[[], Any]:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = build_model(args, device)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.blocks:
+    for block in blocks_of(model):
+        if compiled:
+            block.compile()
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = _torch_adamw(model, args, device)
     x, y = make_batch(args, dist.get_rank(), device)
 
     def step() -> torch.Tensor:
-        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        loss = loss_fn(model, (x, y))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -206,7 +291,7 @@ def setup_deepspeed(stage: int, args: argparse.Namespace, device: torch.device) 
     x, y = make_batch(args, dist.get_rank(), device)
 
     def step() -> torch.Tensor:
-        loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
+        loss = loss_fn(engine, (x, y))
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -216,13 +301,14 @@ def setup_deepspeed(stage: int, args: argparse.Namespace, device: torch.device) 
 
 
 def setup(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], Any]:
-    if name.startswith("funczero-z"):
-        return setup_funczero(int(name[len("funczero-z")]), args, device, remat=name.endswith("-remat"))
-    if name == "ddp":
-        return setup_ddp(args, device)
-    if name == "fsdp2":
-        return setup_fsdp2(args, device)
-    return setup_deepspeed(int(name[-1]), args, device)
+    base, remat, compiled = split_system(name)
+    if base.startswith("funczero-z"):
+        return setup_funczero(int(base[-1]), args, device, remat=remat, compiled=compiled)
+    if base in ("eager", "ddp"):
+        return setup_eager(args, device, compiled, ddp=base == "ddp")
+    if base == "fsdp2":
+        return setup_fsdp2(args, device, compiled)
+    return setup_deepspeed(int(base[-1]), args, device)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -294,23 +380,28 @@ def profile_steps(name: str, step: Callable[[], Any], args: argparse.Namespace, 
 
 
 def run_system(name: str, args: argparse.Namespace, device: torch.device, world: int) -> dict[str, Any]:
-    cfg = model_config(args)
-    n_params = cfg.num_params()
+    n_params = num_params(args)
     t0 = time.perf_counter()
     step = setup(name, args, device)
     setup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    graphs0, recompiles0 = _dynamo_counts()
     for _ in range(args.warmup):
         step()
+    graphs1, recompiles1 = _dynamo_counts()
     clock = Clock(device)
     clock.mark()
     loss = None
+    host_ms = []
     for _ in range(args.steps):
+        t = time.perf_counter()
         loss = step()
+        host_ms.append((time.perf_counter() - t) * 1e3)  # the host's time in the call (no sync)
         clock.mark()
     times = clock.step_ms()
+    graphs2, recompiles2 = _dynamo_counts()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     syncs = count_host_syncs(step, device) if name.startswith("funczero") else None
     if name in args.profile:
@@ -348,7 +439,7 @@ def run_system(name: str, args: argparse.Namespace, device: torch.device, world:
         torch.cuda.empty_cache()
 
     tokens = world * args.mbs * args.seq
-    flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len
+    flops_per_token = 6 * n_params + 12 * args.layers * args.d_model * args.seq
     tps = tokens / (med_ms / 1e3)
     tflops = tps / world * flops_per_token / 1e12
     out = {
@@ -367,13 +458,27 @@ def run_system(name: str, args: argparse.Namespace, device: torch.device, world:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "setup_s": round(setup_s, 1),
+        "host_ms_median": round(statistics.median(host_ms), 2),
+        "model": args.model,
     }
+    if split_system(name)[2]:
+        # Graphs Dynamo compiled during warm-up (one per distinct block type is the goal) and
+        # any compiled or recompiled during the timed steps (0 is the goal).
+        out["graphs"] = graphs1 - graphs0
+        out["graphs_after_warmup"] = graphs2 - graphs1
+        out["recompiles"] = recompiles2 - recompiles0
     if name.startswith("funczero"):
         out["host_syncs"] = int(syncs_max) if device.type == "cuda" else None
         out["funczero_src"] = str(Path(funczero.__file__).resolve().parent)
     if args.tag:
         out["tag"] = args.tag
     return out
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["recompiles"].values()))
 
 
 def deepspeed_available() -> bool:
@@ -432,7 +537,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no GPUs visible; use --device cpu")
     import torch.multiprocessing as mp  # noqa: PLC0415
 
-    mp.spawn(worker, args=(args.nprocs, args, _free_port()), nprocs=args.nprocs, join=True)
+    if not args.isolate:
+        mp.spawn(worker, args=(args.nprocs, args, _free_port()), nprocs=args.nprocs, join=True)
+        return
+    systems = args.systems
+    for name in systems:  # each system in fresh processes: its peak memory is its own
+        args.systems = [name]
+        try:
+            mp.spawn(worker, args=(args.nprocs, args, _free_port()), nprocs=args.nprocs, join=True)
+        except Exception as e:  # noqa: BLE001  (report and go on with the next system)
+            print(f"# {name}: failed: {e}", file=sys.stderr, flush=True)
+    args.systems = systems
 
 
 if __name__ == "__main__":
