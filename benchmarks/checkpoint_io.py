@@ -19,10 +19,12 @@ Results print as JSON. Numbers from one machine are indicative only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -143,16 +145,243 @@ def _child(kind: str, src: str, dst: str) -> None:
     print(json.dumps({"rss_after_imports": base, "peak_rss": peak, "seconds": seconds}))
 
 
+LOAD_VARIANTS = (
+    # (name, system, verify, donate)
+    ("funczero new state, verified", "funczero", True, False),
+    ("funczero new state, unverified", "funczero", False, False),
+    ("funczero in place, verified", "funczero", True, True),
+    ("funczero in place, unverified", "funczero", False, True),
+    ("DCP in place", "dcp", False, True),
+)
+
+
+def _reset_peak() -> int:
+    """Set this process's ``VmHWM`` to its current RSS (Linux ``clear_refs``); return it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _vm_hwm()
+
+
+def _dcp_dict(state: Any) -> dict[str, torch.Tensor]:
+    """The state as DCP's flat ``state_dict``: each tensor once, a rank's own parts (shards,
+    per-rank tensors) under rank-prefixed keys so DCP stores and loads them per rank, as
+    funczero does (plain tensors under one key would be taken as replicated)."""
+    from funczero.checkpoint.entry import state_entries
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for entry, leaf in state_entries(state):
+        if id(leaf) in seen:
+            continue
+        seen.add(id(leaf))
+        key = (
+            entry.path
+            if entry.placement == "replicated"
+            else f"rank{state.layout.rank}/{entry.path}"
+        )
+        out[key] = leaf
+    return out
+
+
+def _dcp_save(state: Any, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_dict(state), checkpoint_id=str(directory))
+
+
+def _files_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _evict_all(directory: Path) -> None:
+    """Drop ``directory``'s files from the page cache (fsync first: only clean pages go)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _load_matrix(
+    root: Path, shapes: dict[str, tuple[int, ...]], world: int, rank: int, repeats: int
+) -> dict[str, Any]:
+    """Save both ways ``repeats`` times, then every load variant cold and warm ``repeats``
+    times (variants interleaved, so a busy spell of the machine hits all of them)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from funczero import checkpoint
+    from funczero.testing.states import toy_state
+
+    stage = 0 if world == 1 else 3  # params aliased to master: the same bytes at both sizes
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    state = toy_state(world_size=world, rank=rank, stage=stage, shapes=shapes)
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, list[int]] = {}
+
+    def timed(name: str, fn: Any, evict: Path | None = None) -> None:
+        if evict is not None and rank == 0:
+            _evict_all(evict)
+        barrier()
+        base = _reset_peak()
+        t0 = time.perf_counter()
+        fn()
+        barrier()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        peaks.setdefault(name, []).append(_vm_hwm() - base)
+
+    for r in range(repeats):
+        fz, dc = root / f"fz{r}", root / f"dcp{r}"
+        timed("funczero save", functools.partial(checkpoint.save, fz, state, tag="bench"))
+        timed("DCP save", functools.partial(_dcp_save, state, dc))
+        if r < repeats - 1 and rank == 0:
+            shutil.rmtree(fz)
+            shutil.rmtree(dc)
+    sizes = {"funczero": _files_bytes(fz / "bench"), "dcp": _files_bytes(dc)}
+    del state
+    holder = {"like": toy_state(world_size=world, rank=rank, stage=stage, shapes=shapes, seed=1)}
+
+    def load_once(system: str, verify: bool, donate: bool) -> None:
+        like = holder.pop("like")
+        if system == "dcp":
+            dcp.load(_dcp_dict(like), checkpoint_id=str(dc))
+            holder["like"] = like
+            return
+        got, _ = checkpoint.load(fz / "bench", like=like, verify=verify, donate=donate)
+        holder["like"] = got if donate else like  # a donated like is gone: the result replaces it
+
+    for _ in range(repeats):
+        for name, system, verify, donate in LOAD_VARIANTS:
+            for temp in ("cold", "warm"):
+                evict = (fz if system == "funczero" else dc) if temp == "cold" else None
+                timed(
+                    f"{name}, {temp}", functools.partial(load_once, system, verify, donate), evict
+                )
+    return {"times": times, "peaks": peaks, "bytes": sizes}
+
+
+def _matrix_worker(
+    rank: int, world: int, root: str, shapes: dict[str, Any], repeats: int, out: str
+) -> None:
+    res = _load_matrix(Path(root), {k: tuple(v) for k, v in shapes.items()}, world, rank, repeats)
+    Path(out + f".{rank}").write_text(json.dumps(res))
+
+
+def _matrix_child(scratch: Path, params_mb: int, world: int, repeats: int) -> None:
+    """One world size's matrix, in this fresh process (and its ranks); prints JSON."""
+    torch.set_num_threads(1)
+    shapes = _shapes(params_mb)
+    out = scratch / f"matrix-w{world}.json"
+    root = scratch / f"matrix-w{world}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    load_before = os.getloadavg()
+    if world == 1:
+        _matrix_worker(0, 1, str(root), shapes, repeats, str(out))
+    else:
+        from funczero.testing.distributed import run_distributed
+
+        run_distributed(_matrix_worker, world, str(root), shapes, repeats, str(out), timeout=3000)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    shutil.rmtree(root, ignore_errors=True)
+    rows = {}
+    for name in ranks[0]["times"]:
+        system = "dcp" if name.startswith("DCP") else "funczero"
+        seconds = statistics.median(ranks[0]["times"][name])
+        # A rank's own peak beyond what it held before (max over ranks, median over repeats).
+        peak = statistics.median(max(rk["peaks"][name][i] for rk in ranks) for i in range(repeats))
+        rows[name] = {
+            "seconds": seconds,
+            "GBps": ranks[0]["bytes"][system] / seconds / 1e9,
+            "peak_extra_MB": peak / 1e6,
+            "all_seconds": ranks[0]["times"][name],
+        }
+    print(
+        json.dumps(
+            {
+                "world_size": world,
+                "checkpoint_bytes": ranks[0]["bytes"],
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "rows": rows,
+            }
+        )
+    )
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    print(
+        "| ranks | operation | seconds (median of runs) | GB/s | peak extra MB (max over ranks) |"
+    )
+    print("|---|---|---|---|---|")
+    for res in results:
+        for name, row in res["rows"].items():
+            print(
+                f"| {res['world_size']} | {name} | {row['seconds']:.2f} "
+                f"({', '.join(f'{x:.2f}' for x in row['all_seconds'])}) | {row['GBps']:.2f} "
+                f"| {row['peak_extra_MB']:.0f} |"
+            )
+
+
+def _loads(scratch: Path, params_mb: int, repeats: int) -> None:
+    """The save/load comparison, each world size in a fresh process whose large allocations
+    stay mmapped (``MALLOC_MMAP_THRESHOLD_``), so freed memory leaves the RSS at once and a
+    peak measures what one operation held."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    results = []
+    for world in (1, 2):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--dir",
+                str(scratch),
+                "--params-mb",
+                str(params_mb),
+                "--repeats",
+                str(repeats),
+                "--matrix-child",
+                str(world),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(json.dumps(results, indent=1))
+    _print_table(results)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--dir", required=True, help="scratch directory (deleted and recreated)")
     ap.add_argument("--params-mb", type=int, default=128, help="fp32 parameter megabytes")
+    ap.add_argument(
+        "--suite",
+        choices=("all", "loads", "tools"),
+        default="all",
+        help="loads: the save/load comparison with DCP only; tools: the rest only",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each load variant")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--matrix-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         _child(*args.child)
+        return
+    if args.matrix_child:
+        _matrix_child(Path(args.dir), args.params_mb, args.matrix_child, args.repeats)
+        return
+    if args.suite in ("all", "loads"):
+        _loads(Path(args.dir), args.params_mb, args.repeats)
+    if args.suite == "loads":
         return
     torch.set_num_threads(1)
     scratch = Path(args.dir)
