@@ -2,7 +2,8 @@
 
 ``Config`` is plain data and imports nothing of the runtime; these functions turn it into the
 objects a training run needs: the optimizer (driven by the configured schedule), the schedule
-alone (for a client optimizer), the precision policy and the loss-scaler settings.
+alone (for a client optimizer), the precision policy, the loss-scaler settings and the optimizer
+offload.
 :func:`funczero.initialize` calls them; call them yourself when you assemble a run by hand.
 
 Example:
@@ -16,18 +17,23 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 from funczero import optim
 from funczero.config import Config, ConfigError, OptimizerConfig
 from funczero.config.errors import warn
+from funczero.config.keys import KEY_HOMES, OFFLOAD_OPTIMIZER
+from funczero.config.schema import parse_block
 from funczero.optim import Optimizer, Schedule
 from funczero.optim.schedules import from_deepspeed
 from funczero.parallel.precision import Precision
 from funczero.train.loss_scale import LossScaleConfig
+from funczero.train.offload import OptimizerOffload
 
 __all__ = [
     "loss_scale_from_config",
+    "offload_from_config",
     "optimizer_from_config",
     "precision_from_config",
     "schedule_from_config",
@@ -57,6 +63,39 @@ def loss_scale_from_config(cfg: Config) -> LossScaleConfig:
     return LossScaleConfig.from_fp16(
         cfg.fp16, raise_at_min_scale=cfg.funczero.raise_at_min_loss_scale
     )
+
+
+def offload_from_config(cfg: Config) -> OptimizerOffload | None:
+    """The optimizer offload of ``zero_optimization.offload_optimizer``, or None (device "none").
+
+    Raises:
+        ConfigError: offload at ZeRO stage 0 (DeepSpeed refuses it too).
+
+    Example:
+        >>> cfg = Config.load({"train_batch_size": 8, "zero_optimization": {"stage": 2,
+        ...     "offload_optimizer": {"device": "cpu", "pin_memory": True}}}, world_size=1)
+        >>> offload_from_config(cfg)
+        OptimizerOffload(device='cpu', pin_memory=True)
+    """
+    zero = cfg.raw.get("zero_optimization")
+    block = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
+    if block is None:
+        return None
+    errors: list[str] = []
+    with warnings.catch_warnings():  # Config.load already warned about these values
+        warnings.simplefilter("ignore")
+        values = parse_block(block, "zero_optimization.offload_optimizer", OFFLOAD_OPTIMIZER, errors, KEY_HOMES)
+    if errors:  # pragma: no cover - Config.load applied the same table
+        raise ConfigError("; ".join(errors))
+    if values["device"] == "none":
+        return None
+    if cfg.zero.stage == 0:
+        raise ConfigError(
+            f'zero_optimization.offload_optimizer.device="{values["device"]}" needs ZeRO stage 1, '
+            "2 or 3 (stage 0 keeps full master weights on every rank; DeepSpeed refuses offload "
+            "there too); set zero_optimization.stage to 1 or 2, or remove offload_optimizer"
+        )
+    return OptimizerOffload(device=values["device"], pin_memory=values["pin_memory"])
 
 
 def schedule_from_config(

@@ -26,6 +26,7 @@ from funczero.config import Config
 from funczero.data import DistributedBatchLoader
 from funczero.from_config import (
     loss_scale_from_config,
+    offload_from_config,
     optimizer_from_config,
     precision_from_config,
 )
@@ -34,6 +35,7 @@ from funczero.module import InitFn, extract_tensors, guard_released, is_meta, re
 from funczero.parallel.env import init_distributed
 from funczero.parallel.plan import Remat, ZeroPlan, build_plan
 from funczero.train.state import TrainState
+from funczero.parallel.compile import CompileOptions
 from funczero.train.step import TrainStep, init_state, make_train_step
 
 __all__ = ["Initialized", "initialize"]
@@ -68,6 +70,7 @@ def initialize(
     init_from: str | os.PathLike[str] | None = None,
     donate: bool = True,
     device: torch.device | str | None = None,
+    compile: bool | CompileOptions | None = None,
 ) -> Initialized:
     """Build the training state and step from a DeepSpeed-style config.
 
@@ -100,6 +103,9 @@ def initialize(
             strict). Build the model on the meta device to skip creating random weights.
         donate: let each step reuse the previous state's buffers in place.
         device: where the state lives (default: the current CUDA device, else CPU).
+        compile: compile each unit's forward inside the step (``True`` or a
+            :class:`~funczero.parallel.compile.CompileOptions`; False: eager). Default: the
+            config's ``compile`` block (DeepSpeed's ``{"enabled", "backend", "kwargs"}``).
     """
     topo = init_distributed()
     cfg = config if isinstance(config, Config) else Config.load(config, world_size=topo.world_size)
@@ -109,6 +115,7 @@ def initialize(
             f"{topo.world_size} ranks; load it with Config.load(..., world_size={topo.world_size})"
         )
     seed = seed if seed is not None else (cfg.funczero.seed or 0)
+    offload = offload_from_config(cfg)  # refuses stage 0 before any work
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -134,15 +141,17 @@ def initialize(
     loss_scale = loss_scale_from_config(cfg)
     if is_meta(model):
         state = init_state(
-            plan, opt, init_fn=init_fn, seed=seed, loss_scale=loss_scale, device=device
-        )
+            plan, opt, init_fn=init_fn, seed=seed, loss_scale=loss_scale, device=device,
+            offload=offload,
+        )  # fmt: skip
         guard_released(model)
     else:
         params, buffers = extract_tensors(model, plan.spec)
         release_module_tensors(model)
         state = init_state(
-            plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device
-        )
+            plan, opt, params, buffers, seed=seed, loss_scale=loss_scale, device=device,
+            offload=offload,
+        )  # fmt: skip
         del params
     if init_from is not None:
         from funczero.pretrained import load_pretrained
@@ -158,6 +167,8 @@ def initialize(
         loss_scale=loss_scale,
         donate=donate,
         timer=timer,
+        offload=offload,
+        compile=compile if compile is not None else CompileOptions.from_config(cfg.compile),
     )
     loader = None
     if training_data is not None:

@@ -22,7 +22,7 @@ from funczero.config.checks import (
     optional,
     string,
 )
-from funczero.config.checks import _BAD, Check
+from funczero.config.checks import _BAD, Check, _Bad
 from funczero.config.schema import Auto, Key, Status
 from funczero.monitors.settings import (
     CometSettings,
@@ -68,7 +68,10 @@ def _no_hooks(what: str) -> str:
     return f"{what}; funczero computes gradients functionally, without module hooks"
 
 
-_NO_OFFLOAD = "only meaningful with CPU/NVMe offload, which funczero does not implement"
+_NO_OFFLOAD = (
+    "a detail of DeepSpeed's offload machinery (NVMe, or its CPU gradient partitioning) with no "
+    "counterpart in funczero's CPU offload"
+)
 _MAX_SCALE = 2.0**127  # funczero.train.loss_scale.MAX_SCALE: the float32 scale's ceiling
 
 TOP: dict[str, Key] = {
@@ -187,6 +190,10 @@ TOP: dict[str, Key] = {
             "data_efficiency": "DeepSpeed data efficiency (curriculum, random-LTD)",
         }.items()
     },
+    "compile": Key(
+        mapping(), None,
+        "regional compilation of every unit's forward inside the step (see compile.*)",
+    ),
     "activation_checkpointing": Key(
         optional(mapping()), None,
         "any activation_checkpointing block recomputes every unit's forward in backward "
@@ -316,9 +323,13 @@ ZERO: dict[str, Key] = _ds_block({
         boolean(), False, "write full weights with `funczero ckpt consolidate` instead",
         IGNORED, alias="gather_16bit_weights_on_model_save",
     ),
-    "offload_param": Key(optional(mapping()), None, "parameter offload (device \"none\" only)"),
+    "offload_param": Key(
+        optional(mapping()), None, "parameter offload (device \"none\" only: not implemented)"
+    ),
     "offload_optimizer": Key(
-        optional(mapping()), None, "optimizer offload (device \"none\" only)"
+        optional(mapping()), None,
+        "ZeRO-Offload: master weights and optimizer state on the host, updated on the CPU "
+        "(stages 1-3, device \"cpu\"; funczero.train.offload)",
     ),
     "round_robin_gradients": Key(boolean(), False, _NO_OFFLOAD, IGNORED),
     "use_multi_rank_bucket_allreduce": Key(
@@ -398,31 +409,72 @@ DEPRECATED_ZERO: Mapping[str, str] = {
     "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
 }
 
-_OFFLOAD_DEVICE = Key(
-    choice("none", "cpu", "nvme"), "none",
-    "CPU/NVMe offload is not implemented: funczero keeps everything on the accelerator",
-    DEFAULT_ONLY,
+def _offload_device(refused: Mapping[str, str]) -> Check:
+    """``"none"``, ``"cpu"`` or ``"nvme"``, minus the ``refused`` ones (each with its reason)."""
+    options = choice("none", "cpu", "nvme")
+    accepted = [o for o in ("none", "cpu", "nvme") if o not in refused]
+
+    def fn(v: Any) -> Any:
+        out = options._fn(v)
+        return _Bad(refused[out]) if isinstance(out, str) and out in refused else out
+
+    return Check("one of " + ", ".join(f'"{o}"' for o in accepted), fn)
+
+
+_NO_NVME = (
+    'NVMe offload is not implemented (funczero offloads to host memory only): use "device": "cpu"'
 )
-_OFFLOAD_TUNING = "offload tuning; accepted because offload is off (device \"none\")"
+_NO_PARAM_OFFLOAD = (
+    "parameter offload (stage 3 parameters in host memory) is not implemented; offload the "
+    'optimizer instead (offload_optimizer: {"device": "cpu"}), or remove offload_param'
+)
+_PARAM_OFFLOAD_TUNING = 'parameter offload tuning; accepted because it is off (device "none")'
+_NVME_TUNING = "NVMe offload tuning; NVMe offload is not implemented"
 OFFLOAD_PARAM: dict[str, Key] = _ds_block({
-    "device": _OFFLOAD_DEVICE,
-    "nvme_path": Key(optional(string()), None, _OFFLOAD_TUNING, IGNORED),
-    "buffer_count": Key(_BIG, 5, _OFFLOAD_TUNING, IGNORED),
-    "buffer_size": Key(_BIG, 100_000_000, _OFFLOAD_TUNING, IGNORED),
-    "max_in_cpu": Key(_BIG, 1_000_000_000, _OFFLOAD_TUNING, IGNORED),
-    "pin_memory": Key(boolean(), True, _OFFLOAD_TUNING, IGNORED),
+    "device": Key(
+        _offload_device({"cpu": _NO_PARAM_OFFLOAD, "nvme": _NO_PARAM_OFFLOAD}), "none",
+        "parameter offload is not implemented (optimizer offload is)",
+    ),
+    "nvme_path": Key(optional(string()), None, _PARAM_OFFLOAD_TUNING, IGNORED),
+    "buffer_count": Key(_BIG, 5, _PARAM_OFFLOAD_TUNING, IGNORED),
+    "buffer_size": Key(_BIG, 100_000_000, _PARAM_OFFLOAD_TUNING, IGNORED),
+    "max_in_cpu": Key(_BIG, 1_000_000_000, _PARAM_OFFLOAD_TUNING, IGNORED),
+    "pin_memory": Key(boolean(), True, _PARAM_OFFLOAD_TUNING, IGNORED),
 })
 OFFLOAD_OPTIMIZER: dict[str, Key] = _ds_block({
-    "device": _OFFLOAD_DEVICE,
-    "nvme_path": Key(optional(string()), None, _OFFLOAD_TUNING, IGNORED),
-    "buffer_count": Key(_BIG, 4, _OFFLOAD_TUNING, IGNORED),
-    "pin_memory": Key(boolean(), True, _OFFLOAD_TUNING, IGNORED),
-    "pipeline_read": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
-    "pipeline_write": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
-    "fast_init": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
-    "ratio": Key(number(ge=0, le=1), 1.0, _OFFLOAD_TUNING, IGNORED),
-    "super_offload": Key(boolean(), False, _OFFLOAD_TUNING, IGNORED),
-    "cpuadam_cores_perc": Key(number(gt=0, le=1), 0.8, _OFFLOAD_TUNING, IGNORED),
+    "device": Key(
+        _offload_device({"nvme": _NO_NVME}), "none",
+        '"cpu": master weights and optimizer state in host memory, updated on the CPU '
+        '(stages 1-3); "nvme" is not implemented',
+    ),
+    "nvme_path": Key(optional(string()), None, _NVME_TUNING, IGNORED),
+    "buffer_count": Key(_BIG, 4, _NVME_TUNING, IGNORED),
+    "pin_memory": Key(
+        boolean(), True,
+        "stage the gradients and parameters crossing between host and GPU in page-locked "
+        "memory, so the copies are asynchronous",
+    ),
+    "pipeline_read": Key(boolean(), False, _NVME_TUNING, IGNORED),
+    "pipeline_write": Key(boolean(), False, _NVME_TUNING, IGNORED),
+    "fast_init": Key(
+        boolean(), False, "an NVMe initialisation shortcut; funczero builds host state directly",
+        IGNORED,
+    ),
+    "ratio": Key(
+        number(ge=0, le=1), 1.0,
+        "partial offload (ratio < 1: part of the optimizer stays on the GPU) is not "
+        "implemented; everything is offloaded",
+        DEFAULT_ONLY,
+    ),
+    "super_offload": Key(
+        boolean(), False, "SuperOffload (for Grace-Hopper superchips) is not implemented",
+        DEFAULT_ONLY,
+    ),
+    "cpuadam_cores_perc": Key(
+        number(gt=0, le=1), 0.8,
+        "the CPU update uses torch's intra-op threads: set them with torch.set_num_threads",
+        IGNORED,
+    ),
 })
 
 DATA_TYPES: dict[str, Key] = _ds_block({
@@ -548,6 +600,29 @@ FLOPS_PROFILER = _monitor(FlopsProfilerSettings, {
     "module_depth": integer(ge=-1), "top_modules": integer(ge=1), "detailed": boolean(),
     "output_file": optional(string())})
 
+_DEEPCOMPILE = (
+    "a DeepCompile option; funczero compiles each unit's forward regionally and keeps its "
+    "collectives eager (DeepCompile's graph passes do not apply)"
+)
+COMPILE: dict[str, Key] = _ds_block({
+    "enabled": Key(boolean(), False, "compile each unit's forward (torch.compile, one graph per unit type)"),
+    "backend": Key(string(), "inductor", "torch.compile backend"),
+    "kwargs": Key(
+        mapping(), {}, "torch.compile keyword arguments: mode, fullgraph, dynamic, options"
+    ),
+    "deepcompile": Key(boolean(), False, _DEEPCOMPILE, DEFAULT_ONLY),
+    **{
+        name: Key(boolean(), default, _DEEPCOMPILE, IGNORED)
+        for name, default in {
+            "free_activation": False, "offload_activation": False, "offload_opt_states": False,
+            "offload_parameters": False, "double_buffer": True, "symmetric_memory": False,
+            "debug_log": False, "sync_before_reduce": False, "sync_after_reduce": False,
+            "sync_before_allgather": False, "sync_after_allgather": False,
+            "keep_int_input_tensors": True, "keep_all_input_tensors": False,
+        }.items()
+    },
+})
+
 SECTIONS: dict[str, dict[str, Key]] = {
     "": TOP,
     "optimizer": OPTIMIZER_BLOCK,
@@ -559,6 +634,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "zero_optimization.offload_optimizer": OFFLOAD_OPTIMIZER,
     "data_types": DATA_TYPES,
     "activation_checkpointing": ACTIVATION_CHECKPOINTING,
+    "compile": COMPILE,
     "funczero": FUNCZERO,
     "tensorboard": TENSORBOARD,
     "wandb": WANDB,
@@ -668,7 +744,6 @@ UNSUPPORTED_FEATURES: Mapping[str, str] = {
     "sparse_attention": "DeepSpeed sparse attention",
     "curriculum_learning": "legacy curriculum learning",
     "hybrid_engine": "the RLHF hybrid engine",
-    "compile": "DeepSpeed's compile/DeepCompile integration",
     "quantize_training": "quantisation-aware training",
 }
 
