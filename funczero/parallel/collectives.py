@@ -49,6 +49,7 @@ __all__ = [
     "all_reduce_mean_",
     "all_reduce_sum",
     "all_reduce_unit_async",
+    "check_unit_collective",
     "current_step",
     "reduce_scatter_unit",
     "reduce_scatter_unit_async",
@@ -135,8 +136,9 @@ def _label(op: str, unit: Unit) -> str:
     )
 
 
-def _check(op: str, unit: Unit, buffer: torch.Tensor, group: Any) -> None:
-    """The SPMD check of a unit's collective (only when it is on: the description is built then)."""
+def check_unit_collective(op: str, unit: Unit, buffer: torch.Tensor, group: Any) -> None:
+    """The SPMD check of collective ``op`` on ``unit``'s ``buffer``; call it just before issuing
+    the collective, and only when :func:`spmd_check_enabled` (its description is built here)."""
     divergence.check_same_collective(
         lambda: f"{_label(op, unit)}, {buffer.dtype}", group=group, device=buffer.device
     )
@@ -217,12 +219,12 @@ def reduce_scatter_unit_async(
         shard = chunks[0]
     elif use_all_reduce:
         if divergence._enabled:
-            _check("reduce-scatter (as an all-reduce)", unit, chunks, group)
+            check_unit_collective("reduce-scatter (as an all-reduce)", unit, chunks, group)
         work = dist.all_reduce(chunks, op=dist.ReduceOp.AVG, group=group, async_op=True)
         shard = chunks[rank]
     else:
         if divergence._enabled:
-            _check("reduce-scatter", unit, chunks, group)
+            check_unit_collective("reduce-scatter", unit, chunks, group)
         shard = chunks.new_empty(unit.shard_numel)
         work = _reduce_scatter_flat(
             shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=group, async_op=True
@@ -257,7 +259,7 @@ def all_reduce_unit_async(
     work = None
     if world_size > 1:
         if divergence._enabled:
-            _check("all-reduce", unit, flat, group)
+            check_unit_collective("all-reduce", unit, flat, group)
         work = dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group, async_op=True)
     out = flat if dtype == out_dtype else torch.empty_like(flat, dtype=out_dtype)
     views = {spec.name: part.view(spec.shape) for spec, part in zip(unit.specs, out.split(sizes))}
@@ -294,7 +296,7 @@ def all_gather_unit_async(
     if unit.world_size == 1:
         return Pending(None, lambda: unit.unpack_gathered(send))
     if divergence._enabled:
-        _check("all-gather", unit, send, group)
+        check_unit_collective("all-gather", unit, send, group)
     gathered = send.new_empty(send.numel() * unit.world_size)
     work = _all_gather_flat(gathered, send, group=group, async_op=True)
     return Pending(work, lambda: unit.unpack_gathered(gathered), ("all-gather", unit))
