@@ -13,6 +13,13 @@ Protocol (``W`` ranks, all calling :func:`save`):
 
 Once ``latest`` names the new checkpoint the save has succeeded: deleting old checkpoints
 (``keep_last``) can only warn, never fail it.
+
+Hybrid sharding (:mod:`funczero.parallel.hybrid`): the state's layout is its shard group's
+(``W`` = the shard group size), and every replica holds the same shards, so only the first
+replica's shard group (global ranks ``0..W-1``) writes files; the other replicas take part in
+the agreement and write nothing. The checkpoint is that of a ``W``-rank run: it loads at any
+world size, stage and mesh. The other replicas' RNG states are not saved (a resumed run's
+replicas restart from the first replica's).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from funczero.checkpoint import comm
@@ -202,7 +210,7 @@ def save(
     root = Path(directory)
     lay = state.layout
     world, rank = lay.world_size, lay.rank
-    comm.check_world(world, rank)
+    peers, me = _participants(world, rank)
     tag = validate_tag(int(state.step) if tag is None else tag)
     client = check_json(client_state, "client_state")
     config = check_json(config, "config")
@@ -214,7 +222,7 @@ def save(
     tied = tied_aliases(state, aliases, module)
     tmp = root / f"{TMP_PREFIX}{tag}"
 
-    ckpt_id = _agree_on_id(root, tag, tmp, world, rank)
+    ckpt_id = _agree_on_id(root, tag, tmp, peers, me)
     meta = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -223,15 +231,26 @@ def save(
         "rank": str(rank),
         "world_size": str(world),
     }
-    results = _write_shards(root / tag, tmp, entries, alias_of, meta, client, world, rank)
+    results = _write_shards(root / tag, tmp, entries, alias_of, meta, client, peers, me, world)
 
     def index() -> dict[str, Any]:
         return build_index(state, entries, alias_of, tied, results, tag, ckpt_id, config, module)
 
-    _commit(root, tag, tmp, index, world, rank)
-    if rank == 0 and keep_last is not None:
+    _commit(root, tag, tmp, index, peers, me)
+    if me == 0 and keep_last is not None:
         _prune(root, keep_last, tag)
     return root / tag
+
+
+def _participants(world: int, rank: int) -> tuple[int, int]:
+    """``(ranks taking part, this one's position)``: the state's ranks, or with hybrid sharding
+    every rank of the default group, whose first ``world`` ranks (the first replica) write."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        peers, me = dist.get_world_size(), dist.get_rank()
+        if peers != world and peers % world == 0 and me % world == rank:
+            return peers, me  # replicas of shard groups of consecutive ranks
+    comm.check_world(world, rank)
+    return world, rank
 
 
 def _agree_on_id(root: Path, tag: str, tmp: Path, world: int, rank: int) -> str:
@@ -261,29 +280,31 @@ def _write_shards(
     alias_of: dict[str, str],
     meta: dict[str, str],
     client: Any,
+    peers: int,
+    me: int,
     world: int,
-    rank: int,
 ) -> list[dict[str, Any]]:
-    """Step 2: every rank writes its two files; a failure on any rank fails every rank."""
+    """Step 2: the first ``world`` of the ``peers`` ranks write their two files each; a failure
+    on any rank fails every rank. Returns the writers' reports."""
     report: dict[str, Any] = {"files": [], "client_state": client}
     error: BaseException | None = None
     try:
-        for group in GROUPS:
+        for group in GROUPS if me < world else ():
             items = [(e, x) for e, x in entries if e.group == group and e.path not in alias_of]
-            report["files"].append(_write_group(tmp, group, items, world, rank, meta))
+            report["files"].append(_write_group(tmp, group, items, world, me, meta))
     except Exception as e:  # noqa: BLE001 - reported to every rank, which all raise SaveError
         error = e
         report = {"error": f"{type(e).__name__}: {e}"}
-    results = comm.all_gather_json(report, world)
+    results = comm.all_gather_json(report, peers)
     if any(r.get("error") for r in results):
-        if rank == 0:
+        if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        comm.barrier(world)
+        comm.barrier(peers)
         try:
             _collect(results, f"writing checkpoint {target}")
         except SaveError as e:
             raise e from error
-    return results
+    return results[:world]
 
 
 def _commit(

@@ -154,6 +154,14 @@ def _layout_of(mesh: Any, world: int) -> HybridLayout:
             "build the mesh over every rank (each rank trains on its own data)"
         )
     rep, shard = (names.index(d) for d in MESH_DIMS)
+    ranks = mesh.mesh.permute(rep, shard).reshape(-1).tolist()
+    if ranks != list(range(world)):
+        raise ValueError(
+            f"the DeviceMesh's shard groups are not consecutive ranks (replicate-major order "
+            f"{ranks}); funczero's hybrid sharding, and its checkpoints, need rank r * S + s at "
+            "(replica r, shard s): build it with init_device_mesh(device, (R, S), "
+            "mesh_dim_names=('replicate', 'shard'))"
+        )
     return HybridLayout(
         shard_size=mesh.size(shard),
         replicate_size=mesh.size(rep),

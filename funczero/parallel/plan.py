@@ -335,7 +335,15 @@ def _hybrid(
         if check_shard_size(shard_group_size, world_size=world) == world:
             return None  # one shard group over every rank: flat ZeRO
     layout = hybrid_layout(mesh=mesh, shard_group_size=shard_group_size)
-    return layout if layout.replicate_size > 1 else None
+    if layout.replicate_size == 1:
+        return None
+    if layout.shard_size == 1:
+        raise ValueError(
+            f"build_plan: shard groups of 1 rank ({layout.replicate_size} replicas) shard "
+            "nothing: that is plain data parallelism (stage 0); use stage 0, or shard groups "
+            "of 2 or more ranks (e.g. the GPUs of a node)"
+        )
+    return layout
 
 
 def _check_wrap(unit_names: Sequence[str], known: Mapping[str, nn.Module]) -> None:
