@@ -135,7 +135,9 @@ def test_damage_found_before_writing_leaves_the_donated_state_untouched(
         optim.unlink()
     like = _like(1, 0, 1, seed=4) if damage != "mismatch" else toy_state(optimizer="sgd", seed=4)
     expected = {p: x.clone() for p, x in leaves_with_path(like)}
-    error = checkpoint.StateMismatchError if damage == "mismatch" else checkpoint.CorruptCheckpointError
+    error = (
+        checkpoint.StateMismatchError if damage == "mismatch" else checkpoint.CorruptCheckpointError
+    )
     with pytest.raises(error) as info:
         checkpoint.load(tmp_path, like=like, donate=True)
     assert "marked donated" not in str(info.value)

@@ -26,8 +26,12 @@ import concurrent.futures
 import hashlib
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = ["ChunkHash", "HashLanes", "lanes"]
+
+_T = TypeVar("_T")
 
 MAX_LANES = 8
 """Most hashing threads a process starts (a rank rarely gets more cores than that)."""
@@ -64,13 +68,15 @@ class HashLanes:
             lane = min(range(len(self._pools)), key=self._waiting.__getitem__)
         return ChunkHash(self, lane)
 
-    def _submit(self, lane: int, nbytes: int, fn: object, *args: object) -> concurrent.futures.Future:
+    def _submit(
+        self, lane: int, nbytes: int, fn: Callable[..., _T], *args: Any
+    ) -> concurrent.futures.Future[_T]:
         with self._lock:
             self._waiting[lane] += nbytes
 
-        def run() -> object:
+        def run() -> _T:
             try:
-                return fn(*args)  # type: ignore[operator]
+                return fn(*args)
             finally:
                 with self._lock:
                     self._waiting[lane] -= nbytes
@@ -89,15 +95,15 @@ class ChunkHash:
         self._lanes = lanes
         self._lane = lane
         self._hash = hashlib.sha256()
-        self.last: concurrent.futures.Future | None = None
+        self.last: concurrent.futures.Future[Any] | None = None
         """The stream's latest task: once it is done, no block of this stream is still read."""
 
-    def update(self, block: memoryview) -> concurrent.futures.Future:
+    def update(self, block: memoryview) -> concurrent.futures.Future[None]:
         """Queue ``block`` (hashed after the blocks queued before it)."""
         self.last = self._lanes._submit(self._lane, len(block), self._hash.update, block)
         return self.last
 
-    def digest(self) -> concurrent.futures.Future:
+    def digest(self) -> concurrent.futures.Future[str]:
         """Queue the end of the stream; the future's result is the hex digest."""
         self.last = self._lanes._submit(self._lane, 0, self._hash.hexdigest)
         return self.last
