@@ -80,6 +80,18 @@ def test_version_1_checkpoints_load_verify_inspect_reshard_consolidate_and_diff(
     assert hf1.keys() == hf2.keys() and all(torch.equal(hf1[k], hf2[k]) for k in hf1)
 
 
+def test_version_1_checkpoints_load_in_place(tmp_path: Path) -> None:
+    v1 = checkpoint.save(tmp_path, toy_state(stage=1))
+    as_format_v1(v1)
+    for world, rank, stage in [(1, 0, 0), (2, 1, 3)]:
+        want, _ = checkpoint.load(v1, like=toy_state(world_size=world, rank=rank, stage=stage))
+        like = toy_state(world_size=world, rank=rank, stage=stage, seed=5)
+        got, _ = checkpoint.load(v1, like=like, donate=True)
+        assert like.donated
+        for (p, x), (_, y) in zip(tree.leaves_with_path(got), tree.leaves_with_path(want)):
+            assert torch.equal(x, y), p
+
+
 def test_a_reshaped_parameter_in_a_version_1_index_is_still_refused(tmp_path: Path) -> None:
     path = checkpoint.save(tmp_path, toy_state())
     as_format_v1(path)
