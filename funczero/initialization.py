@@ -29,6 +29,7 @@ from funczero.from_config import (
     offload_from_config,
     optimizer_from_config,
     precision_from_config,
+    shard_group_size_from_config,
 )
 from funczero.monitors.timing import PhaseTimer
 from funczero.module import InitFn, extract_tensors, guard_released, is_meta, release_module_tensors
@@ -128,6 +129,7 @@ def initialize(
         reduce_scatter=cfg.zero.reduce_scatter,
         reduce_bucket_size=cfg.zero.reduce_bucket_size,
         remat=remat if remat is not None else cfg.activation_checkpointing is not None,
+        shard_group_size=shard_group_size_from_config(cfg),
     )
     if plan.policy.params_at_rest == "shard" and not any(plan.is_sharded(n) for n in plan.spec.params):
         warnings.warn(

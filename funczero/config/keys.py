@@ -380,7 +380,11 @@ ZERO: dict[str, Key] = _ds_block({
     ),
     "legacy_stage1": Key(boolean(), False, "DeepSpeed's old stage-1 implementation", DEFAULT_ONLY),
     "zero_hpz_partition_size": Key(
-        integer(ge=0), 1, "ZeRO++ hierarchical partitioning is not implemented", DEFAULT_ONLY
+        integer(ge=0), 1,
+        "ZeRO++ hpZ, a second copy of the stage-3 parameters sharded inside each node so that "
+        "backward all-gathers stay in the node, is not implemented; mics_shard_size (hybrid "
+        "sharding) keeps every all-gather inside the shard group with one copy",
+        DEFAULT_ONLY,
     ),
     "zero_quantized_weights": Key(
         boolean(), False, "ZeRO++ quantised communication is not implemented", DEFAULT_ONLY
@@ -394,9 +398,17 @@ ZERO: dict[str, Key] = _ds_block({
     "zeropp_loco_param": Key(
         optional(mapping()), None, "ZeRO++ LoCo is not implemented", DEFAULT_ONLY
     ),
-    "mics_shard_size": Key(integer(), -1, "MiCS sharding is not implemented", DEFAULT_ONLY),
+    "mics_shard_size": Key(
+        integer(ge=-1), -1,
+        "hybrid sharding (MiCS, HSDP) at stages 1-3: parameters, gradients and optimizer state "
+        "sharded over groups of this many consecutive ranks (a divisor of the world size, "
+        "e.g. the GPUs per node), replicated across groups; -1: one group of every rank",
+    ),
     "mics_hierarchical_params_gather": Key(
-        boolean(), False, "MiCS sharding is not implemented", DEFAULT_ONLY
+        boolean(), False,
+        "funczero all-gathers inside the shard group in one collective; keep shard groups "
+        "inside a node (mics_shard_size <= GPUs per node) and no gather crosses nodes",
+        IGNORED,
     ),
     "zenflow": Key(optional(mapping()), None, "ZenFlow is not implemented", DEFAULT_ONLY),
 })

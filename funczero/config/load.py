@@ -96,6 +96,7 @@ class Config:
     funczero: FunczeroConfig
     monitors: MonitorSettings
     activation_checkpointing: dict[str, Any] | None
+    compile: dict[str, Any]
     raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -178,6 +179,7 @@ class Config:
         out["funczero"] = dataclasses.asdict(self.funczero)
         if self.activation_checkpointing is not None:
             out["activation_checkpointing"] = dict(self.activation_checkpointing)
+        out["compile"] = dict(self.compile)
         for block in MONITOR_BLOCKS:
             out[block] = dataclasses.asdict(getattr(self.monitors, block))
         return out
@@ -244,6 +246,7 @@ def _resolve(
             wall_clock_breakdown=top["wall_clock_breakdown"],
         ),
         "activation_checkpointing": blocks["activation_checkpointing"],
+        "compile": blocks["compile"],
         "raw": raw,
         **{name: top[name] for name in _TOP_SCALARS},
     }
@@ -272,6 +275,7 @@ def _parse_blocks(
             SECTIONS["activation_checkpointing"], errors, KEY_HOMES,
         )  # fmt: skip
     fz = parse_block(top["funczero"], "funczero", FUNCZERO, errors, KEY_HOMES)
+    compile_block = parse_block(top["compile"] or {}, "compile", SECTIONS["compile"], errors, KEY_HOMES)
     monitors = {b: parse_block(top[b], b, SECTIONS[b], errors, KEY_HOMES) for b in MONITOR_BLOCKS}
     optimizer = None if top["optimizer"] is None else parse_optimizer(top["optimizer"], errors)
     scheduler = None
@@ -293,4 +297,4 @@ def _parse_blocks(
         )
     return {"fp16": fp16, "bf16": bf16, "zero": zero, "funczero": fz,
             "optimizer": optimizer, "scheduler": scheduler, "activation_checkpointing": remat,
-            **monitors}
+            "compile": compile_block, **monitors}
