@@ -13,6 +13,19 @@ hand-made fp32 stage-0 state (params aliased to master, plus Adam's two moments:
   and reports its peak RSS (``VmHWM``) next to its RSS after imports, the largest tensor
   and the model size.
 
+``--suite loads`` (also part of the default ``all``) compares with PyTorch DCP
+(``torch.distributed.checkpoint``) on the same state: at world size 1 (stage 0) and 2 (two gloo
+ranks, stage 3: parameters are the master shards, so both sizes hold the same bytes), each in a
+fresh process, it times ``--repeats`` saves of each, then every load variant ``--repeats``
+times, interleaved: funczero into a new state or in place (``donate=True``), verified or not,
+and DCP's in-place ``dcp.load`` into the same tensors (a rank's own shards under rank-prefixed
+keys, as funczero stores them). Each variant runs cold (the files evicted from the page cache
+with ``posix_fadvise(DONTNEED)`` after an fsync: no root needed, but only clean pages go) and
+then warm. Per variant: the median wall time, GB/s, the CPU seconds of all ranks (user and
+system: what the operation costs whatever else the machine runs) and the peak RSS beyond what
+the rank held before (``VmHWM`` reset through ``/proc/self/clear_refs``; large allocations
+stay mmapped, so freed memory leaves the RSS at once). It prints a Markdown table.
+
 Results print as JSON. Numbers from one machine are indicative only.
 """
 
@@ -162,6 +175,13 @@ def _reset_peak() -> int:
     return _vm_hwm()
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process, every thread, user and system (the page-cache copies of a
+    read are system time): what an operation costs whatever else the machine runs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _dcp_dict(state: Any) -> dict[str, torch.Tensor]:
     """The state as DCP's flat ``state_dict``: each tensor once, a rank's own parts (shards,
     per-rank tensors) under rank-prefixed keys so DCP stores and loads them per rank, as
@@ -221,17 +241,21 @@ def _load_matrix(
     state = toy_state(world_size=world, rank=rank, stage=stage, shapes=shapes)
     times: dict[str, list[float]] = {}
     peaks: dict[str, list[int]] = {}
+    cpu: dict[str, list[float]] = {}
 
     def timed(name: str, fn: Any, evict: Path | None = None) -> None:
         if evict is not None and rank == 0:
             _evict_all(evict)
         barrier()
         base = _reset_peak()
+        c0 = _cpu_seconds()
         t0 = time.perf_counter()
         fn()
+        c1 = _cpu_seconds()
         barrier()
         times.setdefault(name, []).append(time.perf_counter() - t0)
         peaks.setdefault(name, []).append(_vm_hwm() - base)
+        cpu.setdefault(name, []).append(c1 - c0)
 
     for r in range(repeats):
         fz, dc = root / f"fz{r}", root / f"dcp{r}"
@@ -260,7 +284,7 @@ def _load_matrix(
                 timed(
                     f"{name}, {temp}", functools.partial(load_once, system, verify, donate), evict
                 )
-    return {"times": times, "peaks": peaks, "bytes": sizes}
+    return {"times": times, "peaks": peaks, "cpu": cpu, "bytes": sizes}
 
 
 def _matrix_worker(
@@ -295,6 +319,9 @@ def _matrix_child(scratch: Path, params_mb: int, world: int, repeats: int) -> No
         peak = statistics.median(max(rk["peaks"][name][i] for rk in ranks) for i in range(repeats))
         rows[name] = {
             "seconds": seconds,
+            "cpu_s": statistics.median(
+                sum(rk["cpu"][name][i] for rk in ranks) for i in range(repeats)
+            ),
             "GBps": ranks[0]["bytes"][system] / seconds / 1e9,
             "peak_extra_MB": peak / 1e6,
             "all_seconds": ranks[0]["times"][name],
@@ -314,15 +341,16 @@ def _matrix_child(scratch: Path, params_mb: int, world: int, repeats: int) -> No
 
 def _print_table(results: list[dict[str, Any]]) -> None:
     print(
-        "| ranks | operation | seconds (median of runs) | GB/s | peak extra MB (max over ranks) |"
+        "| ranks | operation | seconds: median (runs) | GB/s | CPU s (all ranks) "
+        "| peak extra MB (max over ranks) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for res in results:
         for name, row in res["rows"].items():
             print(
                 f"| {res['world_size']} | {name} | {row['seconds']:.2f} "
                 f"({', '.join(f'{x:.2f}' for x in row['all_seconds'])}) | {row['GBps']:.2f} "
-                f"| {row['peak_extra_MB']:.0f} |"
+                f"| {row['cpu_s']:.2f} | {row['peak_extra_MB']:.0f} |"
             )
 
 
