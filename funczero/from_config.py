@@ -37,6 +37,7 @@ __all__ = [
     "optimizer_from_config",
     "precision_from_config",
     "schedule_from_config",
+    "shard_group_size_from_config",
 ]
 
 
@@ -96,6 +97,42 @@ def offload_from_config(cfg: Config) -> OptimizerOffload | None:
             "there too); set zero_optimization.stage to 1 or 2, or remove offload_optimizer"
         )
     return OptimizerOffload(device=values["device"], pin_memory=values["pin_memory"])
+
+
+def shard_group_size_from_config(cfg: Config) -> int | None:
+    """``zero_optimization.mics_shard_size`` as :func:`~funczero.parallel.plan.build_plan`'s
+    ``shard_group_size`` (hybrid sharding), or None for flat ZeRO (-1, or the whole world).
+
+    Raises:
+        ConfigError: a size at stage 0, or one that does not divide the world size.
+
+    Example:
+        >>> cfg = Config.load({"train_batch_size": 16, "zero_optimization": {"stage": 3,
+        ...     "mics_shard_size": 8}}, world_size=16)
+        >>> shard_group_size_from_config(cfg)
+        8
+    """
+    from funczero.parallel.hybrid import check_shard_size
+
+    size = cfg.zero.mics_shard_size
+    if size == -1:
+        return None
+    if cfg.zero.stage == 0:
+        raise ConfigError(
+            f"zero_optimization.mics_shard_size={size} asks for hybrid sharding, which needs "
+            "ZeRO stage 1, 2 or 3 (stage 0 shards nothing); set the stage or remove the key"
+        )
+    try:
+        size = check_shard_size(size, world_size=cfg.world_size)
+    except ValueError as e:
+        raise ConfigError(f"zero_optimization.mics_shard_size={size}: {e}") from None
+    if size == 1 and cfg.world_size > 1:
+        raise ConfigError(
+            "zero_optimization.mics_shard_size=1 shards nothing (every rank a full replica: "
+            "plain data parallelism, stage 0); use a shard group of 2 or more ranks, e.g. the "
+            "GPUs per node"
+        )
+    return None if size == cfg.world_size else size
 
 
 def schedule_from_config(

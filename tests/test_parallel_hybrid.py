@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from funczero import optim
+from funczero.config import Config, ConfigError
+from funczero.from_config import shard_group_size_from_config
 from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
 from funczero.module import extract_tensors, release_module_tensors
 from funczero.parallel.hybrid import HybridLayout, check_shard_size, hybrid_layout
@@ -169,6 +171,40 @@ def test_hybrid_without_a_process_group_says_to_initialise_it() -> None:
         hybrid_layout(shard_group_size=1)
 
 
+@pytest.mark.parametrize(
+    ("zero", "world", "want"),
+    [({"stage": 3, "mics_shard_size": 8}, 16, 8), ({"stage": 1, "mics_shard_size": 2}, 4, 2),
+     ({"stage": 3}, 16, None), ({"stage": 3, "mics_shard_size": 16}, 16, None)],
+)
+def test_mics_shard_size_maps_to_the_shard_group_size(zero: dict, world: int, want: int | None) -> None:
+    cfg = Config.load({"train_batch_size": 2 * world, "zero_optimization": zero}, world_size=world)
+    assert shard_group_size_from_config(cfg) == want
+
+
+@pytest.mark.parametrize(
+    ("zero", "message"),
+    [({"stage": 0, "mics_shard_size": 2}, "needs ZeRO stage 1, 2 or 3"),
+     ({"stage": 3, "mics_shard_size": 3}, "mics_shard_size=3: shard group size 3 does not divide"),
+     ({"stage": 3, "mics_shard_size": 0}, "must be a positive int"),
+     ({"stage": 3, "mics_shard_size": 1}, "mics_shard_size=1 shards nothing")],
+)
+def test_bad_mics_shard_sizes_name_the_key(zero: dict, message: str) -> None:
+    cfg = Config.load({"train_batch_size": 16, "zero_optimization": zero}, world_size=8)
+    with pytest.raises(ConfigError, match=message):
+        shard_group_size_from_config(cfg)
+
+
+def test_hpz_is_refused_by_name_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size=8 is not supported .*ZeRO\\+\\+ hpZ"):
+        Config.load({"train_batch_size": 8, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}, world_size=8)
+
+
+def test_hierarchical_params_gather_is_ignored_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="mics_hierarchical_params_gather=true has no effect"):
+        Config.load({"train_batch_size": 8, "zero_optimization": {
+            "stage": 3, "mics_hierarchical_params_gather": True}}, world_size=8)
+
+
 def test_mesh_and_flat_arguments_together_are_refused() -> None:
     with pytest.raises(ValueError, match="not both"):
         build_plan(torch.nn.Linear(2, 2), stage=1, mesh=object(), shard_group_size=1)
@@ -197,6 +233,15 @@ def _bad_mesh_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
     assert (plan.data_parallel_size, plan.data_parallel_rank, plan.grad_copies) == (4, rank, 2)
     assert dist.get_world_size(plan.group) == 2
     assert dist.get_world_size(plan.hybrid.replicate_group) == 2
+    # DeepSpeed's mics_shard_size through initialize.
+    import funczero
+
+    config = {"train_batch_size": 8, "zero_optimization": {"stage": 3, "mics_shard_size": 2},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    run = funczero.initialize(_model(), config, cross_entropy_loss, device="cpu")
+    assert run.plan.hybrid is not None and run.plan.hybrid.shard_size == 2
+    state, metrics = run.train_step(run.state, _local(_batches()[0], rank, world))
+    assert torch.isfinite(metrics["loss"])
     return {}
 
 

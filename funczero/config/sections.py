@@ -77,6 +77,7 @@ class ZeroConfig:
     stage3_gather_16bit_weights_on_model_save: bool = _z(
         "stage3_gather_16bit_weights_on_model_save"
     )
+    mics_shard_size: int = _z("mics_shard_size")
 
     def __post_init__(self) -> None:
         if self.overlap_comm is None:
