@@ -35,6 +35,7 @@ _TITLES = {
     "zero_optimization.offload_optimizer": "`zero_optimization.offload_optimizer`",
     "data_types": "`data_types`",
     "activation_checkpointing": "`activation_checkpointing` (activation checkpointing per unit)",
+    "compile": "`compile` (regional compilation of each unit; docs/performance.md)",
     "funczero": "`funczero` (funczero only)",
     "tensorboard": "`tensorboard` (docs/monitoring.md)",
     "wandb": "`wandb` (docs/monitoring.md)",
