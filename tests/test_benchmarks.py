@@ -50,3 +50,19 @@ def test_gpt_throughput_tiny_cpu_prints_one_json_line_per_system(tmp_path: Path)
     # Same data, same initial weights, 3 AdamW steps: every system lands on about the same loss.
     losses = [r["loss"] for r in file_lines]
     assert max(losses) - min(losses) < 0.05, losses
+
+
+def test_offload_tiny_cpu_runs_with_and_without_offload_to_the_same_loss(tmp_path: Path) -> None:
+    out = tmp_path / "offload.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "offload.py"), "--device", "cpu", "--tiny",
+         "--systems", "fz2,fz2-off", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["impl"], r["stage"], r["offload"]) for r in rows] == [("fz2", 2, False), ("fz2-off", 2, True)]
+    assert all(r["tokens_per_s"] > 0 and r["step_ms_median"] > 0 for r in rows)
+    # Same model, data and AdamW: offload changes where the optimizer runs, not the trajectory.
+    assert rows[0]["loss"] == rows[1]["loss"] and math.isfinite(rows[0]["loss"])
+    assert "| fz2-off |" in proc.stderr
