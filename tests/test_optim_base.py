@@ -35,7 +35,9 @@ def test_public_api_is_pinned() -> None:
             "warmup_cosine_decay_schedule", "warmup_cosine_lr", "warmup_decay_lr", "warmup_lr",
             "InPlaceTransformFn", "supports_in_place", "in_place_unsupported_reason",
             "CLIP_NORM_EPS", "clip_coefficient", "WeightDecayMask",
-            "no_decay_for_norms_and_biases",
+            "no_decay_for_norms_and_biases", "ParamMask", "ParamLabels", "masked", "MaskedState",
+            "partition", "PartitionState", "set_to_zero", "MultiSteps", "MultiStepsState",
+            "apply_if_finite", "ApplyIfFiniteState", "all_finite",
         ]
     )  # fmt: skip
     for name in optim.__all__:

@@ -44,6 +44,13 @@ from funczero.optim.clipping import clip_coefficient as clip_coefficient
 from funczero.optim.clipping import global_norm as global_norm
 from funczero.optim.clipping import scale_by_trust_ratio as scale_by_trust_ratio
 from funczero.optim.inplace import inplace_update as inplace_update
+from funczero.optim.groups import MaskedState as MaskedState
+from funczero.optim.groups import PartitionState as PartitionState
+from funczero.optim.groups import masked as masked
+from funczero.optim.groups import partition as partition
+from funczero.optim.groups import set_to_zero as set_to_zero
+from funczero.optim.masks import ParamLabels as ParamLabels
+from funczero.optim.masks import ParamMask as ParamMask
 from funczero.optim.masks import WeightDecayMask as WeightDecayMask
 from funczero.optim.masks import no_decay_for_norms_and_biases as no_decay_for_norms_and_biases
 from funczero.optim.moments import DampedTraceState as DampedTraceState
@@ -71,17 +78,29 @@ from funczero.optim.schedules import warmup_cosine_decay_schedule as warmup_cosi
 from funczero.optim.schedules import warmup_cosine_lr as warmup_cosine_lr
 from funczero.optim.schedules import warmup_decay_lr as warmup_decay_lr
 from funczero.optim.schedules import warmup_lr as warmup_lr
+from funczero.optim.wrappers import ApplyIfFiniteState as ApplyIfFiniteState
+from funczero.optim.wrappers import MultiSteps as MultiSteps
+from funczero.optim.wrappers import MultiStepsState as MultiStepsState
+from funczero.optim.wrappers import all_finite as all_finite
+from funczero.optim.wrappers import apply_if_finite as apply_if_finite
 
 __all__ = [
+    "ApplyIfFiniteState",
     "CLIP_NORM_EPS",
     "DampedTraceState",
     "EmptyState",
     "GradientTransformation",
     "InPlaceTransformFn",
     "InPlaceUpdateFn",
+    "MaskedState",
+    "MultiSteps",
+    "MultiStepsState",
     "OptState",
     "Optimizer",
+    "ParamLabels",
+    "ParamMask",
     "Params",
+    "PartitionState",
     "ReduceFn",
     "ScalarOrSchedule",
     "ScaleByAdamState",
@@ -96,6 +115,8 @@ __all__ = [
     "adam",
     "adamw",
     "add_decayed_weights",
+    "all_finite",
+    "apply_if_finite",
     "apply_updates",
     "chain",
     "clip_by_global_norm",
@@ -112,8 +133,10 @@ __all__ = [
     "linear_schedule",
     "lion",
     "lr_range_test",
+    "masked",
     "no_decay_for_norms_and_biases",
     "one_cycle",
+    "partition",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
@@ -121,6 +144,7 @@ __all__ = [
     "scale_by_rss",
     "scale_by_schedule",
     "scale_by_trust_ratio",
+    "set_to_zero",
     "sgd",
     "stateless",
     "supports_in_place",

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor
 
@@ -213,3 +214,23 @@ def keys_of(tree: Mapping[str, Any], keys: Iterable[str]) -> list[Any]:
                 "different set of parameters"
             ) from None
     return out
+
+
+# --------------------------------------------------------------------------- state trees
+
+
+def tree_where(cond: Tensor, new: OptState, old: OptState) -> OptState:
+    """Leafwise ``torch.where(cond, new, old)`` over two states of one structure (no host sync)."""
+    return optree.tree_map(lambda n, o: torch.where(cond.to(n.device), n, o), new, old)
+
+
+def state_on(state: OptState, params: Mapping[str, Tensor]) -> OptState:
+    """``state`` with every tensor on the parameters' device.
+
+    A transform initialised on an empty subset of the parameters puts its counters on the CPU
+    (:func:`zero_count`); this keeps them next to the other parameters' state.
+    """
+    if not params:
+        return state
+    device = params_device(params)
+    return optree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, state)

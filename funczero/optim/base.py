@@ -154,7 +154,9 @@ class GradientTransformation(NamedTuple):
         transform_: ``update`` written into the donated updates (see :class:`InPlaceTransformFn`),
             which lets a :func:`~funczero.optim.chain` that ends in an ``update_`` keep the
             in-place path; or ``None``.
-        members: the composed transforms, for a chain (names them in error messages); else ``()``.
+        members: the composed transforms of a chain or a wrapper (:func:`~funczero.optim.masked`,
+            :func:`~funczero.optim.partition`, :func:`~funczero.optim.MultiSteps`,
+            :func:`~funczero.optim.apply_if_finite`); names them in error messages; else ``()``.
 
     Example:
         >>> import torch

@@ -133,6 +133,8 @@ def in_place_unsupported_reason(tx: Any) -> str | None:
     members: Sequence[Any] = getattr(tx, "members", ())
     if not members:
         return f"{_name(tx)} has no in-place update_ (it only has the pure update)"
+    if not _is_chain(tx):
+        return _wrapper_reason(tx, _name(tx))
     return _chain_reason(members, "chain member ")
 
 
@@ -145,9 +147,36 @@ def _name(tx: Any) -> str:
     return type(tx).__name__
 
 
+def _is_chain(tx: Any) -> bool:
+    """A chain, as opposed to a wrapper with members (masked, partition, MultiSteps, ...)."""
+    return _name(tx) == "chain"
+
+
+def _wrapper_reason(tx: Any, where: str) -> str:
+    """Why the wrapper ``tx`` (at ``where``) has no ``update_``: a member can step in neither way.
+
+    A wrapper steps each member with its ``update_`` or its ``transform_``.
+    """
+    for i, m in enumerate(getattr(tx, "members", ())):
+        if getattr(m, "update_", None) is None and getattr(m, "transform_", None) is None:
+            at = f"{where}, member {i}"
+            inner: Sequence[Any] = getattr(m, "members", ())
+            if inner and _is_chain(m):
+                return _chain_reason(inner, f"{at}, chain member ")
+            if inner:
+                return _wrapper_reason(m, f"{at} ({_name(m)})")
+            return (
+                f"{at} ({_name(m)}) has neither update_ nor transform_ (it only has the pure "
+                "update)"
+            )
+    raise AssertionError("every member steps in place")  # pragma: no cover
+
+
 def _transform_reason(tx: Any, where: str) -> str:
     """Why ``tx`` (at ``where``) has no ``transform_``."""
     members: Sequence[Any] = getattr(tx, "members", ())
+    if members and not _is_chain(tx):
+        return _transform_chain_reason(members, f"{where} ({_name(tx)}), member ")
     if members:
         return _transform_chain_reason(members, where + ", member ")
     if supports_in_place(tx):
@@ -171,6 +200,8 @@ def _chain_reason(members: Sequence[Any], prefix: str) -> str:
             return _transform_reason(m, f"{prefix}{i}")
     last = members[-1]
     inner: Sequence[Any] = getattr(last, "members", ())
+    if inner and not _is_chain(last):
+        return _wrapper_reason(last, f"{prefix}{len(members) - 1} ({_name(last)})")
     if inner:
         return _chain_reason(inner, f"{prefix}{len(members) - 1}, member ")
     return (

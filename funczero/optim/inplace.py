@@ -57,6 +57,8 @@ def apply_updates_(params: Params, updates: Updates, found_inf: Tensor | None = 
     ``(p + u).to(p.dtype)``.
     """
     keys = list(updates)
+    if not keys:
+        return
     ps, us = keys_of(params, keys), [updates[k] for k in keys]
     if found_inf is not None:
         _commit_(ps, [(p + u).to(p.dtype) for p, u in zip(ps, us)], found_inf)
@@ -124,3 +126,30 @@ def inplace_update(tx: GradientTransformation) -> InPlaceUpdateFn:
         return optree.tree_unflatten(spec, out)
 
     return update_
+
+
+def has_in_place_step(tx: Any) -> bool:
+    """Whether :func:`step_` can step ``tx`` in place (it has ``update_`` or ``transform_``)."""
+    return getattr(tx, "update_", None) is not None or getattr(tx, "transform_", None) is not None
+
+
+def step_(
+    tx: GradientTransformation,
+    grads: Updates,
+    state: OptState,
+    params: Params,
+    found_inf: Tensor | None,
+    reduce_fn: ReduceFn | None,
+) -> OptState:
+    """One in-place step of ``tx``: its ``update_``, else its ``transform_`` and an in-place add.
+
+    The wrappers (:func:`~funczero.optim.masked`, :func:`~funczero.optim.partition`, ...) step
+    their members with it, so a member's fused kernel runs where it has one.
+    """
+    if tx.update_ is not None:
+        return tx.update_(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+    if tx.transform_ is None:
+        raise TypeError("step_: the transform has neither update_ nor transform_")
+    new = tx.transform_(grads, state, params, found_inf=found_inf, reduce_fn=reduce_fn)
+    apply_updates_(params, grads, found_inf)
+    return new
