@@ -22,10 +22,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import funczero  # noqa: E402
-from funczero.module import materialize, module_spec  # noqa: E402
-from funczero.pretrained import load_pretrained  # noqa: E402
-from test_pretrained import (  # noqa: E402
+from test_pretrained import (
     INIT_SEED,
     KINDS,
     STAGES,
@@ -35,6 +32,10 @@ from test_pretrained import (  # noqa: E402
     round_trip,
     write_hf_dirs,
 )
+
+import funczero
+from funczero.module import materialize, module_spec
+from funczero.pretrained import load_pretrained
 
 Reports = list[dict[str, torch.Tensor]]
 WORLDS = (1, 2, 4)
