@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 from collections.abc import Iterator
@@ -97,7 +98,9 @@ class ShardReader:
         self.verify = verify
         self._files: dict[str, TensorFile] = {}
         self._records: dict[str, dict[str, Record]] = {}
-        self._pending: list[tuple[concurrent.futures.Future[str], TensorEntry, Chunk]] = []
+        self._pending: collections.deque[
+            tuple[concurrent.futures.Future[str], TensorEntry, Chunk]
+        ] = collections.deque()
         self._streams: list[ChunkHash] = []
         self._staging = _Staging()
         self.bytes_read = 0
@@ -185,6 +188,14 @@ class ShardReader:
                         self._staging.hold(done)
             if stream is not None:
                 self._pending.append((stream.digest(), entry, c))
+                self._check_done()
+
+    def _check_done(self) -> None:
+        """Raise now for a chunk already hashed and found damaged (the rest need not be read)."""
+        while self._pending and self._pending[0][0].done():
+            digest, e, c = self._pending.popleft()
+            if digest.result() != c.sha256:
+                raise self._checksum_error(e, c)
 
     def check_range(self, entry: TensorEntry, a: int, b: int) -> None:
         """Open and check the files of the chunks holding elements ``[a, b)``, reading no data.
@@ -268,7 +279,7 @@ class ShardReader:
 
     def finish(self) -> None:
         """Wait for the pending checksums of :meth:`read_range`; raise on the first mismatch."""
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending, collections.deque()
         self._streams.clear()
         bad = [(e, c) for digest, e, c in pending if digest.result() != c.sha256]
         if bad:
