@@ -355,3 +355,19 @@ def test_checkpoint_saved_by_4_flat_ranks_loads_at_2x2(checkpoint_round_trip: An
         assert want and want.keys() == loaded.keys()
         for n in want:
             assert torch.equal(loaded[n], want[n]), f"rank {rank} {n}"
+
+
+def test_replica_pipeline_waits_each_all_reduce_one_reduction_later_and_all_at_the_last() -> None:
+    from funczero.parallel.collectives import Pending
+    from funczero.parallel.hybrid import ReplicaPipeline
+
+    waited: list[str] = []
+    pipe = ReplicaPipeline()
+    for _ in range(3):  # three units' reductions issued; the queue then waits them in order
+        pipe.register()
+    pipe.issued(Pending(None, lambda: waited.append("a")))
+    assert waited == []  # in flight while the next unit computes
+    pipe.issued(Pending(None, lambda: waited.append("b")))
+    assert waited == ["a"]
+    pipe.issued(Pending(None, lambda: waited.append("c")))  # the last: everything is waited
+    assert waited == ["a", "b", "c"]

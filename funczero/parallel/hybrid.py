@@ -27,13 +27,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from funczero.parallel.collectives import Pending, all_reduce_labelled
+from funczero.parallel.collectives import Pending
 from funczero.parallel.sharding import Unit
 
 # torch 2.13 renamed the flat-tensor collective; keep working on torch >= 2.5.
@@ -42,15 +43,17 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 __all__ = [
     "MESH_DIMS",
     "HybridLayout",
+    "ReplicaPipeline",
     "check_shard_size",
     "hybrid_layout",
     "reduce_scatter_unit_hybrid_async",
+    "replica_pipeline",
 ]
 
 MESH_DIMS = ("replicate", "shard")
 """The dimension names of a hybrid mesh (FSDP2's HSDP order: replicate outer, shard inner)."""
 
-_REPLICA_LABEL = "all-reduce of a unit's gradient shard across replicas"
+_REPLICA_LABEL = "all-reduce across replicas"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +175,57 @@ def _layout_of(mesh: Any, world: int) -> HybridLayout:
     )
 
 
+class ReplicaPipeline:
+    """The replicas' all-reduces of one backward, each waited one reduction after it was issued.
+
+    A unit's reduction is waited (by :class:`~funczero.parallel.overlap.ReduceQueue`) when the
+    next unit's is issued: that wait issues the unit's all-reduce across replicas and waits for
+    the previous unit's, so each all-reduce runs while the next unit's backward computes
+    (FSDP2's HSDP overlaps it the same way). When the last reduction still unwaited is waited
+    (the queue's drain), every all-reduce is waited too.
+
+    Example:
+        >>> pipe = ReplicaPipeline()
+        >>> pipe.register()
+        >>> pipe.issued(Pending(None, lambda: print("all-reduce waited")))
+        all-reduce waited
+    """
+
+    def __init__(self) -> None:
+        self._unwaited = 0
+        self._in_flight: list[Pending] = []
+
+    def register(self) -> None:
+        """A reduction was issued; it will call :meth:`issued` when waited."""
+        self._unwaited += 1
+
+    def issued(self, replicas: Pending) -> None:
+        """A registered reduction was waited and issued its all-reduce ``replicas``."""
+        self._unwaited -= 1
+        older, self._in_flight = self._in_flight, [replicas]
+        for pending in older:
+            pending.wait()
+        if self._unwaited <= 0:
+            self.drain()
+
+    def drain(self) -> None:
+        """Wait for every all-reduce in flight."""
+        while self._in_flight:
+            self._in_flight.pop(0).wait()
+
+
+_pipelines: weakref.WeakKeyDictionary[Any, ReplicaPipeline] = weakref.WeakKeyDictionary()
+
+
+def replica_pipeline(queue: Any) -> ReplicaPipeline:
+    """The :class:`ReplicaPipeline` of one step's reduction ``queue`` (created on first use;
+    it goes with the queue)."""
+    pipe = _pipelines.get(queue)
+    if pipe is None:
+        pipe = _pipelines[queue] = ReplicaPipeline()
+    return pipe
+
+
 def reduce_scatter_unit_hybrid_async(
     unit: Unit,
     grads: Mapping[str, torch.Tensor],
@@ -180,16 +234,16 @@ def reduce_scatter_unit_hybrid_async(
     dtype: torch.dtype,
     out_dtype: torch.dtype = torch.float32,
     use_all_reduce: bool = False,
+    pipeline: ReplicaPipeline | None = None,
 ) -> tuple[dict[str, torch.Tensor], Pending]:
     """Average a unit's full gradients over all ranks into this rank's shard, without waiting.
 
-    The reduce-scatter in the shard group is issued now; ``pending.wait()`` waits for it, then
-    averages the reduced shard (in ``dtype``, ``1/S`` of the unit) across the replicas and
-    casts it into the returned ``out_dtype`` shards. ``use_all_reduce`` replaces the
-    reduce-scatter with an all-reduce plus slice (``reduce_scatter: false``).
-
-    The replica all-reduce runs when the reduction is waited (one unit later with the step's
-    queue), so it overlaps the next unit's reduce-scatter, not its backward compute.
+    The reduce-scatter in the shard group is issued now; ``pending.wait()`` waits for it and
+    issues the all-reduce of the reduced shard (in ``dtype``, ``1/S`` of the unit) across the
+    replicas, whose end casts it into the returned ``out_dtype`` shards. Without ``pipeline``
+    that all-reduce is waited at once; with one, it is waited by the pipeline (by the time the
+    pipeline's last reduction is waited). ``use_all_reduce`` replaces the reduce-scatter with an
+    all-reduce plus slice (``reduce_scatter: false``).
     """
     chunks = unit.chunk_grads(grads, dtype)  # [S, numel per rank]
     if layout.shard_size == 1:
@@ -203,11 +257,17 @@ def reduce_scatter_unit_hybrid_async(
             shard, chunks.view(-1), op=dist.ReduceOp.AVG, group=layout.shard_group, async_op=True
         )
     out = torch.empty(unit.shard_numel, dtype=out_dtype, device=shard.device)
+    if pipeline is not None:
+        pipeline.register()
 
     def across_replicas() -> None:
         # A contiguous copy of the row (after an all-reduce the [S, numel] buffer can go).
         reduced = shard.clone() if use_all_reduce and layout.shard_size > 1 else shard
-        all_reduce_labelled(reduced, _REPLICA_LABEL, group=layout.replicate_group)
-        out.copy_(reduced)
+        ar = dist.all_reduce(reduced, op=dist.ReduceOp.AVG, group=layout.replicate_group, async_op=True)
+        replicas = Pending(ar, lambda: out.copy_(reduced), (_REPLICA_LABEL, unit))
+        if pipeline is None:
+            replicas.wait()
+        else:
+            pipeline.issued(replicas)
 
     return unit.split_shard(out), Pending(work, across_replicas, ("reduce-scatter", unit))

@@ -44,7 +44,7 @@ from funczero.parallel.collectives import (
     all_reduce_unit_async,
     reduce_scatter_unit_async,
 )
-from funczero.parallel.hybrid import HybridLayout, reduce_scatter_unit_hybrid_async
+from funczero.parallel.hybrid import HybridLayout, reduce_scatter_unit_hybrid_async, replica_pipeline
 from funczero.parallel.overlap import Prefetcher, ReduceQueue, Regather
 from funczero.parallel.sharding import Unit
 
@@ -137,8 +137,11 @@ class StepContext:
         """
         gu = su.grad_unit
         if su.hybrid is not None:
+            # Queued: each unit's all-reduce across replicas overlaps the next unit's backward.
+            queued = self.queue is not None and not su.wait_now
             out, pending = reduce_scatter_unit_hybrid_async(
-                gu, grads, layout=su.hybrid, dtype=su.reduce_dtype, use_all_reduce=su.use_all_reduce
+                gu, grads, layout=su.hybrid, dtype=su.reduce_dtype, use_all_reduce=su.use_all_reduce,
+                pipeline=replica_pipeline(self.queue) if queued else None,
             )
         elif su.reduction == "all_reduce":
             out, pending = all_reduce_unit_async(
