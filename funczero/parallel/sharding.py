@@ -37,14 +37,14 @@ class ShardSpec:
     name: str
     shape: torch.Size
     world_size: int
+    # Derived once at construction: the step reads them for every unit of every step.
+    numel: int = dataclasses.field(init=False, repr=False, compare=False)
+    shard_numel: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def shard_numel(self) -> int:
-        return -(-self.numel // self.world_size)
+    def __post_init__(self) -> None:
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "shard_numel", -(-numel // self.world_size))
 
     @property
     def padded_numel(self) -> int:
@@ -86,6 +86,17 @@ class Unit:
     name: str
     params: tuple[str, ...]
     specs: tuple[ShardSpec, ...]
+    # Derived once at construction (read per unit per step).
+    shard_sizes: tuple[int, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    shard_numel: int = dataclasses.field(init=False, repr=False, compare=False)
+    """``S``: elements of this unit held by one rank."""
+    numel: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sizes = tuple(s.shard_numel for s in self.specs)
+        object.__setattr__(self, "shard_sizes", sizes)
+        object.__setattr__(self, "shard_numel", sum(sizes))
+        object.__setattr__(self, "numel", sum(s.numel for s in self.specs))
 
     @property
     def world_size(self) -> int:
@@ -96,19 +107,6 @@ class Unit:
         keep = set(names)
         pairs = [(n, s) for n, s in zip(self.params, self.specs) if n in keep]
         return Unit(self.name, tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
-
-    @property
-    def shard_sizes(self) -> list[int]:
-        return [s.shard_numel for s in self.specs]
-
-    @property
-    def shard_numel(self) -> int:
-        """``S``: elements of this unit held by one rank."""
-        return sum(self.shard_sizes)
-
-    @property
-    def numel(self) -> int:
-        return sum(s.numel for s in self.specs)
 
     def pack_shards(self, shards: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Concatenate this rank's shards into one ``[S]`` send buffer of ``dtype``."""
