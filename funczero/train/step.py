@@ -33,7 +33,7 @@ from funczero.loss import MicroBatches
 from funczero.monitors.timing import NullTimer
 from funczero.optim.chain import in_place_unsupported_reason
 from funczero.optim.clipping import clip_coefficient
-from funczero.parallel.collectives import all_reduce_labelled
+from funczero.parallel.collectives import StepCounter, all_reduce_labelled
 from funczero.parallel.compile import CompileOptions, UnitForwards, compile_unit_forwards, resolve_compile
 from funczero.parallel.forward_backward import PrefetchOrder, forward_backward
 from funczero.parallel.plan import ZeroPlan
@@ -153,10 +153,15 @@ def make_train_step(
     # skip it (a read and a write of every gradient).
     unit_coef = not ls_cfg.dynamic and ls_cfg.init_scale == 1.0 and gradient_clipping == 0
     order = PrefetchOrder()  # stage 3 learns the units' order from each forward, for the next
+    steps = StepCounter()  # host-side step numbers for collectives' errors (no device sync)
     compiled = compile_unit_forwards(plan.module, plan.wrapped, resolve_compile(compile))
     timer = timer if timer is not None else NullTimer()
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        with steps.scope():
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if state.donated:
             raise DonatedStateError(
                 "train_step got a state that was already donated to an earlier step; "
