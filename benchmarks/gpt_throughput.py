@@ -210,7 +210,8 @@ def setup_funczero(
     opt = optim.adamw(args.lr, weight_decay=0.01)
     holder = {"state": init_state(plan, opt, params, buffers, device=device)}
     del params
-    step_fn = make_train_step(loss_fn, opt, plan, compile=compiled)
+    # compile only when asked: the eager rows also run against older funczero trees (PYTHONPATH)
+    step_fn = make_train_step(loss_fn, opt, plan, **({"compile": True} if compiled else {}))
     batch = make_batch(args, plan.rank, device)
 
     def step() -> torch.Tensor:
