@@ -20,10 +20,11 @@ collective one rank issues in one step, with funczero's conventions (``funczero/
   micro-batch on several ranks, reduce each unit during backward (per micro-batch); otherwise
   stage 0 all-reduces buckets of ``reduce_bucket_size`` elements and stage 1 reduce-scatters
   each unit at the accumulation boundary; stages 1-2 all-gather every unit after the update.
-* **hybrid** (``shard < world``; funczero does not implement it yet, issue 14 item 1): gathers and
-  reduce-scatters run in the shard group; each reduced fp32 shard is then all-reduced across the
-  ``replicas`` (one call per unit, during the last micro-batch's backward, on a stream of its own
-  that backward waits for only at its end, as FSDP2's HSDP).
+* **hybrid** (``shard < world``: ``build_plan(shard_group_size=...)``, ``mics_shard_size``):
+  gathers and reduce-scatters run in the shard group; each reduced shard (reduce dtype) is then
+  all-reduced across the ``replicas``: one call per unit and reduction (every micro-batch when
+  reducing in backward), issued when the unit's reduction is waited (one unit later, by
+  ``ReduceQueue``) and waited at once (``funczero.parallel.hybrid``).
 
 **Bytes** per call are the tensor bytes at the ``torch.distributed`` call (all-gather: its
 output, reduce-scatter: its input, all-reduce: its tensor), which ``tests/test_scale_model.py``
@@ -73,6 +74,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,6 +295,11 @@ class Setup:
     bucket_numel: int = 500_000_000  # reduce_bucket_size
     buffer_sync: bool = True
     remat: bool = False
+    # Hybrid, when the replicas' all-reduce of a unit runs (on a stream of its own): False,
+    # issued when the unit's reduction is waited (one unit later) and waited one unit after that
+    # (funczero.parallel.hybrid.ReplicaPipeline); True, issued right after the unit's
+    # reduce-scatter and waited only at the end of backward (FSDP2's HSDP).
+    replica_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3) or self.grad_accum < 1:
@@ -365,7 +372,7 @@ def collective_calls(model: ModelShape, mesh: Mesh, setup: Setup) -> list[Call]:
         calls.append(
             Call(kind, sharded_group, "reduce_grads", unit, s * shard_numel(ps, s) * r, micro)
         )
-        if mesh.replicas > 1 and micro in (-1, setup.grad_accum - 1):
+        if mesh.replicas > 1:
             calls.append(
                 Call(
                     "all_reduce",
@@ -621,15 +628,28 @@ def _micro_batch(
     if not any(c.purpose == "reduce_grads" for c in calls):  # reduced at the accumulation boundary
         tl.t += 2 * fwd[""] + sum(backward.values())
         return
-    previous = [tl.t]
+    previous: list[Any] = [tl.t, None]  # the previous reduction: when its reduce-scatter ends, unit
+
+    replicas = [0.0]  # when the all-reduce issued at the previous wait is done
+
+    def finish_previous(last: bool = False) -> None:
+        # ReduceQueue(depth=1) waits for the previous reduction; with replicas that wait issues
+        # the unit's all-reduce across replicas and waits for the one issued at the wait before
+        # (ReplicaPipeline); the last wait waits for all.
+        tl.wait(previous[0])
+        if previous[1] is not None and not setup.replica_overlap:
+            issued = tl.issue(by_unit[("reduce_replicas", previous[1])], after=previous[0])
+            tl.wait(replicas[0])
+            replicas[0] = issued
+        if last:
+            tl.wait(replicas[0])
 
     def reduce(u: str) -> None:
         done = tl.issue(by_unit[("reduce_grads", u)])
-        # The replicas' all-reduce follows the unit's reduce-scatter on its own stream and is
-        # waited for only at the end of backward (FSDP2's HSDP).
-        tl.issue(by_unit[("reduce_replicas", u)], after=done)
-        tl.wait(previous[0])  # ReduceQueue(depth=1) waits for the previous reduction
-        previous[0] = done
+        if setup.replica_overlap:
+            tl.issue(by_unit[("reduce_replicas", u)], after=done)
+        finish_previous()
+        previous[:] = [done, u]
 
     tl.t += 2 * fwd[""]  # head and final norm; the embedding's backward costs ~nothing
     for u in roots:
@@ -653,6 +673,7 @@ def _micro_batch(
     for u in roots:
         if u in pre:
             reduce(u)
+    finish_previous(last=True)
     tl.wait(max([previous[0], *tl.free.values()]))
 
 
@@ -825,6 +846,7 @@ def table_rows(
     hw: Hardware,
     gpus_per_node: int,
     reduce_bytes: int = 4,
+    replica_overlap: bool = True,
 ) -> list[dict[str, object]]:
     rows = []
     for name in models:
@@ -840,7 +862,7 @@ def table_rows(
                 for label, shard in (("flat", world), ("hybrid", min(world, gpus_per_node))):
                     mesh, setup = (
                         Mesh(world, gpus_per_node, shard),
-                        Setup(stage, reduce_bytes=reduce_bytes),
+                        Setup(stage, reduce_bytes=reduce_bytes, replica_overlap=replica_overlap),
                     )
                     t = step_time(model, mesh, setup, hw)
                     inter = sum(v[1] for v in bytes_per_gpu(model, mesh, setup).values())
@@ -968,6 +990,11 @@ def main(argv: list[str] | None = None) -> None:
     for p in (t, s):
         _hardware_args(p)
         p.add_argument("--reduce-bytes", type=int, default=4, help="4: fp32 reductions, 2: bf16")
+        p.add_argument(
+            "--replica-overlap", action=argparse.BooleanOptionalAction, default=p is t,
+            help="hybrid: the replicas' all-reduce is waited at the end of backward (FSDP2's "
+            "HSDP; the table's default) or one unit after it is issued (funczero; show's default)",
+        )
     v = sub.add_parser("validate", help="predicted against measured step times (1.34B GPT)")
     _hardware_args(v)
     m = sub.add_parser(
@@ -991,6 +1018,7 @@ def main(argv: list[str] | None = None) -> None:
             hw,
             args.gpus_per_node,
             args.reduce_bytes,
+            args.replica_overlap,
         )
         print(
             "\n".join(json.dumps(r) for r in rows)
@@ -1010,7 +1038,10 @@ def main(argv: list[str] | None = None) -> None:
             show(
                 model,
                 Mesh(args.world, args.gpus_per_node, args.shard),
-                Setup(args.stage, args.grad_accum, reduce_bytes=args.reduce_bytes),
+                Setup(
+                    args.stage, args.grad_accum, reduce_bytes=args.reduce_bytes,
+                    replica_overlap=args.replica_overlap,
+                ),
                 hw,
             )
         )

@@ -173,9 +173,20 @@ def _counting_worker(rank: int, world: int, cases_json: str) -> dict[str, torch.
 
 
 def _count_cases(
-    counter: CollectiveCounter, rank: int, world: int, group: Any, cases_json: str
+    counter: CollectiveCounter,
+    rank: int,
+    world: int,
+    group: Any,
+    cases_json: str,
+    shard: int | None = None,
 ) -> dict[str, torch.Tensor]:
     report: dict[str, torch.Tensor] = {}
+    # Hybrid (``shard``): the mesh comes from the shard-group size, not world/rank/group.
+    where = (
+        {"shard_group_size": shard}
+        if shard is not None
+        else {"world_size": world, "rank": rank, "group": group}
+    )
     for fields in json.loads(cases_json):
         case = Case(**fields)
         model = _tiny(case)
@@ -188,9 +199,7 @@ def _count_cases(
             reduce_scatter=case.reduce_scatter,
             reduce_bucket_size=case.bucket,
             remat=case.remat,
-            world_size=world,
-            rank=rank,
-            group=group,
+            **where,
         )
         params, buffers = extract_tensors(model, plan.spec)
         release_module_tensors(model)
@@ -216,7 +225,7 @@ def _count_cases(
     return report
 
 
-def predicted(case: Case, world: int) -> dict[str, list[int]]:
+def predicted(case: Case, world: int, shard: int | None = None) -> dict[str, list[int]]:
     shape = sm.gpt_shape(
         TINY.vocab_size,
         TINY.seq_len,
@@ -237,7 +246,7 @@ def predicted(case: Case, world: int) -> dict[str, list[int]]:
         bucket_numel=case.bucket,
         remat=case.remat,
     )
-    calls = sm.collective_calls(shape, sm.Mesh(world), setup)
+    calls = sm.collective_calls(shape, sm.Mesh(world, shard=shard), setup)
     return {
         kind: sorted(c.nbytes for c in calls if c.kind == kind) for kind in {c.kind for c in calls}
     }
@@ -267,6 +276,44 @@ def test_model_bytes_equal_counted_collectives(
                 if k.startswith(prefix)
             }
             assert got == want, f"world {world}, rank {rank}, step {step}"
+
+
+HYBRID_CASES = [c for c in CASES if c.stage > 0]
+
+
+def _hybrid_counting_worker(rank: int, world: int, cases_json: str) -> dict[str, torch.Tensor]:
+    """Every stage 1-3 case on 4 ranks as 2 replicas x shard groups of 2."""
+    counter = CollectiveCounter()
+    counter.install()
+    return _count_cases(counter, rank, world, None, cases_json, shard=2)
+
+
+@pytest.fixture(scope="module")
+def counted_hybrid(
+    gloo_world: Callable[..., list[dict[str, torch.Tensor]]],
+) -> list[dict[str, torch.Tensor]]:
+    cases = json.dumps([dataclasses.asdict(c) for c in HYBRID_CASES])
+    return gloo_world(_hybrid_counting_worker, 4, cases, timeout=150.0)
+
+
+@pytest.mark.parametrize("case", HYBRID_CASES, ids=lambda c: c.key.replace("/", ","))
+def test_model_bytes_equal_counted_collectives_of_2x2_hybrid(
+    counted_hybrid: list[dict[str, torch.Tensor]], case: Case
+) -> None:
+    want = predicted(case, 4, shard=2)
+    assert any(c.group == "replicate" for c in sm.collective_calls(
+        sm.gpt_shape(TINY.vocab_size, TINY.seq_len, TINY.d_model, TINY.n_layers),
+        sm.Mesh(4, shard=2), sm.Setup(case.stage, case.grad_accum),
+    ))
+    for rank in range(4):
+        for step in (0, 1):
+            prefix = f"w4/{case.key}/step{step}/"
+            got = {
+                k[len(prefix) :]: v.tolist()
+                for k, v in counted_hybrid[rank].items()
+                if k.startswith(prefix)
+            }
+            assert got == want, f"hybrid 2x2, rank {rank}, step {step}"
 
 
 @pytest.mark.parametrize(
