@@ -323,7 +323,7 @@ def _matrix_child(scratch: Path, params_mb: int, world: int, repeats: int) -> No
                 sum(rk["cpu"][name][i] for rk in ranks) for i in range(repeats)
             ),
             "GBps": ranks[0]["bytes"][system] / seconds / 1e9,
-            "peak_extra_MB": peak / 1e6,
+            "peak_extra_MB": max(peak, 0) / 1e6,  # below 0: the RSS fell
             "all_seconds": ranks[0]["times"][name],
         }
     print(
