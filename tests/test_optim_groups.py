@@ -34,7 +34,9 @@ def by_rank(name: str, shape: torch.Size) -> str:
 
 def _problem(dtype: torch.dtype, steps: int, seed: int = 0) -> tuple[dict, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
-    params = {k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()}
+    params = {
+        k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()
+    }
     grads = [
         {k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()}
         for _ in range(steps)
@@ -284,7 +286,7 @@ def test_every_rule_form_forms_the_same_groups_on_shards_given_global_shapes() -
     shards = _shard(params, 1)
     shapes = {k: v.shape for k, v in params.items()}
     expected = {k: by_rank(k, torch.Size(s)) for k, s in SHAPES.items()}
-    tree_fn = lambda tree: {n: "matrix" if p.ndim >= 2 else "vector" for n, p in tree.items()}  # noqa: E731
+    tree_fn = lambda tree: {n: "matrix" if p.ndim >= 2 else "vector" for n, p in tree.items()}
     for labels, given in ((by_rank, shapes), (tree_fn, shapes), (expected, None)):
         rule = optim.masks.ParamRule("partition", labels, given, arg="labels", labels=True)
         assert rule.check(shards) == expected
@@ -301,7 +303,7 @@ def test_every_rule_form_forms_the_same_groups_on_shards_given_global_shapes() -
 
 def test_a_tree_function_mask_equals_the_predicate() -> None:
     params, grads = _problem(torch.float32, steps=3)
-    optax_style = lambda tree: {n: p.ndim >= 2 for n, p in tree.items()}  # noqa: E731
+    optax_style = lambda tree: {n: p.ndim >= 2 for n, p in tree.items()}
     a = _run(optim.adamw(1e-2, weight_decay=0.3, mask=optax_style), params, grads, "in_place")
     b = _run(optim.adamw(1e-2, weight_decay=0.3, mask=by_rank_mask), params, grads, "in_place")
     _assert_equal(a, b)
@@ -357,6 +359,7 @@ def test_groups_that_do_not_fit_the_parameters_fail_at_init(build, error, messag
 
 def _composite_optimizer(shapes: dict | None) -> optim.GradientTransformation:
     """Clipping, a mask and two groups, accumulated over 2 updates and guarded against inf."""
+
     def labels(tree: dict) -> dict:  # optax's form: meta tensors of the global shapes
         return {n: "decay" if p.ndim >= 2 else "no_decay" for n, p in tree.items()}
 

@@ -25,7 +25,9 @@ SHAPES = {"wte.weight": (7, 3), "h.0.fc.weight": (4, 3), "h.0.fc.bias": (4,), "s
 
 def _problem(dtype: torch.dtype, steps: int, seed: int = 0) -> tuple[dict, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
-    params = {k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()}
+    params = {
+        k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()
+    }
     grads = [
         {k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()}
         for _ in range(steps)
@@ -60,8 +62,10 @@ def _assert_equal(a: object, b: object) -> None:
     assert sa == sb
     for x, y in zip(la, lb):  # bit for bit, nan included
         assert x.dtype == y.dtype
-        assert torch.equal(x.view(-1).view(torch.uint8) if x.is_floating_point() else x,
-                           y.view(-1).view(torch.uint8) if y.is_floating_point() else y)
+        assert torch.equal(
+            x.view(-1).view(torch.uint8) if x.is_floating_point() else x,
+            y.view(-1).view(torch.uint8) if y.is_floating_point() else y,
+        )
 
 
 def _assert_close(a: object, b: object, tol: float) -> None:
@@ -204,7 +208,9 @@ def test_apply_if_finite_skips_non_finite_updates_and_counts_them(path: str) -> 
     params, grads = _problem(torch.float64, steps=6)
     bad = _with_bad(grads, {1, 3, 4})
     run = _pure if path == "pure" else _in_place
-    got, state = run(optim.apply_if_finite(optim.adamw(1e-2), max_consecutive_errors=5), params, bad)
+    got, state = run(
+        optim.apply_if_finite(optim.adamw(1e-2), max_consecutive_errors=5), params, bad
+    )
     finite_only = [g for i, g in enumerate(grads) if i not in {1, 3, 4}]
     expected, inner_state = run(optim.adamw(1e-2), params, finite_only)
     _assert_close((got, state.inner_state), (expected, inner_state), 0.0)
@@ -336,7 +342,7 @@ def _barrier_all_reduce() -> Callable[[int], Callable[[torch.Tensor], torch.Tens
 def test_a_non_finite_value_on_one_shard_skips_the_step_on_every_rank(inplace: bool) -> None:
     params, grads = _problem(torch.float64, steps=4)
     bad = _with_bad(grads, {2})  # element 1 of the bias: only rank 0's shard holds it
-    make = lambda: optim.apply_if_finite(  # noqa: E731
+    make = lambda: optim.apply_if_finite(
         optim.MultiSteps(optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2)), 2), 2
     )
     expected, _ = _pure(make(), params, bad)

@@ -43,12 +43,12 @@ from funczero.optim.clipping import clip_by_global_norm as clip_by_global_norm
 from funczero.optim.clipping import clip_coefficient as clip_coefficient
 from funczero.optim.clipping import global_norm as global_norm
 from funczero.optim.clipping import scale_by_trust_ratio as scale_by_trust_ratio
-from funczero.optim.inplace import inplace_update as inplace_update
 from funczero.optim.groups import MaskedState as MaskedState
 from funczero.optim.groups import PartitionState as PartitionState
 from funczero.optim.groups import masked as masked
 from funczero.optim.groups import partition as partition
 from funczero.optim.groups import set_to_zero as set_to_zero
+from funczero.optim.inplace import inplace_update as inplace_update
 from funczero.optim.masks import ParamLabels as ParamLabels
 from funczero.optim.masks import ParamMask as ParamMask
 from funczero.optim.masks import WeightDecayMask as WeightDecayMask
@@ -85,8 +85,8 @@ from funczero.optim.wrappers import all_finite as all_finite
 from funczero.optim.wrappers import apply_if_finite as apply_if_finite
 
 __all__ = [
-    "ApplyIfFiniteState",
     "CLIP_NORM_EPS",
+    "ApplyIfFiniteState",
     "DampedTraceState",
     "EmptyState",
     "GradientTransformation",

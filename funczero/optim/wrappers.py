@@ -113,7 +113,7 @@ def _zero_where_(tensors: list[Tensor], cond: Tensor) -> None:
         t.masked_fill_(cond.to(t.device), 0)
 
 
-def MultiSteps(inner: GradientTransformation, every_k: int) -> GradientTransformation:  # noqa: N802
+def MultiSteps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
     """Gradient accumulation as a transform: ``inner`` steps on the mean of every ``every_k``
     gradients (optax's ``MultiSteps``).
 
@@ -430,4 +430,3 @@ def apply_if_finite(
         transform_,
         members=(inner,),
     )
-
