@@ -301,14 +301,6 @@ def test_every_rule_form_forms_the_same_groups_on_shards_given_global_shapes() -
     assert set(without.check(shards).values()) == {"vector"}  # shards are 1-D: why shapes matter
 
 
-def test_a_tree_function_mask_equals_the_predicate() -> None:
-    params, grads = _problem(torch.float32, steps=3)
-    optax_style = lambda tree: {n: p.ndim >= 2 for n, p in tree.items()}
-    a = _run(optim.adamw(1e-2, weight_decay=0.3, mask=optax_style), params, grads, "in_place")
-    b = _run(optim.adamw(1e-2, weight_decay=0.3, mask=by_rank_mask), params, grads, "in_place")
-    _assert_equal(a, b)
-
-
 @pytest.mark.parametrize(
     ("build", "error", "message"),
     [

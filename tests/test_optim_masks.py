@@ -124,7 +124,8 @@ def test_mask_forms_agree() -> None:
     results = [
         _run(optim.adamw(1e-2, weight_decay=0.2, mask=mask), params, grads, "in_place")
         for mask in (optim.no_decay_for_norms_and_biases, set(DECAYED), tuple(DECAYED), table,
-                     lambda name, shape: name in DECAYED)
+                     lambda name, shape: name in DECAYED,
+                     lambda tree: {n: p.ndim >= 2 for n, p in tree.items()})  # optax's form
     ]  # fmt: skip
     for other in results[1:]:
         for k in params:
