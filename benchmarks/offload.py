@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -227,6 +228,12 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(out), flush=True)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def deepspeed_importable() -> bool:
     probe = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, timeout=300)
     return probe.returncode == 0
@@ -235,20 +242,21 @@ def deepspeed_importable() -> bool:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table; offloaded rows show the bytes per parameter saved against no offload."""
     base = {(r["impl"][:2], r["stage"]): r for r in rows if "stage" in r and not r["offload"]}
-    lines = ["| system | step ms | tokens/s | resident GiB | peak GiB | saved B/param (resident, peak) |",
-             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| system | step ms | tokens/s | resident GiB | peak GiB | saved B/param (resident, peak) | loss (no offload) |",
+             "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for r in rows:
         if "stage" not in r:
             continue
-        saved = ""
+        saved, loss = "", f'{r["loss"]}'
         ref = base.get((r["impl"][:2], r["stage"]))
         if r["offload"] and ref is not None and r["params_M"]:
             n = r["params_M"] * 1e6
             saved = f'{(ref["resident_gib"] - r["resident_gib"]) * 2**30 / n:.1f}, {(ref["peak_gib"] - r["peak_gib"]) * 2**30 / n:.1f}'
-        lines.append(f'| {r["impl"]} | {r["step_ms_median"]} | {r["tokens_per_s"]} | {r["resident_gib"]} | {r["peak_gib"]} | {saved} |')
+            loss += f' ({ref["loss"]})'  # the trajectory check: same data, weights and steps
+        lines.append(f'| {r["impl"]} | {r["step_ms_median"]} | {r["tokens_per_s"]} | {r["resident_gib"]} | {r["peak_gib"]} | {saved} | {loss} |')
     for r in rows:
         if "adam_params_M" in r:
-            lines.append(f'| {r["impl"]} ({r["adam_params_M"]}M params, {r["threads"]} threads) | {r["step_ms_median"]} | | | | {r["gparams_per_s"]} Gparam/s |')
+            lines.append(f'| {r["impl"]} ({r["adam_params_M"]}M params, {r["threads"]} threads) | {r["step_ms_median"]} | | | | {r["gparams_per_s"]} Gparam/s | |')
     return "\n".join(lines)
 
 
@@ -265,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     for name in args.systems:
         cmd = [sys.executable, __file__, *argv, "--one", name]
+        env = {**os.environ, "MASTER_PORT": str(free_port())}
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             print(f"# {name}: timed out after {args.timeout:.0f}s", file=sys.stderr, flush=True)
             continue
