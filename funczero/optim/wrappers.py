@@ -277,8 +277,14 @@ def all_finite(updates: Updates, reduce_fn: ReduceFn | None, device: torch.devic
             norms = list(torch._foreach_norm(us, ord=math.inf))
         else:
             norms = [torch.linalg.vector_norm(u, ord=math.inf) for u in us]
-        finite = torch.stack([torch.isfinite(n).to(device) for n in norms])
-        bad = (~finite).sum().to(torch.float32)
+        # the widest dtype holds every max-abs exactly (a bf16 max is an fp32 number)
+        dtype = norms[0].dtype
+        for n in norms[1:]:
+            dtype = torch.promote_types(dtype, n.dtype)
+        if any(n.dtype != dtype or n.device != device for n in norms):
+            norms = [n.to(device=device, dtype=dtype) for n in norms]
+        stacked = torch.stack(norms)
+        bad = (~torch.isfinite(stacked)).sum().to(torch.float32)
     return reduce(bad, reduce_fn) == 0
 
 
