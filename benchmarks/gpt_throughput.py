@@ -362,14 +362,22 @@ def profile_steps(name: str, step: Callable[[], Any], args: argparse.Namespace, 
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(2):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / 2
     if dist.get_rank() == 0:
+        events = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3 / 2
+        print(f"# profile {name}: {wall_ms:.1f} ms per step (profiled), device busy {busy:.1f} ms "
+              f"per step (sum of kernel times; idle = the difference)", file=sys.stderr, flush=True)  # fmt: skip
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"# profile {name} (2 steps)\n" + prof.key_averages().table(sort_by=sort, row_limit=30),
+        print(f"# profile {name} (2 steps)\n" + events.table(sort_by=sort, row_limit=25, max_name_column_width=70),
               file=sys.stderr, flush=True)  # fmt: skip
         path = Path(args.profile_dir) / f"{name}.trace.json"
         prof.export_chrome_trace(str(path))
