@@ -146,6 +146,13 @@ def test_offloaded_step_refuses_a_state_built_without_offload() -> None:
         step(state, batch(0))
 
 
+def test_plain_step_refuses_an_offloaded_state() -> None:
+    state, _ = build(2, OFFLOAD)
+    _, step = build(2, None)
+    with pytest.raises(ValueError, match="without offload="):
+        step(state, batch(0))
+
+
 def test_nvme_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="NVMe"):
         OptimizerOffload(device="nvme")

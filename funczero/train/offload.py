@@ -137,7 +137,8 @@ class OffloadedUpdate:
         device, and only read the inputs' shapes: zero-stride views of one scalar cost nothing.
         """
         master = state.master
-        if not self._anchors or any(self._anchors[n].shape != master[n].shape for n in self.plan.trainable):
+        stale = any(a.shape != master[n].shape or a.device != device for n, a in self._anchors.items())
+        if stale or len(self._anchors) != len(self.plan.trainable):
             zero = torch.zeros((), dtype=torch.float32, device=device)
             self._anchors = {n: zero.expand(master[n].shape) for n in self.plan.trainable}
         return self._anchors

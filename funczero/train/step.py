@@ -355,6 +355,12 @@ class _Update:
     def anchors(self, state: TrainState, device: torch.device) -> dict[str, torch.Tensor]:
         """What the unit boundaries reduce gradients into: the master weights themselves."""
         del device
+        if state.layout.offload != "none":
+            raise ValueError(
+                f"the state keeps its optimizer on the host (offload={state.layout.offload!r}) "
+                "but make_train_step was built without offload=; pass the same "
+                "OptimizerOffload to make_train_step as to init_state"
+            )
         return state.master
 
     def rebuild_params(
