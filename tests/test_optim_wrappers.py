@@ -367,3 +367,45 @@ def test_a_non_finite_value_on_one_shard_skips_the_step_on_every_rank(inplace: b
     for k, v in expected.items():
         flat = torch.cat([p0[k], p1[k]])[: v.numel()].reshape(v.shape)
         torch.testing.assert_close(flat, v, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the training step
+
+
+def _train_gpt(opt: optim.GradientTransformation, donate: bool) -> tuple[dict, Any]:
+    import warnings
+
+    import funczero
+    from funczero.models.gpt import GPT, GPTConfig, cross_entropy_loss
+    from funczero.train.evaluation import full_state_dict
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, seq_len=8, d_model=16, n_layers=1, n_heads=2))
+    config = {"train_micro_batch_size_per_gpu": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot update in place" warning
+        run = funczero.initialize(
+            model, config, lambda m, b: cross_entropy_loss(m, b[:2]) * b[2], optimizer=opt,
+            donate=donate, device="cpu",
+        )  # fmt: skip
+        state = run.state
+        for step in range(4):
+            ids = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(step))
+            scale = torch.tensor(float("inf") if step == 2 else 1.0)  # inf gradients: skipped
+            state, _ = run.train_step(state, (ids[:, :-1], ids[:, 1:], scale))
+    assert int(state.skipped) == 1
+    return {k: v.clone() for k, v in full_state_dict(run.plan, state).items()}, state
+
+
+def test_the_training_step_runs_the_wrappers_in_place_and_agrees_with_the_pure_path() -> None:
+    make = lambda: optim.apply_if_finite(
+        optim.MultiSteps(optim.adamw(1e-2, weight_decay=0.1), 2), 3
+    )
+    in_place, state = _train_gpt(make(), donate=True)
+    pure, pure_state = _train_gpt(make(), donate=False)
+    for k in in_place:
+        torch.testing.assert_close(in_place[k], pure[k], rtol=1e-6, atol=1e-6, msg=k)
+    # 4 steps, one skipped: 3 accumulated gradients, so one AdamW step and one pending gradient
+    for s in (state.opt_state, pure_state.opt_state):
+        assert [int(s.inner_state.mini_step), int(s.inner_state.gradient_step)] == [1, 1]
+        assert int(s.total_notfinite) == 0  # the skipped step changed no counter
