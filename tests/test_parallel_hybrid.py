@@ -240,7 +240,7 @@ def _bad_mesh_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
               "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
     run = funczero.initialize(_model(), config, cross_entropy_loss, device="cpu")
     assert run.plan.hybrid is not None and run.plan.hybrid.shard_size == 2
-    state, metrics = run.train_step(run.state, _local(_batches()[0], rank, world))
+    _, metrics = run.train_step(run.state, _local(_batches()[0], rank, world))
     assert torch.isfinite(metrics["loss"])
     return {}
 
@@ -334,7 +334,7 @@ def test_checkpoint_saved_at_2x2_loads_in_one_process(checkpoint_round_trip: Any
     from funczero.checkpoint import load
 
     reports, root = checkpoint_round_trip
-    plan, like, _ = _sgd_setup(0)
+    _, like, _ = _sgd_setup(0)
     state, client = load(root / "hybrid", like=like)
     assert client == {"rank": 0}
     for n, want in _section(reports[0], "hybrid/saved").items():

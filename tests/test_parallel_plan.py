@@ -280,3 +280,22 @@ def test_the_root_in_wrap_is_rejected_or_planned_once(
         return
     assert [u.name for u in plan.units] == ["", *BLOCKS]
     assert torch.isfinite(_run_one_step(model, plan, tiny_batch()))
+
+
+
+@pytest.mark.parametrize(("stage", "hybrid", "copies"), [(0, False, 4), (1, False, 1), (3, False, 1), (2, True, 2), (3, True, 2)])
+def test_gradient_copies_and_data_parallel_ranks_follow_the_layout(
+    stage: int, hybrid: bool, copies: int
+) -> None:
+    # The step divides the norm's sum of squares by how many ranks hold each reduced gradient
+    # element: every rank at stage 0, the shard's owner from stage 1 on, times the replicas.
+    from funczero.parallel.hybrid import HybridLayout
+
+    plan = build_plan(nn.Linear(2, 2), stage=stage)
+    layout = HybridLayout(shard_size=2, replicate_size=2, shard_rank=1, replicate_rank=1)
+    if hybrid:
+        plan = dataclasses.replace(plan, world_size=2, rank=1, hybrid=layout)
+    else:
+        plan = dataclasses.replace(plan, world_size=4, rank=3)
+    assert plan.grad_copies == copies
+    assert (plan.data_parallel_size, plan.data_parallel_rank) == (4, 3)
