@@ -409,3 +409,27 @@ def test_stage3_groups_from_global_shapes_follow_the_stage0_trajectory() -> None
         torch.testing.assert_close(got[f"with/{k}"], ref, rtol=1e-5, atol=1e-6, msg=k)
         moved += int(not torch.allclose(got[f"without/{k}"], ref, rtol=1e-3, atol=1e-4))
     assert moved >= 2  # on 1-D shards, a rule without the global shapes forms other groups
+
+
+def test_group_states_are_laid_out_per_parameter_like_the_moments_at_stage3() -> None:
+    import funczero
+    from funczero.parallel.plan import build_plan
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    plan = build_plan(model, stage=3)
+    opt = optim.MultiSteps(
+        optim.partition({"matrix": optim.adamw(1e-3), "vector": optim.sgd(0.1, 0.9)}, by_rank,
+                        shapes=dict(plan.spec.shapes)),
+        2,
+    )  # fmt: skip
+    params, buffers = funczero.module.extract_tensors(model, plan.spec)
+    state = funczero.init_state(plan, opt, params, buffers)
+    layouts = {p: lay for p, lay in state.layout.leaves if p.startswith("opt_state/")}
+    per_param = {p: lay for p, lay in layouts.items() if p.rsplit("/", 1)[-1] in plan.spec.params}
+    assert {p for p in per_param if "/inner_states/matrix/" in p} == {
+        "opt_state/inner_opt_state/inner_states/matrix/0/mu/0.weight",
+        "opt_state/inner_opt_state/inner_states/matrix/0/nu/0.weight",
+    }
+    assert len(per_param) == 2 + 3 + 4  # adamw's mu, nu; sgd's 3 traces; 4 accumulators
+    assert all(lay.kind == "moment" and lay.placement == "shard" for lay in per_param.values())
+    assert all(lay.placement == "replicated" for p, lay in layouts.items() if p not in per_param)
