@@ -22,7 +22,7 @@ from funczero.module import extract_tensors, release_module_tensors
 from funczero.parallel.plan import build_plan
 from funczero.testing.distributed import run_distributed
 from funczero.train.loss_scale import LossScaleConfig
-from funczero.train.offload import OptimizerOffload
+from funczero.train.offload import OffloadedUpdate, OptimizerOffload
 from funczero.train.step import init_state, make_train_step
 
 CFG = GPTConfig(vocab_size=37, seq_len=8, d_model=16, n_layers=2, n_heads=2)
@@ -75,6 +75,35 @@ def test_offloaded_adamw_follows_the_trajectory_without_offload_bit_for_bit(stag
     kw = {"grad_accum": grad_accum, "gradient_clipping": 0.5}
     plain, hist_plain = train(*build(stage, None, **kw))
     offloaded, hist_off = train(*build(stage, OFFLOAD, **kw))
+    assert_same_trajectory(plain, offloaded, hist_plain, hist_off)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_host_updates_chunk_by_chunk_as_they_arrive_with_the_same_result(
+    stage: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(OffloadedUpdate, "CHUNK_NUMEL", 300)  # several chunks on the tiny GPT
+    calls = []
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    update_ = opt.update_
+
+    def counting(grads: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(grads))
+        return update_(grads, *args, **kwargs)
+
+    counting.__qualname__ = update_.__qualname__  # the same elementwise AdamW
+    chunked = opt._replace(update_=counting)
+    plain, hist_plain = train(*build(stage, None, gradient_clipping=0.5))
+    offloaded, hist_off = train(*build(stage, OFFLOAD, opt=chunked, gradient_clipping=0.5))
+    assert len(calls) > 4 and sum(calls) == 4 * len(offloaded.master)  # every step in chunks
+    assert_same_trajectory(plain, offloaded, hist_plain, hist_off)
+
+
+def test_a_chain_with_a_global_norm_clip_is_updated_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(OffloadedUpdate, "CHUNK_NUMEL", 300)
+    opt = optim.chain(optim.clip_by_global_norm(0.1), optim.adamw(1e-2))
+    plain, hist_plain = train(*build(2, None, opt=opt))
+    offloaded, hist_off = train(*build(2, OFFLOAD, opt=opt))
     assert_same_trajectory(plain, offloaded, hist_plain, hist_off)
 
 
@@ -226,6 +255,8 @@ def test_unsupported_offload_configs_are_refused_by_name(stage: int, zero: dict,
 def _two_ranks(rank: int, world_size: int) -> None:
     for stage in (1, 2, 3):
         for grad_accum in (1, 2):
+            # With accumulation, also the host update chunk by chunk (a fresh process: no undo).
+            OffloadedUpdate.CHUNK_NUMEL = 300 if grad_accum == 2 else 1 << 26
             kw = {"grad_accum": grad_accum, "gradient_clipping": 0.5, "world_size": world_size, "rank": rank}
             plain, hist_plain = train(*_build_dist(stage, None, **kw), rank=rank)
             offloaded, hist_off = train(*_build_dist(stage, OFFLOAD, **kw), rank=rank)

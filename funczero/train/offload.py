@@ -8,12 +8,15 @@ ranks at stages 1-3) off the device. :func:`funczero.make_train_step` then runs 
 
 1. forward and backward on the device, gradients reduced into fp32 shards as without offload;
 2. the global norm, the inf/nan flag, the unscale and the clip on the device, as without offload;
-3. the gradient shards copied into pinned host buffers (``non_blocking``), then the inf/nan flag
-   copied to the host: the step's one device synchronisation, which the CPU update needs
-   anyway (it must read the gradients);
-4. the optimizer's in-place update on the host tensors: torch's fused CPU AdamW
-   (``torch._fused_adamw_``, multi-threaded over torch's intra-op threads) or the alias's
-   foreach step; a skipped step (not finite) runs nothing at all;
+3. the inf/nan flag, then the gradient shards in chunks of about 64M elements, copied into
+   pinned host buffers (``non_blocking``, a CUDA event after each chunk); waiting for the flag
+   is the step's one device synchronisation (a skipped step, not finite, then runs nothing on
+   the host);
+4. the optimizer's in-place update on the host tensors, chunk by chunk as each chunk's event
+   completes, so the host computes while later chunks are still copied: torch's fused CPU
+   AdamW (``torch._fused_adamw_``, vectorised, multi-threaded over torch's intra-op threads) or
+   the alias's foreach step. Updates that are not elementwise per parameter (a ``chain`` with a
+   global-norm clip) run in one call once every chunk has arrived;
 5. the updated master weights cast to the compute dtype on the host, copied to the device
    (``non_blocking`` from pinned buffers: the host goes on to the next step while they
    travel), and the stage's ``rebuild_params`` (all-gather at stages 1-2, keep the shards at 3).
@@ -161,7 +164,11 @@ class OffloadedUpdate:
     def __call__(
         self, state: Any, grads: dict[str, torch.Tensor], found_inf: torch.Tensor
     ) -> tuple[torch.Tensor, Tensors, Tensors, Any]:
-        """``(lr, params, master, opt_state)`` after the host update; nothing changes if ``found_inf``."""
+        """``(lr, params, master, opt_state)`` after the host update; nothing changes if ``found_inf``.
+
+        The gradients travel in chunks, each with a CUDA event: the host updates chunk ``k``
+        while chunk ``k + 1`` is still being copied.
+        """
         if state.layout.offload == "none":
             raise ValueError(
                 "make_train_step was built with offload= but the state keeps its optimizer on "
@@ -169,22 +176,63 @@ class OffloadedUpdate:
                 "with the same offload settings"
             )
         device = found_inf.device
-        trainable = self.plan.trainable
         self._buffers(state.master, device)
+        cuda = device.type == "cuda"
         non_blocking = self.offload.pins(device)
-        host_grads = [self._grads[n] for n in trainable]
-        if host_grads:
-            for h, n in zip(host_grads, trainable):
-                h.copy_(grads[n], non_blocking=non_blocking)
-        # The step's one synchronisation: it orders after the gradient copies on the stream, so
-        # once the flag is on the host, so are the gradients.
-        skip = bool(found_inf.to(self.offload.host))
-        if skip:  # counts advance by 0 and nothing is written: the same as a skipping kernel
-            lr_of = self.inner.lr_of
-            lr = torch.as_tensor(lr_of(state.opt_state) if lr_of is not None else 0.0, dtype=torch.float32)
+        # The flag first: waiting for it waits for backward and the norm, not for the copies.
+        flag = found_inf.to(self.offload.host, non_blocking=non_blocking)
+        flag_ready = _record_event() if cuda else None
+        chunks = self._chunks(state)
+        arrived = []
+        for names in chunks:
+            for n in names:
+                self._grads[n].copy_(grads[n], non_blocking=non_blocking)
+            arrived.append(_record_event() if cuda else None)
+        if flag_ready is not None:
+            flag_ready.synchronize()  # the step's one wait for the device
+        lr_of = self.inner.lr_of
+        lr = torch.as_tensor(lr_of(state.opt_state) if lr_of is not None else 0.0, dtype=torch.float32)
+        if bool(flag):  # counts advance by 0 and nothing is written: the same as a skipping kernel
             return lr.to(device), dict(state.params), dict(state.master), state.opt_state
-        lr, params, master, opt_state = self.inner(state, dict(zip(trainable, host_grads)), None)
-        return lr.to(device), params, master, opt_state
+        if len(chunks) == 1:
+            if arrived[0] is not None:
+                arrived[0].synchronize()
+            host_grads = {n: self._grads[n] for n in chunks[0]}
+            _, params, master, opt_state = self.inner(state, host_grads, None)
+            return lr.to(device), params, master, opt_state
+        opt_state = state.opt_state
+        every = frozenset(self.plan.trainable)
+        for names, event in zip(chunks, arrived):
+            if event is not None:
+                event.synchronize()
+            part = self.inner.optimizer.update_(
+                {n: self._grads[n] for n in names}, _restrict(state.opt_state, every, names),
+                {n: state.master[n] for n in names}, found_inf=None, reduce_fn=self.plan.reduce_fn,
+            )  # fmt: skip
+            # Moments were updated in place; counts and schedules advanced alike in every chunk.
+            opt_state = _merge(state.opt_state, part, every)
+        return lr.to(device), dict(state.params), dict(state.master), opt_state
+
+    def _chunks(self, state: Any) -> list[list[str]]:
+        """Trainable parameters in runs of about :attr:`CHUNK_NUMEL` elements, or all in one
+        when the update is not elementwise per parameter (a chain with a global-norm clip) or not
+        in place."""
+        trainable = list(self.plan.trainable)
+        if not (self.in_place and _elementwise(self.inner.optimizer)) or not trainable:
+            return [trainable]
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for n in trainable:
+            if chunks[-1] and size >= self.CHUNK_NUMEL:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(n)
+            size += state.master[n].numel()
+        return chunks
+
+    CHUNK_NUMEL = 1 << 26
+    """Elements per gradient chunk (256 MiB of fp32): large enough that a CPU update call is
+    long against its overhead, small enough that the first one starts early."""
 
     def rebuild_params(self, params: Tensors, master: Tensors) -> Tensors:
         """Compute-dtype device parameters from the host master weights, then the stage's
@@ -202,3 +250,41 @@ class OffloadedUpdate:
             out.copy_(staged, non_blocking=non_blocking)
             shards[n] = out
         return plan.policy.rebuild_params(plan, params, shards, in_place=self.in_place)
+
+
+# The aliases whose in-place update treats each parameter on its own (per-parameter moments, a
+# per-parameter trust ratio): updating some parameters at a time is the same update.
+_ELEMENTWISE = frozenset({"adam", "adamw", "sgd", "adagrad", "lion", "lamb"})
+
+
+def _elementwise(optimizer: Any) -> bool:
+    update_ = getattr(optimizer, "update_", None)
+    return update_ is not None and getattr(update_, "__qualname__", "").split(".")[0] in _ELEMENTWISE
+
+
+def _record_event() -> torch.cuda.Event:
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _restrict(tree: Any, every: frozenset[str], names: list[str]) -> Any:
+    """``tree`` with each per-parameter dict (keyed by every trainable parameter) cut to ``names``."""
+    if isinstance(tree, dict) and tree.keys() == every:
+        return {n: tree[n] for n in names}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_restrict(x, every, names) for x in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_restrict(x, every, names) for x in tree)
+    return tree
+
+
+def _merge(full: Any, part: Any, every: frozenset[str]) -> Any:
+    """``part``'s values (counts) with ``full``'s per-parameter dicts (updated in place)."""
+    if isinstance(full, dict) and full.keys() == every:
+        return full
+    if isinstance(full, tuple) and hasattr(full, "_fields"):
+        return type(full)(*(_merge(f, p, every) for f, p in zip(full, part)))
+    if isinstance(full, (tuple, list)):
+        return type(full)(_merge(f, p, every) for f, p in zip(full, part))
+    return part
