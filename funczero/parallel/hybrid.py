@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from funczero.parallel.collectives import Pending
+from funczero.parallel.divergence import check_same_collective, spmd_check_enabled
 from funczero.parallel.sharding import Unit
 
 # torch 2.13 renamed the flat-tensor collective; keep working on torch >= 2.5.
@@ -246,6 +247,8 @@ def reduce_scatter_unit_hybrid_async(
     all-reduce plus slice (``reduce_scatter: false``).
     """
     chunks = unit.chunk_grads(grads, dtype)  # [S, numel per rank]
+    if layout.shard_size > 1:
+        _same_on_every_rank("reduce-scatter in the shard group", unit, chunks, layout.shard_group)
     if layout.shard_size == 1:
         work, shard = None, chunks[0]
     elif use_all_reduce:
@@ -263,6 +266,7 @@ def reduce_scatter_unit_hybrid_async(
     def across_replicas() -> None:
         # A contiguous copy of the row (after an all-reduce the [S, numel] buffer can go).
         reduced = shard.clone() if use_all_reduce and layout.shard_size > 1 else shard
+        _same_on_every_rank(_REPLICA_LABEL, unit, reduced, layout.replicate_group)
         ar = dist.all_reduce(reduced, op=dist.ReduceOp.AVG, group=layout.replicate_group, async_op=True)
         replicas = Pending(ar, lambda: out.copy_(reduced), (_REPLICA_LABEL, unit))
         if pipeline is None:
@@ -271,3 +275,12 @@ def reduce_scatter_unit_hybrid_async(
             pipeline.issued(replicas)
 
     return unit.split_shard(out), Pending(work, across_replicas, ("reduce-scatter", unit))
+
+
+def _same_on_every_rank(op: str, unit: Unit, buffer: torch.Tensor, group: Any) -> None:
+    """The SPMD check (``FUNCZERO_SPMD_CHECK``) before one of this module's collectives."""
+    if spmd_check_enabled():
+        check_same_collective(
+            lambda: f"{op} of unit {unit.name!r} ({buffer.numel()} {buffer.dtype})",
+            group=group, device=buffer.device,
+        )
