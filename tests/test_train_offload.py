@@ -270,3 +270,23 @@ def _build_dist(stage: int, offload: OptimizerOffload | None, *, world_size: int
 
 def test_two_gloo_ranks_follow_the_trajectory_without_offload_at_stages_1_to_3() -> None:
     run_distributed(_two_ranks, 2, timeout=240)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_pretrained_weights_load_into_and_export_from_an_offloaded_state(tmp_path: Path, stage: int) -> None:
+    from funczero.pretrained import export_pretrained, load_pretrained  # noqa: PLC0415
+
+    trained, _ = train(*build(stage, None), steps=2)
+    export_pretrained(trained, tmp_path / "in", dtype="fp32")
+    fresh, step = build(stage, OFFLOAD)
+    got = load_pretrained(fresh, tmp_path / "in")
+    assert got.layout.offload == "cpu"
+    for n in trained.master:
+        assert torch.equal(got.master[n], trained.master[n]), n
+    for n in trained.params:
+        assert torch.equal(got.params[n], trained.params[n].to(got.params[n].dtype)), n
+    got, _ = step(got, batch(0))
+    export_pretrained(got, tmp_path / "out", dtype="fp32")
+    again = load_pretrained(build(stage, None)[0], tmp_path / "out")
+    for n in got.master:
+        assert torch.equal(again.master[n], got.master[n]), n
