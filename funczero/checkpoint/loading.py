@@ -245,12 +245,12 @@ def _read_leaf(
 ) -> torch.Tensor:
     """The leaf's loaded tensor: ``leaf`` itself when donating, else a new one."""
     if donate and leaf.is_contiguous():
-        _fill(reader, want, saved, leaf, like)
+        _fill(reader, want, saved, leaf.detach(), like)  # detach: its memory, never autograd's
         return leaf
     out = torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
     _fill(reader, want, saved, out, like)
     if donate:  # a strided leaf (rare): read whole, then copied into place
-        leaf.copy_(out)
+        leaf.detach().copy_(out)
         return leaf
     return out
 
