@@ -126,10 +126,9 @@ def _assert_follows(
 
 
 def test_4_ranks_as_2x2_follow_stage0_on_one_process(
-    gloo_world: Callable[..., list[dict[str, torch.Tensor]]], single_process: dict[str, torch.Tensor]
+    four_ranks: tuple[list[dict[str, torch.Tensor]], Any], single_process: dict[str, torch.Tensor]
 ) -> None:
-    reports = gloo_world(_hybrid_worker, 4, [2], False, timeout=240.0)
-    _assert_follows(reports, single_process, "2x2")
+    _assert_follows(four_ranks[0], single_process, "2x2")
 
 
 def test_8_ranks_as_2x4_and_4x2_meshes_follow_stage0_on_one_process(
@@ -248,11 +247,11 @@ def _bad_mesh_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
     finally:
         set_spmd_check(previous)
     assert torch.isfinite(metrics["loss"])
-    return {}
+    return {"meshes/checked": torch.ones(())}
 
 
-def test_bad_meshes_give_clear_errors(gloo_world: Callable[..., list[dict[str, torch.Tensor]]]) -> None:
-    gloo_world(_bad_mesh_worker, 4, timeout=120.0)
+def test_bad_meshes_give_clear_errors(four_ranks: tuple[list[dict[str, torch.Tensor]], Any]) -> None:
+    assert all(r["meshes/checked"].item() == 1 for r in four_ranks[0])
 
 
 
@@ -307,12 +306,28 @@ def _ckpt_worker(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
     return report
 
 
+def _four_rank_worker(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
+    """Everything on 4 ranks in one spawn: mesh errors, 2x2 trajectories, checkpoints."""
+    return {
+        **_bad_mesh_worker(rank, world),
+        **_hybrid_worker(rank, world, [2], False),
+        **_ckpt_worker(rank, world, root),
+    }
+
+
 @pytest.fixture(scope="module")
-def checkpoint_round_trip(
+def four_ranks(
     gloo_world: Callable[..., list[dict[str, torch.Tensor]]], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[dict[str, torch.Tensor]], Any]:
     root = tmp_path_factory.mktemp("hybrid-ckpt")
-    return gloo_world(_ckpt_worker, 4, str(root), timeout=240.0), root
+    return gloo_world(_four_rank_worker, 4, str(root), timeout=300.0), root
+
+
+@pytest.fixture(scope="module")
+def checkpoint_round_trip(
+    four_ranks: tuple[list[dict[str, torch.Tensor]], Any],
+) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    return four_ranks
 
 
 def _section(report: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
