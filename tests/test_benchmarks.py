@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "impl": str,
@@ -66,3 +68,23 @@ def test_offload_tiny_cpu_runs_with_and_without_offload_to_the_same_loss(tmp_pat
     # Same model, data and AdamW: offload changes where the optimizer runs, not the trajectory.
     assert rows[0]["loss"] == rows[1]["loss"] and math.isfinite(rows[0]["loss"])
     assert "| fz2-off |" in proc.stderr
+
+
+def test_hf_load_tiny_cpu_prints_one_json_line_per_system(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf_load.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "hf_load.py"), "--device", "cpu", "--tiny",
+         "--systems", "hf,funczero-z3", "--tmp", str(tmp_path), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["system"] for r in rows] == ["hf", "funczero-z3"]
+    assert rows[0]["params"] == rows[1]["params"] > 100_000  # the same model, both ways
+    for r in rows:
+        assert r["load_s"] > 0 and r["GB_per_s"] > 0 and r["ckpt_GB"] > 0, r
+        assert r["files"] > 1  # save_pretrained sharded it
+    assert rows[1]["stage"] == 3 and rows[1]["init_s"] > 0
+    assert "| funczero-z3 |" in proc.stdout
+    assert list(tmp_path.iterdir()) == [out]  # the checkpoint's temporary directory is gone
