@@ -121,13 +121,7 @@ def forward_backward(
             with phase("backward"):
                 grads_list = torch.autograd.grad(loss * loss_multiplier, inputs, allow_unused=True)
     finally:
-        # Every issued collective is waited (its buffers are held until then), even on error.
-        assert ctx.queue is not None
-        ctx.queue.drain()
-        if ctx.prefetch is not None:
-            ctx.prefetch.drain()
-        if ctx.regather is not None:
-            ctx.regather.clear()
+        ctx.close()  # waits for every issued collective, even on error
     grads = {
         n: torch.zeros_like(x) if g is None else g for n, x, g in zip(trainable, inputs, grads_list)
     }
@@ -201,8 +195,7 @@ def forward_only(
                 tensors.update(materialize_unit(su, ctx, anchors))
             loss, aux = run(tensors)
     finally:
-        if ctx.prefetch is not None:
-            ctx.prefetch.drain()
+        ctx.close()
     return loss, aux, counts[0]
 
 

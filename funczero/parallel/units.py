@@ -158,6 +158,23 @@ class StepContext:
             self.queue.submit(pending)
         return [out[n] for n in su.trainable]
 
+    def close(self) -> None:
+        """Wait for everything in flight and let go of the step's tensors.
+
+        The prefetcher and the re-gather hooks call back into this context (and so hold it, and
+        its parameters, in a reference cycle): dropping them here frees the step's tensors when
+        the caller drops them, not at the next garbage collection.
+        """
+        try:
+            if self.queue is not None:
+                self.queue.drain()  # every issued collective is waited (it holds its buffers)
+            if self.prefetch is not None:
+                self.prefetch.drain()
+        finally:
+            if self.regather is not None:
+                self.regather.clear()
+            self.queue = self.prefetch = self.regather = None
+
     def regathers(self, su: StepUnit) -> bool:
         """Whether ``su``'s gathered parameters are dropped after forward and gathered again."""
         return self.regather is not None and not su.replicated and not su.keep_gathered
