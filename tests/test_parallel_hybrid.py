@@ -364,12 +364,7 @@ def test_checkpoint_saved_at_2x2_loads_in_one_process(checkpoint_round_trip: Any
 
 def test_checkpoint_saved_by_4_flat_ranks_loads_at_2x2(checkpoint_round_trip: Any) -> None:
     reports, _ = checkpoint_round_trip
-    if "back/blocked" in reports[0]:
-        pytest.xfail(
-            "funczero.checkpoint.comm.check_world refuses a state whose world is a shard group "
-            "(2 of 4 ranks); loading into a hybrid state needs it to accept shard groups of "
-            "consecutive ranks"
-        )
+    assert "back/blocked" not in reports[0], "check_world refused a shard-group state"
     for rank, got in enumerate(reports):
         want = _section(got, "flat/next")
         loaded = _section(got, "back/loaded")

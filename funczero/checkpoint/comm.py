@@ -36,7 +36,10 @@ def check_world(world_size: int, rank: int, *, need_group: bool = True) -> None:
             f"the state's layout says world_size={world_size}, but torch.distributed is not "
             "initialised; call funczero.init_distributed() (every rank calls save/load)"
         )
-    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+    peers, me = dist.get_world_size(), dist.get_rank()
+    # Hybrid sharding: the state's layout is its shard group's (rank = replica * size + shard).
+    hybrid = peers % world_size == 0 and me % world_size == rank
+    if (peers, me) != (world_size, rank) and not hybrid:
         raise RuntimeError(
             f"the state's layout is rank {rank} of {world_size}, but this process is rank "
             f"{dist.get_rank()} of {dist.get_world_size()} in the default process group"
