@@ -14,7 +14,12 @@ from safetensors.torch import save_file
 
 from funczero import optim
 from funczero.parallel.plan import build_plan
-from funczero.pretrained import WeightsFormatError, WeightsMismatchError, export_pretrained, load_pretrained
+from funczero.pretrained import (
+    WeightsFormatError,
+    WeightsMismatchError,
+    export_pretrained,
+    load_pretrained,
+)
 from funczero.train.state import TrainState, init_state
 
 
