@@ -3,7 +3,9 @@
 The model directory is what ``save_pretrained`` or ``huggingface-cli download --local-dir``
 writes (``config.json`` plus ``model.safetensors`` or a sharded index). The run loads its
 weights straight into each rank's shards (``funczero.pretrained.load_pretrained``), trains on
-a text file, and exports a directory that ``AutoModelForCausalLM.from_pretrained`` opens.
+a text file, and exports a directory that ``AutoModelForCausalLM.from_pretrained`` opens. The
+model is built on the meta device, so no rank ever holds all of its weights (peak host memory
+per rank: its shards plus one module).
 
 Without a model at hand, ``--make-tiny`` first writes a tiny random Llama (byte vocabulary) to
 ``--model``, so the example runs offline on the CPU in seconds:
@@ -120,12 +122,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ids = torch.tensor(tokenize(Path(args.data).read_text(encoding="utf-8")), dtype=torch.long)
     dataset = TokenWindows(ids, args.seq_len)
 
-    # The architecture from config.json; its random initial weights are replaced below.
+    # The architecture from config.json, on the meta device: no rank ever holds the whole model.
+    # initialize creates it module by module, each rank keeping only its shards (random values,
+    # replaced below).
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
     torch.manual_seed(args.seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config)
     run = funczero.initialize(model, config, causal_lm_loss, training_data=dataset, seed=args.seed)
     start = time.perf_counter()
-    # donate=True: the weights go into the state's own tensors (no second copy in memory).
+    # Each rank reads only its shards' bytes; donate=True writes into the state's own tensors
+    # (no second copy in memory). initialize(..., init_from=model_dir) does the same in one call.
     state = load_pretrained(run.state, model_dir, plan=run.plan, donate=True)
     if topo.rank == 0:
         n = sum(math.prod(s) for _, s in state.layout.shapes)
