@@ -147,7 +147,7 @@ def llama_config(args: argparse.Namespace) -> Any:
         vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 8),
         intermediate_size=args.d_model * 11 // 4, max_position_embeddings=max(2048, args.seq),
-        tie_word_embeddings=False, attn_implementation="sdpa",
+        tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False,  # training: no KV cache
     )  # fmt: skip
 
 

@@ -260,14 +260,36 @@ def _accumulate(
         if fb.count is not None:
             count = fb.count if count is None else count + fb.count
         if acc is None:
-            # Converting one gradient at a time and dropping each compute-dtype original as it
-            # goes keeps the bf16 and fp32 copies of all gradients from coexisting (2 bytes per
-            # parameter less at the step's peak).
-            acc = {n: grads.pop(n).float() for n in list(grads)} if own_accumulator else grads
+            acc = _pop_as_fp32(grads) if own_accumulator else grads
         else:
             torch._foreach_add_(list(acc.values()), [grads[n] for n in acc])
     assert acc is not None
     return loss_sum, count, aux, acc, buffers
+
+
+_CAST_CHUNK_NUMEL = 1 << 26  # 256 MB of fp32 in flight beyond the gradients themselves
+
+
+def _pop_as_fp32(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 copies of ``grads``, emptying ``grads`` as it goes.
+
+    One foreach copy per chunk of about 64M elements: the multi-tensor kernel casts at memory
+    speed (a per-tensor ``.float()`` took 2.4x as long on an H200), and dropping each chunk's
+    compute-dtype originals as it goes keeps the bf16 and fp32 copies of all gradients from
+    coexisting (2 bytes per parameter less at the step's peak).
+    """
+    out: dict[str, torch.Tensor] = {}
+    names = list(grads)
+    while names:
+        chunk, numel = [], 0
+        while names and (not chunk or numel + grads[names[0]].numel() <= _CAST_CHUNK_NUMEL):
+            numel += grads[names[0]].numel()
+            chunk.append(names.pop(0))
+        src = [grads.pop(n) for n in chunk]
+        dst = [torch.empty_like(g, dtype=torch.float32) for g in src]
+        torch._foreach_copy_(dst, src)
+        out.update(zip(chunk, dst))
+    return out
 
 
 def _norm_and_loss(
