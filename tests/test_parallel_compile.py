@@ -153,3 +153,10 @@ def test_deepspeed_compile_block_turns_on_regional_compilation(tmp_path: Path) -
     for _ in range(2):
         state, _ = run.train_step(state, make_tiny_batch())
     assert _graphs() == 1 and _recompiles() == 0
+
+
+def test_compiling_a_model_with_a_kv_cache_in_training_warns() -> None:
+    model = make_tiny_gpt()
+    model.config = type("Config", (), {"use_cache": True})()  # what a Hugging Face model has
+    with pytest.warns(UserWarning, match="use_cache = False"):
+        compile_unit_forwards(model, ("blocks.0",), CompileOptions(backend="eager"))

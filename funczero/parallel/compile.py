@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -122,6 +123,14 @@ def compile_unit_forwards(
     """
     if options is None:
         return {}
+    if getattr(getattr(module, "config", None), "use_cache", False):
+        warnings.warn(
+            f"{type(module).__name__}.config.use_cache is True: a Hugging Face model then builds a "
+            "KV cache in training, whose per-layer guards recompile every block (torch.compile "
+            "stops at its recompile limit and runs the rest eagerly); set "
+            "model.config.use_cache = False for training",
+            stacklevel=3,
+        )
     by_class: dict[type, Callable[..., Any]] = {}
     out: dict[str, Callable[..., Any]] = {}
     for name in units:
