@@ -133,3 +133,27 @@ def test_hf_config_is_built_on_meta(tmp_path: Path) -> None:
     facts = model_facts(model, seq_len=16)
     assert facts.n_trainable == sum(p.numel() for p in model.parameters())
     assert facts.activations_checkpointed is not None and facts.activations is not None
+
+
+def test_hybrid_sharding_holds_per_rank_what_a_world_of_its_shard_size_holds() -> None:
+    facts = model_facts(GPT(CFG))
+    for stage in (1, 2, 3):
+        hybrid = estimate_stage(facts, stage=stage, world_size=8, shard_size=2, persistence_threshold=0)
+        flat = estimate_stage(facts, stage=stage, world_size=2, persistence_threshold=0)
+        assert hybrid.world_size == 8
+        assert (hybrid.params, hybrid.grads, hybrid.master, hybrid.opt_state) == (
+            flat.params, flat.grads, flat.master, flat.opt_state)
+    # Stage 0 replicates everything: a shard size changes nothing.
+    assert estimate_stage(facts, stage=0, world_size=8, shard_size=2).total == estimate_stage(
+        facts, stage=0, world_size=8).total
+    result = CliRunner().invoke(app, ["estimate", "tests.test_cli_estimate:tiny_gpt", "-w", "8",
+                                      "-s", "3", "--shard-size", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ValueError, match="shard_size=0 must be >= 1"):
+        estimate_stage(facts, stage=3, world_size=8, shard_size=0)
+
+
+def test_an_hf_config_path_that_is_no_config_is_a_clean_error(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = CliRunner().invoke(app, ["estimate", "--hf-config", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "missing.json" in result.output

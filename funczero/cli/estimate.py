@@ -99,11 +99,15 @@ def _shard(n: int, w: int) -> int:
 
 def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision: str = "bf16",
                    optimizer: str = "adamw", grad_accum: int = 1,
-                   persistence_threshold: int = 100_000) -> StageEstimate:
+                   persistence_threshold: int = 100_000,
+                   shard_size: int | None = None) -> StageEstimate:
     """Per-rank bytes of ``facts`` at ZeRO ``stage`` on ``world_size`` ranks.
 
     ``persistence_threshold`` is ``stage3_param_persistence_threshold``: at stage 3, parameters
     with fewer elements stay replicated in the compute dtype (as gathered, padded buffers).
+    ``shard_size`` is hybrid sharding's shard group (``mics_shard_size``): stages 1-3 shard over
+    that many ranks and replicate across the groups, so a rank holds what it would on a world
+    of ``shard_size`` ranks.
 
     Example:
         >>> facts = ModelFacts(trainable=(1000,), frozen=(), buffer_bytes=0, largest_layer=1000)
@@ -120,7 +124,11 @@ def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision:
         raise ValueError(f"world_size={world_size} and grad_accum={grad_accum} must be >= 1")
     if precision not in _ITEMSIZE:
         raise ValueError(f"precision={precision!r} must be one of {', '.join(_ITEMSIZE)}")
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be >= 1 (mics_shard_size)")
     c, w = _ITEMSIZE[precision], world_size
+    if shard_size is not None and policy.master_sharded:
+        w = min(shard_size, world_size)
     per_elem, scalars = optimizer_bytes_per_element(optimizer)
     full = facts.n_trainable
     shards = sum(_shard(f, w) for f in facts.trainable)
@@ -144,7 +152,7 @@ def estimate_stage(facts: ModelFacts, *, stage: int, world_size: int, precision:
             grads += (c if grad_accum == 1 else 4) * full
     from funczero.train.memory import deepspeed_model_state_bytes
 
-    return StageEstimate(stage, w, params, grads, master, opt + (scalars if full else 0),
+    return StageEstimate(stage, world_size, params, grads, master, opt + (scalars if full else 0),
                          facts.buffer_bytes, deepspeed_model_state_bytes(full, stage, w),
                          facts.activations, facts.activations_checkpointed)
 
@@ -303,6 +311,9 @@ def estimate_command(
     persistence_threshold: Annotated[int, typer.Option(
         "--persistence-threshold", min=0,
         help="stage3_param_persistence_threshold: smaller parameters stay replicated.")] = 100_000,
+    shard_size: Annotated[int | None, typer.Option(
+        "--shard-size", min=1,
+        help="Hybrid sharding (mics_shard_size): shard stages 1-3 over groups of this many ranks.")] = None,
     micro_batch: Annotated[int, typer.Option("--micro-batch", min=1)] = 1,
     seq_len: Annotated[int | None, typer.Option(
         "--seq-len", min=1, help="Token sequence length: adds activations (token-id models).")] = None,
@@ -319,8 +330,8 @@ def estimate_command(
         facts = model_facts(model, precision=precision, micro_batch=micro_batch, seq_len=seq_len)
         rows = estimate(facts, stages=stages, world_sizes=sizes, precision=precision,
                         optimizer=optimizer, grad_accum=grad_accum,
-                        persistence_threshold=persistence_threshold)
-    except (ValueError, TypeError, ImportError, FileNotFoundError, AttributeError) as e:
+                        persistence_threshold=persistence_threshold, shard_size=shard_size)
+    except (ValueError, TypeError, ImportError, OSError, AttributeError) as e:
         typer.echo(f"funczero estimate: error: {e}", err=True)
         raise typer.Exit(2) from None
     if as_json:
