@@ -25,6 +25,8 @@ fresh world of ``--world`` spawned ranks (so each rank's ``ru_maxrss`` is that p
   (``LlamaForCausalLM(config)``), then ``funczero.initialize`` at stage 3;
 * ``meta``: the model built on the meta device, ``funczero.initialize`` creates it module by
   module and keeps this rank's shards;
+* ``zero-init`` (needs ``deepspeed``; run the script with a Python that has it): DeepSpeed's
+  ``LlamaForCausalLM(config)`` under ``deepspeed.zero.Init`` (fp32 partitions, no optimizer);
 * ``load``: as ``meta``, then ``load_pretrained(..., donate=True)`` from a Hugging Face directory
   written once by ``save_pretrained`` (sharded, ``--ckpt-dtype``, under a temporary directory
   that is deleted afterwards): what ``initialize(init_from=dir)`` does.
@@ -49,7 +51,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 import torch
@@ -115,9 +117,9 @@ def llama_config(model: str) -> Any:
 def llama_worlds(args: argparse.Namespace, worlds: list[int], phases: list[str]) -> None:
     from funczero.testing.distributed import run_distributed
 
-    bad = sorted(set(phases) - {"eager", "meta", "load"})
+    bad = sorted(set(phases) - {"eager", "meta", "load", "zero-init"})
     if bad:
-        raise SystemExit(f"--phases: unknown {bad}; choose from eager, meta, load")
+        raise SystemExit(f"--phases: unknown {bad}; choose from eager, meta, load, zero-init")
     tmp = Path(tempfile.mkdtemp(prefix="init-memory-", dir=args.tmp))
     rows: list[dict[str, Any]] = []
     try:
@@ -181,13 +183,19 @@ def measure_rank(rank: int, world: int, phase: str, model: str, state_kind: str,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}} if state_kind == "adamw"
         else {"type": "SGD", "params": {"lr": 1e-4, "momentum": 0.0}},
     }  # fmt: skip
-    with torch.device("meta"):  # the one-time imports of the meta device context, before the baseline
+    # The one-time imports of the meta device context (torch._dynamo among them), before the
+    # baseline; zero.Init also needs them done first (dynamo refuses its patched Tensor.__new__).
+    with torch.device("meta"):
         transformers.LlamaForCausalLM(llama_config("llama-tiny"))
+    if phase == "zero-init":
+        import deepspeed  # noqa: F401 - before the baseline, as transformers
     torch.distributed.barrier()
     proc = psutil.Process()
     rss0, maxrss0 = proc.memory_info().rss, _ru_maxrss()
     t0 = time.perf_counter()
     torch.manual_seed(0)
+    if phase == "zero-init":
+        return _deepspeed_zero_init(rank, config, state_kind, out, rss0, maxrss0)
     if phase == "eager":
         hf = transformers.LlamaForCausalLM(config)
     else:
@@ -223,6 +231,36 @@ def measure_rank(rank: int, world: int, phase: str, model: str, state_kind: str,
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
 
 
+def _deepspeed_zero_init(rank: int, config: Any, state_kind: str, out: str, rss0: int, maxrss0: int) -> None:
+    """DeepSpeed's way: ``LlamaForCausalLM(config)`` under ``deepspeed.zero.Init`` (fp32).
+
+    zero.Init partitions each module's parameters as soon as the module is built; the state is
+    the fp32 parameter partitions (what ``--state params`` holds), no optimizer.
+    """
+    import deepspeed
+    import transformers
+
+    if state_kind != "params":
+        raise SystemExit("--phases zero-init measures parameters only (--state params)")
+    deepspeed.init_distributed(dist_backend="gloo")  # joins the existing gloo group
+    t0 = time.perf_counter()
+    with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                  "zero_optimization": {"stage": 3}}, dtype=torch.float32):
+        model = transformers.LlamaForCausalLM(config)
+    t1 = time.perf_counter()
+    peak = _ru_maxrss()
+    local = sum(p.ds_tensor.numel() for p in model.parameters())
+    largest_module = max(sum(p.ds_numel for p in m.parameters(recurse=False)) for m in model.modules())
+    row = {
+        "rank": rank, "params": sum(p.ds_numel for p in model.parameters()),
+        "rss_before_GB": round(rss0 / GB, 3), "peak_rss_GB": round(peak / GB, 3),
+        "peak_growth_GB": round((peak - rss0) / GB, 3) if peak > maxrss0 else None,
+        "state_GB": round(local * 4 / GB, 3), "largest_unit_fp32_GB": round(largest_module * 4 / GB, 3),
+        "build_s": round(t1 - t0, 2), "init_s": None, "load_s": None, "deepspeed": deepspeed.__version__,
+    }  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(row))
+
+
 class RssSampler:
     """This process's RSS when entered and its highest sample (every 2 ms) until exit.
 
@@ -236,7 +274,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         rss = psutil.Process().memory_info().rss
         self.peak = (rss, rss)
         self._thread.start()
