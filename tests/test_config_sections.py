@@ -87,10 +87,9 @@ def test_legacy_and_deprecated_zero_forms() -> None:
 
 def test_unsupported_features_are_rejected_with_the_fix() -> None:
     assert error_of({"train_batch_size": 8, "zero_optimization": {
-        "stage": 2, "offload_optimizer": {"device": "cpu"}}}) == (
-        'zero_optimization.offload_optimizer.device="cpu" is not supported by funczero '
-        "(CPU/NVMe offload is not implemented: funczero keeps everything on the accelerator); "
-        'remove the key or set it to "none"'
+        "stage": 2, "offload_optimizer": {"device": "nvme"}}}) == (
+        'zero_optimization.offload_optimizer.device: NVMe offload is not implemented (funczero '
+        'offloads to host memory only): use "device": "cpu", got "nvme"'
     )
     assert "remove the 'elasticity' block or set \"enabled\": false" in error_of(
         {"train_batch_size": 8, "elasticity": {"enabled": True}})
