@@ -218,34 +218,23 @@ class ShardReader:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, values)`` blocks covering elements ``[a, b)`` of ``entry`` in order.
 
-        Each block is a new tensor; read it, do not modify it in place (it may still be being
-        hashed). Chunks traversed whole are checked against their SHA-256, hashed on a helper
-        thread while the next block is read (at most two blocks in flight); a mismatch raises
-        after the chunk's last block, so consumers must not commit before the end.
+        Chunks traversed whole are checked against their SHA-256 (incrementally); a mismatch
+        raises after the chunk's last block, so consumers must not commit before the end.
         """
         entry = self.index.resolve(entry)
         chunks = _range_chunks(entry)
         for i, lo, hi in overlaps([(c.start, c.stop) for c in chunks], a, b):
             c = chunks[i]
             f = self._chunk_file(entry, c)
-            whole = self.verify and lo == c.start and hi == c.stop
-            stream = lanes().start() if whole else None
-            previous: concurrent.futures.Future[None] | None = None
-            try:
-                for s in range(lo, hi, block_elems):
-                    piece = f.read(c.key, s - c.start, min(hi, s + block_elems) - c.start)
-                    self.bytes_read += piece.numel() * piece.element_size()
-                    if stream is not None:
-                        done = stream.update(_as_bytes(piece))
-                        if previous is not None:
-                            previous.result()  # bounds the blocks held for hashing to two
-                        previous = done
-                    yield s, piece
-                if stream is not None and stream.digest().result() != c.sha256:
-                    raise self._checksum_error(entry, c)
-            finally:
-                if stream is not None and stream.last is not None:
-                    concurrent.futures.wait([stream.last])
+            h = hashlib.sha256() if self.verify and lo == c.start and hi == c.stop else None
+            for s in range(lo, hi, block_elems):
+                piece = f.read(c.key, s - c.start, min(hi, s + block_elems) - c.start)
+                self.bytes_read += piece.numel() * piece.element_size()
+                if h is not None:
+                    h.update(_as_bytes(piece))
+                yield s, piece
+            if h is not None and h.hexdigest() != c.sha256:
+                raise self._checksum_error(entry, c)
 
     def _chunk_file(self, entry: TensorEntry, c: Chunk) -> TensorFile:
         """The file of chunk ``c``, checked to hold it as the index describes it."""
