@@ -1,4 +1,4 @@
-"""ShardReader: block reads hashed on helper threads while reading, whole or streamed."""
+"""ShardReader: ranges read in blocks (hashed on helper threads while reading) and streamed reads."""
 
 from __future__ import annotations
 
