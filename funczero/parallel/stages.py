@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.distributed as dist
 
-from funczero.parallel.collectives import all_gather_unit_async, all_reduce_mean_, reduce_scatter_unit
+from funczero.parallel.collectives import all_gather_labelled, all_gather_unit_async, all_reduce_mean_, reduce_scatter_unit
 from funczero.parallel.hybrid import reduce_scatter_unit_hybrid_async
 from funczero.parallel.sharding import Unit
 
@@ -205,6 +205,13 @@ def sync_buffers(plan: ZeroPlan, buffers: Tensors) -> Tensors:
     return buffers
 
 
+def _collective_device(group: object) -> torch.device | None:
+    """Where a collective's tensors must be: the current CUDA device for NCCL, else anywhere."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 def gather_full(plan: ZeroPlan, tensors: Mapping[str, torch.Tensor], *, sharded: bool) -> Tensors:
     """Return full copies of ``tensors`` (parameter-keyed), all-gathering them if ``sharded``.
 
@@ -213,6 +220,7 @@ def gather_full(plan: ZeroPlan, tensors: Mapping[str, torch.Tensor], *, sharded:
     evaluation, export and tests, not the hot path.
     """
     out: Tensors = {}
+    device = _collective_device(plan.group)
     for n, t in tensors.items():
         spec = plan.shard_specs[n]
         if not sharded:
@@ -220,7 +228,9 @@ def gather_full(plan: ZeroPlan, tensors: Mapping[str, torch.Tensor], *, sharded:
         elif plan.world_size == 1:
             out[n] = spec.full([t.detach()])
         else:
-            parts = [torch.empty_like(t) for _ in range(plan.world_size)]
-            dist.all_gather(parts, t.detach().contiguous(), group=plan.group)
-            out[n] = spec.full(parts)
+            # Offloaded leaves live on the host; NCCL gathers device tensors only.
+            x = (t.detach() if device is None else t.detach().to(device, non_blocking=True)).contiguous()
+            parts = [torch.empty_like(x) for _ in range(plan.world_size)]
+            all_gather_labelled(parts, x, f"all-gather of {n!r} (gather_full)", group=plan.group)
+            out[n] = spec.full(parts).to(t.device)
     return out
