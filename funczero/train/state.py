@@ -409,7 +409,8 @@ def init_state(
         opt_state=optimizer.init({n: master[n] for n in plan.trainable}),
         loss_scale=init_loss_scale(loss_scale or LossScaleConfig.disabled(), device=device),
         buffers={n: b.detach().to(device).clone() for n, b in (buffers or {}).items()},
-        rng=init_rng(seed, device=device, rank=plan.rank),
+        # Every data-parallel rank draws its own dropout masks (replicas of a hybrid mesh too).
+        rng=init_rng(seed, device=device, rank=plan.data_parallel_rank),
         skipped=torch.zeros((), dtype=torch.int64, device=device),
     )
 
