@@ -46,6 +46,7 @@ from typing import Any
 
 import psutil
 import torch
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
@@ -161,10 +162,15 @@ def run_system(system: str, shape: str, directory: Path, device: torch.device) -
     if system == "hf-device-map" and importlib.util.find_spec("accelerate") is None:
         return {**row, "skipped": "device_map needs `pip install accelerate`"}
     if system.startswith("hf"):
+        # transformers renamed torch_dtype= to dtype= in 4.56; an older one would take dtype= as a
+        # config attribute and load fp32.
+        dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        kwargs: dict[str, Any] = {dtype_key: torch.bfloat16}
         if system == "hf":
-            model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device)
+            model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs).to(device)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, device_map=str(device))
+            model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs, device_map=str(device))
+        row["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         _sync(device)
         seconds = time.perf_counter() - t0
         row.update(load_s=round(seconds, 3), params=sum(p.numel() for p in model.parameters()))

@@ -85,6 +85,7 @@ def test_hf_load_tiny_cpu_prints_one_json_line_per_system(tmp_path: Path) -> Non
     for r in rows:
         assert r["load_s"] > 0 and r["GB_per_s"] > 0 and r["ckpt_GB"] > 0, r
         assert r["files"] > 1  # save_pretrained sharded it
+    assert rows[0]["dtype"] == "bfloat16"  # from_pretrained was asked for bf16 and gave it
     assert rows[1]["stage"] == 3 and rows[1]["init_s"] > 0
     assert "| funczero-z3 |" in proc.stdout
     assert list(tmp_path.iterdir()) == [out]  # the checkpoint's temporary directory is gone
