@@ -68,10 +68,13 @@ def eager_host_ms(layers: int, steps: int, rounds: int, fsdp2: bool = False) -> 
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+        mesh = init_device_mesh("cpu", (1,))  # on the CPU even where CUDA exists
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     batch = (torch.randint(0, 32, (1, 4)), torch.randint(0, 32, (1, 4)))
 

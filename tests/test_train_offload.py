@@ -320,15 +320,19 @@ def _cuda_run(stage: int, offload: OptimizerOffload | None, cfg: GPTConfig, step
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_cuda_offload_follows_the_gpu_trajectory_and_frees_the_optimizer_memory(stage: int) -> None:
     # The CPU's fused AdamW and the GPU's round differently in the last bit, which can flip a
-    # bf16 parameter: a tolerance of a tenth of one step's update (lr 1e-3).
+    # bf16 parameter; from there the gradients differ slightly, and AdamW's normalised updates
+    # can move a weight by up to lr (1e-3) per step: a tolerance of 2 steps' updates on the
+    # master weights, and 2e-3 relative on the losses (measured on an H200: 1.1e-4), against
+    # a loss that falls by 20% over the 5 steps.
     cfg = GPTConfig(vocab_size=512, seq_len=8, d_model=256, n_layers=4, n_heads=4)
     plain, plain_losses, plain_bytes = _cuda_run(stage, None, cfg, steps=5)
     offloaded, losses, offloaded_bytes = _cuda_run(stage, OFFLOAD, cfg, steps=5)
     assert all(t.device.type == "cpu" for t in offloaded.master.values())
     assert all(t.is_cuda for t in offloaded.params.values())
-    assert losses == pytest.approx(plain_losses, rel=1e-4)
+    assert losses == pytest.approx(plain_losses, rel=2e-3)
+    assert losses[-1] < 0.9 * losses[0]
     for n in plain.master:
-        torch.testing.assert_close(offloaded.master[n], plain.master[n].cpu(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(offloaded.master[n], plain.master[n].cpu(), rtol=0, atol=2e-3)
     # Master weights and both moments (12 bytes per trainable parameter) leave the GPU; at
     # stage 3 the parameters become bf16 shards of their own (2 of those 12 come back).
     trainable = sum(t.numel() for t in offloaded.master.values())
