@@ -320,10 +320,11 @@ def _cuda_run(stage: int, offload: OptimizerOffload | None, cfg: GPTConfig, step
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_cuda_offload_follows_the_gpu_trajectory_and_frees_the_optimizer_memory(stage: int) -> None:
     # The CPU's fused AdamW and the GPU's round differently in the last bit, which can flip a
-    # bf16 parameter; from there the gradients differ slightly, and AdamW's normalised updates
-    # can move a weight by up to lr (1e-3) per step: a tolerance of 2 steps' updates on the
-    # master weights, and 2e-3 relative on the losses (measured on an H200: 1.1e-4), against
-    # a loss that falls by 20% over the 5 steps.
+    # bf16 parameter; from there the gradients differ slightly, and where a gradient is mostly
+    # bf16 noise AdamW's normalised update can take the other sign: up to 2 * lr (1e-3) per
+    # step on such a weight (measured on an H200: 5.3e-3 on 7% of one tensor's elements after
+    # 5 steps). So the weights get the bound of 5 opposite steps, and the trajectory is checked
+    # on the losses: 2e-3 relative (measured: 1.1e-4) against a loss that falls by 20%.
     cfg = GPTConfig(vocab_size=512, seq_len=8, d_model=256, n_layers=4, n_heads=4)
     plain, plain_losses, plain_bytes = _cuda_run(stage, None, cfg, steps=5)
     offloaded, losses, offloaded_bytes = _cuda_run(stage, OFFLOAD, cfg, steps=5)
@@ -332,7 +333,7 @@ def test_cuda_offload_follows_the_gpu_trajectory_and_frees_the_optimizer_memory(
     assert losses == pytest.approx(plain_losses, rel=2e-3)
     assert losses[-1] < 0.9 * losses[0]
     for n in plain.master:
-        torch.testing.assert_close(offloaded.master[n], plain.master[n].cpu(), rtol=0, atol=2e-3)
+        torch.testing.assert_close(offloaded.master[n], plain.master[n].cpu(), rtol=0, atol=1e-2)
     # Master weights and both moments (12 bytes per trainable parameter) leave the GPU; at
     # stage 3 the parameters become bf16 shards of their own (2 of those 12 come back).
     trainable = sum(t.numel() for t in offloaded.master.values())
