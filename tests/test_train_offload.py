@@ -298,6 +298,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def _cuda_run(stage: int, offload: OptimizerOffload | None, cfg: GPTConfig, steps: int):
     torch.manual_seed(0)
     device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()  # what earlier runs left alive (their states)
     model = GPT(cfg, device=device)
     plan = build_plan(model, stage=stage, precision="bf16")
     params, buffers = extract_tensors(model, plan.spec)
@@ -306,7 +308,7 @@ def _cuda_run(stage: int, offload: OptimizerOffload | None, cfg: GPTConfig, step
     state = init_state(plan, opt, params, buffers, offload=offload, device=device)
     del params, model
     torch.cuda.synchronize()
-    resident = torch.cuda.memory_allocated()
+    resident = torch.cuda.memory_allocated() - before
     step = make_train_step(cross_entropy_loss, opt, plan, offload=offload, gradient_clipping=1.0)
     losses = []
     for i in range(steps):
