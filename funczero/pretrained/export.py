@@ -263,7 +263,8 @@ def _export_state(
     layout = state.layout
     group = plan.group if plan is not None else None
     check_world(layout, group)
-    writer_rank = layout.rank == 0
+    # Hybrid sharding: rank 0 of every replica holds the same shards; only the first writes.
+    writer_rank = layout.rank == 0 and (plan is None or plan.data_parallel_rank == 0)
     device = state_device(state)
     failure: BaseException | None = None
     try:
