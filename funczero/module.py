@@ -296,14 +296,17 @@ def materialize(
     *,
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Create and initialise a meta-device module's tensors one module at a time.
+    """Create and initialise a meta-device module's tensors one module (or block) at a time.
 
     Visits the submodules in module order; for each that owns parameters not seen before (a
     tied weight is created once) or buffers, creates them on ``device``, runs ``init_fn`` on
     it, yields ``(name, tensor)`` for each (canonical parameter names, then buffer FQNs) and
-    puts meta tensors back, so at most one module's full tensors exist at a time. The global
-    RNG is drawn in module order, the same on every rank: the same seed gives the same
-    weights at any world size.
+    puts meta tensors back. With the root's ``_init_weights`` (the default for Hugging Face
+    models), each transformer block (a child of an ``nn.ModuleList``) is created whole and
+    initialised as ``block.apply(_init_weights)`` does, children before parents, so a parent
+    may re-initialise its children (GPT-2's scaled ``c_proj``). So at most one block's full
+    tensors exist at a time. The global RNG is drawn in module order, the same on every rank:
+    the same seed gives the same weights at any world size.
 
     Args:
         module: a module built on the meta device (e.g. ``with torch.device("meta"): ...``).
@@ -321,32 +324,82 @@ def materialize(
         torch.Size([1])
     """
     init = init_fn or default_init_fn(module)
+    # A root ``_init_weights`` (Hugging Face's convention) is applied like ``model.apply``:
+    # children before parents, so a parent may re-initialise its children's tensors (GPT-2
+    # rescales ``c_proj`` from its attention and MLP modules, which own no tensors).
+    parents_too = init_fn is None and callable(getattr(module, "_init_weights", None))
+    units = set(_outermost_units(module))
     seen: set[str] = set()
+    skip_under: str | None = None
     for path, mod in module.named_modules():
-        prefix = f"{path}." if path else ""
-        fresh = [
-            (attr, p) for attr, p in mod._parameters.items()
-            if p is not None and spec.aliases.get(prefix + attr, prefix + attr) not in seen
-        ]  # fmt: skip
-        buffers = [(attr, b) for attr, b in mod._buffers.items() if b is not None]
-        if not fresh and not buffers:
+        if skip_under is not None and path.startswith(skip_under):
             continue
-        saved = [(mod._parameters, attr, p) for attr, p in fresh] + [(mod._buffers, attr, b) for attr, b in buffers]
-        for attr, p in fresh:
-            mod._parameters[attr] = nn.Parameter(
-                torch.empty_like(p, device=device), requires_grad=p.requires_grad
-            )
-        for attr, b in buffers:
-            mod._buffers[attr] = torch.empty_like(b, device=device)
-        try:
-            with torch.no_grad():
-                init(mod)
-            for attr, _ in fresh:
+        if path in units and parents_too:
+            skip_under = path + "."
+            subtree = _post_order(mod, path)
+        else:
+            subtree = [(path, mod)]
+        yield from _materialize_group(subtree, spec, init, seen, device, parents=len(subtree) > 1)
+
+
+def _outermost_units(module: nn.Module) -> list[str]:
+    """The children of every outermost ``nn.ModuleList`` (the transformer blocks)."""
+    units: list[str] = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.ModuleList) and not any(name == u or name.startswith(u + ".") for u in units):
+            units.extend(f"{name}.{child}" if name else child for child, _ in mod.named_children())
+    return units
+
+
+def _post_order(mod: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """``mod``'s subtree, children before parents (the order of ``nn.Module.apply``)."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in mod.named_children():
+        out.extend(_post_order(child, f"{path}.{name}" if path else name))
+    out.append((path, mod))
+    return out
+
+
+def _materialize_group(
+    modules: list[tuple[str, nn.Module]],
+    spec: ModuleSpec,
+    init: InitFn,
+    seen: set[str],
+    device: torch.device | str,
+    *,
+    parents: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Create the tensors ``modules`` own, run ``init`` on each module in the given order (with
+    ``parents``, also on modules that own none: they may re-initialise their children's), yield
+    them and put meta tensors back."""
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    created: list[tuple[str, torch.Tensor]] = []
+    try:
+        for path, mod in modules:
+            prefix = f"{path}." if path else ""
+            fresh = [
+                (attr, p) for attr, p in mod._parameters.items()
+                if p is not None and spec.aliases.get(prefix + attr, prefix + attr) not in seen
+            ]  # fmt: skip
+            buffers = [(attr, b) for attr, b in mod._buffers.items() if b is not None]
+            if not fresh and not buffers and not parents:
+                continue
+            saved += [(mod._parameters, attr, p) for attr, p in fresh]
+            saved += [(mod._buffers, attr, b) for attr, b in buffers]
+            for attr, p in fresh:
+                mod._parameters[attr] = nn.Parameter(
+                    torch.empty_like(p, device=device), requires_grad=p.requires_grad
+                )
                 name = spec.aliases.get(prefix + attr, prefix + attr)
                 seen.add(name)
-                yield name, mod._parameters[attr].detach()  # type: ignore[union-attr]
-            for attr, _ in buffers:
-                yield prefix + attr, mod._buffers[attr]  # type: ignore[misc]
-        finally:
-            for table, attr, old in saved:
-                table[attr] = old
+                created.append((name, mod._parameters[attr]))  # type: ignore[arg-type]
+            for attr, b in buffers:
+                mod._buffers[attr] = torch.empty_like(b, device=device)
+                created.append((prefix + attr, mod._buffers[attr]))  # type: ignore[arg-type]
+            with torch.no_grad():
+                init(mod)
+        for name, t in created:
+            yield name, t.detach()
+    finally:
+        for table, attr, old in reversed(saved):
+            table[attr] = old

@@ -143,12 +143,6 @@ def test_meta_init_of_llama_is_its_own_initialiser() -> None:
     assert torch.equal(created[tied][0], torch.zeros(16))  # the padding row, as nn.Embedding's init
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="funczero.module.materialize runs init_fn only on modules that own tensors; "
-    "GPT2PreTrainedModel._init_weights rescales c_proj (std 0.02/sqrt(2 n_layer)) from the "
-    "parent GPT2Attention / GPT2MLP, which owns none, so meta init keeps std 0.02",
-)
 def test_meta_init_of_gpt2_applies_its_scaled_residual_init() -> None:
     config = transformers.GPT2Config(vocab_size=61, n_embd=64, n_layer=8, n_head=4, n_positions=32)
     with torch.device("meta"):
