@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from funczero.models.gpt import GPT, GPTConfig
+from funczero.parallel.sharding import ShardSpec
 from funczero.testing.distributed import run_distributed
 from funczero.testing.states import toy_state as _toy_state
 
@@ -47,6 +49,29 @@ def make_tiny_batch(seed: int = 1, batch: int = 4) -> tuple[torch.Tensor, torch.
         torch.randint(0, TINY_GPT.vocab_size, shape, generator=g),
         torch.randint(0, TINY_GPT.vocab_size, shape, generator=g),
     )
+
+
+def shard_tree(tree: Mapping[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """``rank``'s flat, zero-padded ZeRO shard of every tensor (``ShardSpec.shard``)."""
+    return {k: ShardSpec(k, v.shape, world_size).shard(v, rank) for k, v in tree.items()}
+
+
+def thread_all_reduce(world_size: int) -> Callable[[int], Callable[[torch.Tensor], torch.Tensor]]:
+    """``for_rank(rank) -> reduce_fn``: a sum over ``world_size`` threads (one per rank), for
+    optimizer tests that run ZeRO shards in threads instead of processes."""
+    barrier, slots = threading.Barrier(world_size), [None] * world_size
+
+    def for_rank(rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def reduce_fn(x: torch.Tensor) -> torch.Tensor:
+            slots[rank] = x.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0])
+            barrier.wait()
+            return total
+
+        return reduce_fn
+
+    return for_rank
 
 
 def _report_rank(

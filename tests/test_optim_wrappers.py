@@ -9,7 +9,6 @@ clip) and to 1e-12 in float64 where an alias's fused kernel runs.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import optree
 import pytest
 import torch
+from conftest import shard_tree, thread_all_reduce
 
 from funczero import optim
 
@@ -313,29 +313,11 @@ WORLD = 2
 
 
 def _shard(tree: dict, rank: int) -> dict:
-    out = {}
-    for k, v in tree.items():
-        flat = v.reshape(-1)
-        padded = -(-flat.numel() // WORLD) * WORLD
-        flat = torch.cat([flat, flat.new_zeros(padded - flat.numel())])
-        out[k] = flat.chunk(WORLD)[rank].clone()
-    return out
+    return shard_tree(tree, rank, WORLD)
 
 
 def _barrier_all_reduce() -> Callable[[int], Callable[[torch.Tensor], torch.Tensor]]:
-    barrier, slots = threading.Barrier(WORLD), [None] * WORLD
-
-    def for_rank(rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def reduce_fn(x: torch.Tensor) -> torch.Tensor:
-            slots[rank] = x.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            return total
-
-        return reduce_fn
-
-    return for_rank
+    return thread_all_reduce(WORLD)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["pure", "in_place"])
